@@ -1,0 +1,67 @@
+"""Shared building blocks of every message: frozen models, money, time and order lines."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, StringConstraints
+
+# Money travels as a decimal string so no float ever touches an amount; a number is accepted on
+# input (pydantic converts ints and floats through their decimal repr).
+Money = Annotated[
+    Decimal,
+    Field(ge=0, max_digits=14, decimal_places=4, allow_inf_nan=False),
+    PlainSerializer(lambda d: str(d), return_type=str, when_used="json"),
+]
+ProductId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+OrderId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
+Quantity = Annotated[int, Field(ge=1, le=1_000_000)]
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware (UTC); every event timestamp comes from here."""
+    return datetime.now(UTC)
+
+
+class Frozen(BaseModel):
+    """Base of every message and event: immutable, typed, and strict about unknown fields."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class OrderLine(Frozen):
+    """One line of an order: how many units of a product at which unit price."""
+
+    product_id: ProductId
+    quantity: Quantity
+    unit_price: Money
+
+
+class Item(Frozen):
+    """A product and a number of units (a reservation line)."""
+
+    product_id: ProductId
+    quantity: Quantity
+
+
+class UnavailableItem(Frozen):
+    """A line that could not be reserved: what was asked and what was available."""
+
+    product_id: str
+    requested: int
+    available: int
+
+
+def order_total(lines: tuple[OrderLine, ...] | list[OrderLine]) -> Decimal:
+    """Σ quantity × unit price, exact."""
+    return sum((line.unit_price * line.quantity for line in lines), Decimal(0))
+
+
+def items_of(lines: tuple[OrderLine, ...] | list[OrderLine]) -> tuple[Item, ...]:
+    """The reservation items of an order's lines, quantities of repeated products summed."""
+    totals: dict[str, int] = {}
+    for line in lines:
+        totals[line.product_id] = totals.get(line.product_id, 0) + line.quantity
+    return tuple(Item(product_id=p, quantity=q) for p, q in totals.items())

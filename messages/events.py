@@ -1,0 +1,228 @@
+"""Domain events: what happened, immutable, one class per fact (DESIGN.md section 4).
+
+Order events live in stream ``order-{order_id}``; the Inventory actor's facts in stream
+``inventory``; the payment provider's in ``payment-{order_id}``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from messages.base import Frozen, Item, Money, OrderLine, UnavailableItem
+
+# --- order stream ----------------------------------------------------------------------------
+
+
+class Event(Frozen):
+    """Base of every domain event."""
+
+
+class OrderPlaced(Event):
+    """A client's order was accepted; the first event of every order stream."""
+
+    order_id: str
+    customer_id: str
+    lines: tuple[OrderLine, ...]
+    total_amount: Money
+    payment_method: str
+    placed_at: datetime
+
+
+class InventoryReserved(Event):
+    """All lines of the order are held for it."""
+
+    order_id: str
+    reservation_id: str
+    items: tuple[Item, ...]
+    reserved_at: datetime
+
+
+class InventoryUnavailable(Event):
+    """At least one line could not be reserved; nothing is held."""
+
+    order_id: str
+    unavailable_items: tuple[UnavailableItem, ...]
+    notified_at: datetime
+
+
+class PaymentProcessed(Event):
+    """The provider charged the order's total."""
+
+    payment_id: str
+    order_id: str
+    amount: Money
+    processed_at: datetime
+
+
+class OrderPaid(Event):
+    """Terminal: the order is paid and its reservation stays held for shipping."""
+
+    order_id: str
+    payment_id: str
+    payment_method: str
+    amount: Money
+    paid_at: datetime
+
+
+class PaymentFailed(Event):
+    """The charge was declined, timed out or refused; compensation follows."""
+
+    order_id: str
+    reason: str
+    failed_at: datetime
+
+
+class InventoryReleased(Event):
+    """Compensation: the order's reservation was given back."""
+
+    order_id: str
+    reservation_id: str
+    reason: str
+    released_at: datetime
+
+
+class PaymentRefunded(Event):
+    """Compensation: a charge that stood for the order was refunded."""
+
+    order_id: str
+    payment_id: str
+    amount: Money
+    reason: str
+    refunded_at: datetime
+
+
+class OrderCancelled(Event):
+    """Terminal: the order will not be fulfilled; nothing is held or charged."""
+
+    order_id: str
+    cancelled_by: str
+    reason: str
+    refund_issued: bool
+    cancelled_at: datetime
+
+
+class OrderFulfillmentFailed(Event):
+    """Terminal: a step failed unexpectedly; compensation ran before this was recorded."""
+
+    order_id: str
+    error_message: str
+    failed_at: datetime
+
+
+TERMINAL_EVENTS: dict[type[Event], str] = {
+    OrderPaid: "paid",
+    OrderCancelled: "cancelled",
+    OrderFulfillmentFailed: "failed",
+}
+TERMINAL_TYPE_NAMES: frozenset[str] = frozenset(t.__name__ for t in TERMINAL_EVENTS)
+
+
+def status_of_terminal(event: Event) -> str | None:
+    """The order status a terminal event stands for, or None for a non-terminal event."""
+    return TERMINAL_EVENTS.get(type(event))
+
+
+# --- inventory stream ------------------------------------------------------------------------
+
+
+class StockSet(Event):
+    """An operator set a product's units on hand."""
+
+    product_id: str
+    on_hand: int
+    set_at: datetime
+
+
+class StockReserved(Event):
+    """The Inventory actor held units for an order (all lines or none)."""
+
+    order_id: str
+    reservation_id: str
+    items: tuple[Item, ...]
+    reserved_at: datetime
+
+
+class StockReleased(Event):
+    """A reservation was given back, or (reservation_id empty) an order was fenced off before
+    it reserved anything, so a reservation request arriving later is refused."""
+
+    order_id: str
+    reservation_id: str
+    items: tuple[Item, ...]
+    reason: str
+    released_at: datetime
+
+
+# --- payment stream --------------------------------------------------------------------------
+
+
+class ChargeSucceeded(Event):
+    """The provider charged an order."""
+
+    order_id: str
+    payment_id: str
+    amount: Money
+    payment_method: str
+    charged_at: datetime
+
+
+class ChargeDeclined(Event):
+    """The provider declined an order's charge."""
+
+    order_id: str
+    amount: Money
+    payment_method: str
+    reason: str
+    declined_at: datetime
+
+
+class ChargeRefunded(Event):
+    """The provider refunded an order's charge."""
+
+    order_id: str
+    payment_id: str
+    amount: Money
+    reason: str
+    refunded_at: datetime
+
+
+class PaymentVoided(Event):
+    """The saga gave up on the payment: no charge may stand for this order from now on."""
+
+    order_id: str
+    reason: str
+    voided_at: datetime
+
+
+ALL_EVENT_TYPES: tuple[type[Event], ...] = (
+    OrderPlaced,
+    InventoryReserved,
+    InventoryUnavailable,
+    PaymentProcessed,
+    OrderPaid,
+    PaymentFailed,
+    InventoryReleased,
+    PaymentRefunded,
+    OrderCancelled,
+    OrderFulfillmentFailed,
+    StockSet,
+    StockReserved,
+    StockReleased,
+    ChargeSucceeded,
+    ChargeDeclined,
+    ChargeRefunded,
+    PaymentVoided,
+)
+EVENT_TYPES: dict[str, type[Event]] = {t.__name__: t for t in ALL_EVENT_TYPES}
+
+
+def order_stream(order_id: str) -> str:
+    """The stream holding an order's saga events."""
+    return f"order-{order_id}"
+
+
+def payment_stream(order_id: str) -> str:
+    """The stream holding the payment provider's facts about one order."""
+    return f"payment-{order_id}"
+
+
+INVENTORY_STREAM = "inventory"
