@@ -1,0 +1,465 @@
+"""Client for the order service gateway (DESIGN.md section 6), as a library and a CLI.
+
+Library: `Client` keeps one TCP connection and pipelines requests on it. Any number of threads
+may share one `Client`; a background reader thread matches replies to requests by `id`, so replies
+may arrive in any order.
+
+    with Client() as c:
+        c.place_order("o-1", "cust-1", [{"product_id": "SKU-001", "quantity": 2,
+                                         "unit_price": "9.99"}])
+
+CLI (`python client.py [--host H] [--port P] [--timeout S] COMMAND ...`):
+
+    place --order-id ID --customer C --line SKU:QTY:UNIT_PRICE [--line ...]
+          [--payment-method TOKEN] [--no-wait]
+    status ID | events ID | stock [SKU ...] | set-stock SKU QTY | audit | ping
+
+`--host`/`--port` default to the ORDER_HOST / ORDER_PORT environment variables, else
+127.0.0.1:7300. Results are printed as JSON on stdout; errors go to stderr as one line,
+`error: <code>: <message>`.
+
+Exit codes:
+    0  success
+    1  any other server error (and `audit` when the audit's `ok` is false)
+    2  bad input: a usage error, a malformed --line, or a server reply `invalid`, `too_large`
+       or `unknown_op`
+    3  cannot connect to the server (refused, connect timeout) or the connection was lost
+    4  the server answered `not_found` or `conflict`
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import itertools
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from messages.wire import HEADER, MAX_FRAME, FrameError, decode_body, encode_frame
+
+__all__ = ["Client", "ClientError", "ConnectionFailed", "main"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7300
+DEFAULT_TIMEOUT = 30.0
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_BAD_INPUT = 2
+EXIT_UNAVAILABLE = 3
+EXIT_NOT_FOUND = 4
+
+# Server error codes that mean "the request itself was wrong" versus "the request was fine but
+# names something missing or contradicts what exists"; scripts branch on the difference.
+_BAD_INPUT_CODES = frozenset({"invalid", "too_large", "unknown_op"})
+_NOT_FOUND_CODES = frozenset({"not_found", "conflict"})
+
+
+class ClientError(Exception):
+    """An error reply from the server (or a local failure expressed the same way).
+
+    `code` is the wire error code (`invalid`, `not_found`, `conflict`, `too_large`,
+    `unknown_op`, `unavailable`, ...) and `message` the human-readable explanation.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ConnectionFailed(ClientError):  # noqa: N818 -- name fixed by the client contract
+    """The server cannot be reached, or the connection was lost with requests in flight."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("unavailable", message)
+
+
+def _wire_value(value: Any) -> Any:
+    """Make `value` msgpack-encodable: Decimals travel as strings so no precision is lost."""
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {k: _wire_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_wire_value(v) for v in value]
+    return value
+
+
+class Client:
+    """A synchronous, thread-safe connection to the order gateway.
+
+    Connects in the constructor (raising `ConnectionFailed` if it cannot). Requests from any
+    thread are written whole under a lock and may be in flight together; a reader thread
+    completes one `concurrent.futures.Future` per request id. If the connection drops, every
+    pending future fails with `ConnectionFailed`, as does every later request.
+    """
+
+    def __init__(
+        self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        try:
+            self._sock = socket.create_connection((host, port), timeout=timeout)
+        except OSError as e:
+            raise ConnectionFailed(f"cannot connect to {host}:{port}: {e}") from e
+        # The connect timeout must not apply to reads: the reader blocks until a reply or EOF,
+        # and per-request deadlines are enforced on the futures instead.
+        self._sock.settimeout(None)
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._send_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._pending: dict[int, concurrent.futures.Future[Any]] = {}
+        self._closed_reason: str | None = None
+        # Daemon, so a client that is never closed cannot keep the interpreter alive.
+        self._reader = threading.Thread(
+            target=self._read_loop, name=f"client-reader-{host}:{port}", daemon=True
+        )
+        self._reader.start()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- core ---------------------------------------------------------------------------------
+
+    def submit(
+        self, op: str, args: Mapping[str, Any] | None = None
+    ) -> concurrent.futures.Future[Any]:
+        """Send one request without waiting; the future yields `result` or raises ClientError."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._state_lock:
+            if self._closed_reason is not None:
+                raise ConnectionFailed(self._closed_reason)
+            req_id = next(self._ids)
+            frame = encode_frame({"id": req_id, "op": op, "args": _wire_value(dict(args or {}))})
+            # The server would refuse it anyway; refusing here keeps the connection usable.
+            if len(frame) - HEADER.size > MAX_FRAME:
+                raise ClientError(
+                    "too_large", f"request is {len(frame)} bytes, limit is {MAX_FRAME}"
+                )
+            self._pending[req_id] = future
+        try:
+            with self._send_lock:
+                self._sock.sendall(frame)
+        except OSError as e:
+            self._fail_all(f"connection to {self.host}:{self.port} lost while sending: {e}")
+        return future
+
+    def call(
+        self, op: str, args: Mapping[str, Any] | None = None, timeout: float | None = None
+    ) -> Any:
+        """Send one request and wait for its reply; returns `result` or raises ClientError.
+
+        Raises `ClientError("timeout", ...)` if no reply comes within `timeout` seconds
+        (default: the client's timeout); the late reply, if any, is then discarded.
+        """
+        future = self.submit(op, args)
+        wait = self.timeout if timeout is None else timeout
+        try:
+            return future.result(timeout=wait)
+        except concurrent.futures.TimeoutError:
+            with self._state_lock:
+                for req_id, pending in list(self._pending.items()):
+                    if pending is future:
+                        del self._pending[req_id]
+            raise ClientError("timeout", f"no reply to {op!r} within {wait}s") from None
+
+    def close(self) -> None:
+        """Close the connection; requests still pending fail with ConnectionFailed."""
+        self._fail_all("client closed")
+        # shutdown wakes the reader thread blocked in recv; close alone would not. OSError
+        # means the peer already disconnected, so there is nothing left to wake.
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        if threading.current_thread() is not self._reader:
+            self._reader.join()
+        self._sock.close()
+
+    # -- reader side --------------------------------------------------------------------------
+
+    def _recv_exact(self, n: int) -> bytes | None:
+        """Exactly `n` bytes, or None on a clean EOF before the first byte."""
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            count = self._sock.recv_into(view[got:])
+            if count == 0:
+                if got == 0:
+                    return None
+                raise ConnectionError(f"connection closed mid-frame ({got}/{n} bytes)")
+            got += count
+        return bytes(buf)
+
+    def _read_loop(self) -> None:
+        reason = f"connection to {self.host}:{self.port} closed by the server"
+        try:
+            while True:
+                header = self._recv_exact(HEADER.size)
+                if header is None:
+                    break
+                (length,) = HEADER.unpack(header)
+                if length > MAX_FRAME:
+                    raise FrameError("too_large", f"reply frame of {length} bytes")
+                body = self._recv_exact(length)
+                if body is None:
+                    raise ConnectionError("connection closed mid-frame")
+                self._dispatch(decode_body(body))
+        except (OSError, FrameError) as e:
+            # After close() the socket errors are expected; otherwise this is a real loss.
+            reason = f"connection to {self.host}:{self.port} lost: {e}"
+        self._fail_all(reason)
+
+    def _dispatch(self, reply: dict[str, Any]) -> None:
+        req_id = reply.get("id")
+        with self._state_lock:
+            future = self._pending.pop(req_id, None) if isinstance(req_id, int) else None
+        if future is None:
+            # A reply to a request that timed out, or a server error about a frame it could
+            # not attribute (id null): nobody waits for it, but it is worth seeing.
+            logger.warning("discarding reply with unmatched id %r: %r", req_id, reply)
+            return
+        if reply.get("ok") is True:
+            future.set_result(reply.get("result"))
+            return
+        error = reply.get("error")
+        if isinstance(error, Mapping):
+            code = str(error.get("code", "error"))
+            message = str(error.get("message", ""))
+        else:
+            code, message = "protocol", f"malformed reply: {reply!r}"
+        future.set_exception(ClientError(code, message))
+
+    def _fail_all(self, reason: str) -> None:
+        """Mark the client closed and fail every pending future with ConnectionFailed."""
+        with self._state_lock:
+            if self._closed_reason is None:
+                self._closed_reason = reason
+            pending = list(self._pending.values())
+            self._pending.clear()
+        for future in pending:
+            future.set_exception(ConnectionFailed(reason))
+
+    # -- convenience ops ----------------------------------------------------------------------
+
+    def ping(self) -> Any:
+        """Round-trip a `ping`; returns the server's result."""
+        return self.call("ping")
+
+    def place_order(
+        self,
+        order_id: str,
+        customer_id: str,
+        lines: Sequence[Mapping[str, Any]],
+        payment_method: str = "tok_visa",
+        wait: bool = True,
+    ) -> Any:
+        """Place an order; with `wait` the reply is the terminal status object.
+
+        `lines` are `{"product_id", "quantity", "unit_price"}` maps; a Decimal unit price is
+        sent as its string form so the server parses it exactly.
+        """
+        return self.call(
+            "place_order",
+            {
+                "order_id": order_id,
+                "customer_id": customer_id,
+                "lines": [dict(line) for line in lines],
+                "payment_method": payment_method,
+                "wait": wait,
+            },
+        )
+
+    def get_order(self, order_id: str) -> Any:
+        """The order's current status object."""
+        return self.call("get_order", {"order_id": order_id})
+
+    def read_stream(self, stream: str, from_version: int = 0) -> Any:
+        """The events of `stream` from `from_version` on, as the server returns them."""
+        return self.call("read_stream", {"stream": stream, "from_version": from_version})
+
+    def stock(self, product_ids: Iterable[str] = ()) -> Any:
+        """Stock levels for `product_ids` (all products when empty)."""
+        return self.call("stock", {"product_ids": list(product_ids)})
+
+    def set_stock(self, product_id: str, on_hand: int) -> Any:
+        """Set a product's on-hand quantity."""
+        return self.call("set_stock", {"product_id": product_id, "on_hand": on_hand})
+
+    def audit(self) -> Any:
+        """Run the store invariant checks (DESIGN.md section 7)."""
+        return self.call("audit")
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+
+
+def parse_line(text: str) -> dict[str, Any]:
+    """Parse `SKU:QTY:UNIT_PRICE` into an order line; raises ArgumentTypeError naming `text`."""
+    parts = text.rsplit(":", 2)
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"bad line {text!r}: expected SKU:QTY:UNIT_PRICE")
+    sku, qty_text, price_text = parts
+    if not sku:
+        raise argparse.ArgumentTypeError(f"bad line {text!r}: SKU is empty")
+    try:
+        quantity = int(qty_text)
+    except ValueError:
+        quantity = 0
+    if quantity <= 0:
+        raise argparse.ArgumentTypeError(
+            f"bad line {text!r}: QTY {qty_text!r} is not a positive integer"
+        )
+    try:
+        price = Decimal(price_text)
+    except InvalidOperation:
+        price = Decimal("NaN")
+    if not price.is_finite() or price < 0:
+        raise argparse.ArgumentTypeError(
+            f"bad line {text!r}: UNIT_PRICE {price_text!r} is not a decimal >= 0"
+        )
+    return {"product_id": sku, "quantity": quantity, "unit_price": str(price)}
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative integer")
+    return value
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, bytes):
+        return value.hex()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+_EPILOG = """\
+exit codes:
+  0  success
+  1  other server error; `audit` found violations
+  2  bad input (usage, malformed --line, server error invalid/too_large/unknown_op)
+  3  cannot connect to the server, or the connection was lost
+  4  server error not_found or conflict
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="client.py",
+        description="Talk to the order service gateway; prints JSON results on stdout.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--host", default=os.environ.get("ORDER_HOST", DEFAULT_HOST))
+    parser.add_argument("--port", type=int, default=os.environ.get("ORDER_PORT", DEFAULT_PORT))
+    parser.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to connect and per reply"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    place = sub.add_parser("place", help="place an order (waits for its terminal status)")
+    place.add_argument("--order-id", required=True)
+    place.add_argument("--customer", required=True)
+    place.add_argument(
+        "--line",
+        dest="lines",
+        action="append",
+        required=True,
+        type=parse_line,
+        metavar="SKU:QTY:UNIT_PRICE",
+    )
+    place.add_argument("--payment-method", default="tok_visa")
+    place.add_argument(
+        "--no-wait", dest="wait", action="store_false", help="reply once OrderPlaced is durable"
+    )
+
+    status = sub.add_parser("status", help="an order's status")
+    status.add_argument("order_id")
+    events = sub.add_parser("events", help="an order's event stream")
+    events.add_argument("order_id")
+    stock = sub.add_parser("stock", help="stock levels (all products if none given)")
+    stock.add_argument("skus", nargs="*", metavar="SKU")
+    set_stock = sub.add_parser("set-stock", help="set a product's on-hand quantity")
+    set_stock.add_argument("sku", metavar="SKU")
+    set_stock.add_argument("qty", type=_non_negative_int, metavar="QTY")
+    sub.add_parser("audit", help="check the store invariants; exit 1 if any fails")
+    sub.add_parser("ping", help="check the server answers")
+    return parser
+
+
+def _run(client: Client, args: argparse.Namespace) -> Any:
+    command: str = args.command
+    if command == "place":
+        return client.place_order(
+            args.order_id, args.customer, args.lines, args.payment_method, wait=args.wait
+        )
+    if command == "status":
+        return client.get_order(args.order_id)
+    if command == "events":
+        return client.read_stream(f"order-{args.order_id}")
+    if command == "stock":
+        return client.stock(args.skus)
+    if command == "set-stock":
+        return client.set_stock(args.sku, args.qty)
+    if command == "audit":
+        return client.audit()
+    if command == "ping":
+        return client.ping()
+    raise AssertionError(f"unhandled command {command!r}")  # argparse restricts the choices
+
+
+def exit_code_for(error: ClientError) -> int:
+    """The CLI exit code for a failed request (see the module docstring)."""
+    if isinstance(error, ConnectionFailed):
+        return EXIT_UNAVAILABLE
+    if error.code in _BAD_INPUT_CODES:
+        return EXIT_BAD_INPUT
+    if error.code in _NOT_FOUND_CODES:
+        return EXIT_NOT_FOUND
+    return EXIT_ERROR
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the process exit code."""
+    try:
+        # Everything is validated here, before any connection is attempted.
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
+    try:
+        with Client(args.host, args.port, timeout=args.timeout) as client:
+            result = _run(client, args)
+    except ClientError as e:
+        print(f"error: {e.code}: {e.message}", file=sys.stderr)
+        return exit_code_for(e)
+    print(json.dumps(result, indent=2, sort_keys=False, default=_json_default))
+    if args.command == "audit" and not (isinstance(result, Mapping) and result.get("ok") is True):
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

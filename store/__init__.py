@@ -1,0 +1,32 @@
+"""The event store: append-only streams of events, in SQLite or in memory (DESIGN.md 5)."""
+
+from store.codec import CODEC, EventCodec
+from store.interface import EventStore
+from store.memory import InMemoryEventStore
+from store.records import (
+    NO_STREAM,
+    AppendRequest,
+    ConcurrencyError,
+    DuplicateEventError,
+    NewEvent,
+    StoredEvent,
+    StoreError,
+    StreamHead,
+)
+from store.sqlite import SqliteEventStore
+
+__all__ = [
+    "CODEC",
+    "NO_STREAM",
+    "AppendRequest",
+    "ConcurrencyError",
+    "DuplicateEventError",
+    "EventCodec",
+    "EventStore",
+    "InMemoryEventStore",
+    "NewEvent",
+    "SqliteEventStore",
+    "StoreError",
+    "StoredEvent",
+    "StreamHead",
+]

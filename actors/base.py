@@ -1,0 +1,135 @@
+"""What every actor of the system shares: type dispatch, loud logging, identity, appends."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from thespian.actors import ActorTypeDispatcher, PoisonMessage
+
+from messages.commands import AppendDone, AppendRejected, AppendToStream, IAm, WhoAreYou
+from messages.events import Event
+
+log = logging.getLogger("orders")
+
+AppendCallback = Callable[[AppendDone | AppendRejected], None]
+
+
+class BaseActor(ActorTypeDispatcher):
+    """Dispatch on message type; unknown messages are logged and dropped, never fatal."""
+
+    actor_name = "actor"
+
+    def receiveMsg_WhoAreYou(self, msg: WhoAreYou, sender: Any) -> None:
+        """Report the OS process id (used by crash tests to kill -9 a chosen actor)."""
+        self.send(sender, IAm(name=self.actor_name, pid=os.getpid()))
+
+    def receiveMsg_PoisonMessage(self, msg: PoisonMessage, sender: Any) -> None:
+        """A message we sent made its receiver raise (Thespian gave up retrying)."""
+        log.error(
+            "%s: %s poisoned %s: %s",
+            self.actor_name,
+            type(msg.poisonMessage).__name__,
+            sender,
+            msg.details,
+        )
+
+    def receiveUnrecognizedMessage(self, msg: Any, sender: Any) -> None:
+        """Unknown messages are dropped, loudly (ActorExitRequest & co are Thespian's own)."""
+        if type(msg).__module__.startswith("thespian"):
+            return
+        log.warning("%s: dropped unknown message %r from %s", self.actor_name, msg, sender)
+
+
+class Appender:
+    """Sends appends to the EventStore actor and routes each reply to its callback by ref."""
+
+    def __init__(self, actor: ActorTypeDispatcher, prefix: str) -> None:
+        self._actor = actor
+        self._prefix = prefix
+        self._counter = itertools.count()
+        self._callbacks: dict[str, AppendCallback] = {}
+        self.store: Any = None
+
+    def append(
+        self,
+        stream: str,
+        events: Sequence[Event],
+        event_ids: Sequence[str],
+        expected_version: int,
+        callback: AppendCallback,
+    ) -> str:
+        """Send one append; `callback` runs with the store's reply."""
+        ref = f"{self._prefix}:{next(self._counter)}"
+        self._callbacks[ref] = callback
+        self._actor.send(
+            self.store,
+            AppendToStream(
+                ref=ref,
+                stream=stream,
+                events=tuple(events),
+                event_ids=tuple(event_ids),
+                expected_version=expected_version,
+            ),
+        )
+        return ref
+
+    def settle(self, reply: AppendDone | AppendRejected) -> None:
+        """Deliver a store reply to whoever asked; replies nobody waits for are dropped."""
+        callback = self._callbacks.pop(reply.ref, None)
+        if callback is None:
+            log.info("%s: reply for a forgotten append %s", self._prefix, reply.ref)
+            return
+        callback(reply)
+
+    def forget_all(self) -> None:
+        """Drop every pending callback (the state they would update was rebuilt)."""
+        self._callbacks.clear()
+
+    @property
+    def in_flight(self) -> int:
+        """How many appends wait for the store."""
+        return len(self._callbacks)
+
+
+class CommitGate:
+    """Keeps a key's requests in order with its uncommitted changes.
+
+    A service applies a change in memory at once but answers only after it is durable; a request
+    about the same key (order id) that arrives meanwhile is deferred and re-handled once every
+    change of that key is committed, so nobody is ever told about state that could still vanish.
+    """
+
+    def __init__(self) -> None:
+        self._uncommitted: dict[str, int] = {}
+        self._deferred: dict[str, list[Callable[[], None]]] = {}
+
+    def busy(self, key: str) -> bool:
+        """Whether the key has changes not yet committed."""
+        return key in self._uncommitted
+
+    def hold(self, key: str) -> None:
+        """One more uncommitted change of the key."""
+        self._uncommitted[key] = self._uncommitted.get(key, 0) + 1
+
+    def defer(self, key: str, again: Callable[[], None]) -> None:
+        """Run `again` once the key's changes are all committed."""
+        self._deferred.setdefault(key, []).append(again)
+
+    def committed(self, key: str) -> None:
+        """One change of the key is durable; re-handle deferred requests when none is left."""
+        left = self._uncommitted.get(key, 1) - 1
+        if left > 0:
+            self._uncommitted[key] = left
+            return
+        self._uncommitted.pop(key, None)
+        for again in self._deferred.pop(key, []):
+            again()
+
+    def clear(self) -> None:
+        """Forget everything (the owner rebuilt its state; requesters will retry)."""
+        self._uncommitted.clear()
+        self._deferred.clear()

@@ -1,0 +1,90 @@
+"""The EventStore actor: the single writer of the database, with group commit."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from actors.base import BaseActor, log
+from messages.commands import (
+    AppendDone,
+    AppendRejected,
+    AppendToStream,
+    FlushAppends,
+    ServiceConfig,
+    ServiceReady,
+)
+from store import CODEC, AppendRequest, ConcurrencyError, SqliteEventStore, StoreError
+
+
+class EventStoreActor(BaseActor):
+    """Buffers the appends that arrive together and commits them in one transaction.
+
+    The first append of a batch sends ``FlushAppends`` to this actor itself; mailboxes are FIFO,
+    so every append already queued behind it is buffered before the flush runs, and one commit
+    (one fsync) serves them all. Replies go out only after the commit.
+    """
+
+    actor_name = "store"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._store: SqliteEventStore | None = None
+        self._buffer: list[tuple[AppendToStream, Any]] = []
+        self._flush_sent = False
+
+    def receiveMsg_ServiceConfig(self, msg: ServiceConfig, sender: Any) -> None:
+        """Open (creating if needed) the database as its only writer."""
+        if self._store is None:
+            self._store = SqliteEventStore(msg.db_path, synchronous=msg.synchronous)
+        self.send(sender, ServiceReady(name=self.actor_name, pid=os.getpid()))
+
+    def receiveMsg_AppendToStream(self, msg: AppendToStream, sender: Any) -> None:
+        """Buffer the append; the flush that commits it is already queued or sent now."""
+        self._buffer.append((msg, sender))
+        if not self._flush_sent:
+            self._flush_sent = True
+            self.send(self.myAddress, FlushAppends())
+
+    def receiveMsg_FlushAppends(self, msg: FlushAppends, sender: Any) -> None:
+        """Commit everything buffered in one transaction and answer each requester."""
+        batch, self._buffer, self._flush_sent = self._buffer, [], False
+        if not batch:
+            return
+        if self._store is None:
+            for request, requester in batch:
+                self.send(requester, AppendRejected(ref=request.ref, error="unavailable",
+                                                    message="store not configured"))
+            return
+        requests = [
+            AppendRequest(
+                stream=request.stream,
+                events=tuple(
+                    CODEC.encode(event, event_id)
+                    for event, event_id in zip(request.events, request.event_ids, strict=True)
+                ),
+                expected_version=request.expected_version,
+            )
+            for request, _ in batch
+        ]
+        try:
+            results = self._store.append_batch(requests)
+        except StoreError as e:
+            # The whole transaction failed (disk full, I/O error): nobody's events are durable.
+            log.exception("store: group commit of %d appends failed", len(batch))
+            results = [e] * len(batch)
+        for (request, requester), result in zip(batch, results, strict=True):
+            if isinstance(result, int):
+                self.send(requester, AppendDone(ref=request.ref, version=result))
+            else:
+                error = "conflict" if isinstance(result, ConcurrencyError) else "store_error"
+                if error != "conflict":
+                    log.error("store: append to %s failed: %s", request.stream, result)
+                self.send(requester,
+                          AppendRejected(ref=request.ref, error=error, message=str(result)))
+
+    def receiveMsg_ActorExitRequest(self, msg: Any, sender: Any) -> None:
+        """Close the database cleanly on an orderly shutdown."""
+        if self._store is not None:
+            self._store.close()
+            self._store = None

@@ -1,0 +1,249 @@
+"""The Inventory actor: stock per product, all-or-nothing reservations keyed by order id.
+
+Its state is durable: every change is an event in stream ``inventory`` (this actor is its only
+writer) and a (re)started Inventory rebuilds itself from that stream. A change is applied in
+memory at once (so the next request sees it) and answered only after its event is committed.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from actors.base import Appender, BaseActor, CommitGate, log
+from messages.base import Item, UnavailableItem, utcnow
+from messages.commands import (
+    AppendDone,
+    AppendRejected,
+    GetStock,
+    Refused,
+    ReleaseStock,
+    ReserveStock,
+    ServiceConfig,
+    ServiceReady,
+    SetStock,
+    StockGivenBack,
+    StockHeld,
+    StockRefused,
+    StockReport,
+)
+from messages.events import INVENTORY_STREAM, Event, StockReleased, StockReserved, StockSet
+from store import CODEC, NO_STREAM, SqliteEventStore
+
+SEED_PRODUCTS = tuple(f"SKU-{n:03d}" for n in range(1, 11))
+SEED_ON_HAND = 1000
+
+
+@dataclass
+class Reservation:
+    """What one order holds (or held)."""
+
+    reservation_id: str  # "" for a fence: the order was released before it reserved anything
+    items: tuple[Item, ...]
+    released: bool = False
+
+
+@dataclass
+class StockBook:
+    """Stock levels and reservations; pure bookkeeping, replayable from the inventory stream."""
+
+    on_hand: dict[str, int] = field(default_factory=dict)
+    reserved: dict[str, int] = field(default_factory=dict)
+    reservations: dict[str, Reservation] = field(default_factory=dict)
+
+    def apply(self, event: Event) -> None:
+        """Apply one inventory event."""
+        if isinstance(event, StockSet):
+            self.on_hand[event.product_id] = event.on_hand
+            self.reserved.setdefault(event.product_id, 0)
+        elif isinstance(event, StockReserved):
+            self.reservations[event.order_id] = Reservation(event.reservation_id, event.items)
+            for item in event.items:
+                self.reserved[item.product_id] = self.reserved.get(item.product_id, 0) + item.quantity
+        elif isinstance(event, StockReleased):
+            held = self.reservations.get(event.order_id)
+            if held is None:
+                self.reservations[event.order_id] = Reservation("", (), released=True)
+                return
+            held.released = True
+            for item in held.items:
+                self.reserved[item.product_id] -= item.quantity
+
+    def shortfall(self, items: tuple[Item, ...]) -> tuple[UnavailableItem, ...]:
+        """The items that cannot be held now (unknown products have 0 available)."""
+        return tuple(
+            UnavailableItem(
+                product_id=item.product_id,
+                requested=item.quantity,
+                available=self.available(item.product_id),
+            )
+            for item in items
+            if self.available(item.product_id) < item.quantity
+        )
+
+    def available(self, product_id: str) -> int:
+        """Units that can still be reserved."""
+        return self.on_hand.get(product_id, 0) - self.reserved.get(product_id, 0)
+
+    def report(self, product_ids: tuple[str, ...]) -> dict[str, dict[str, int]]:
+        """on_hand / reserved / available per product (all products when none are named)."""
+        wanted = product_ids or tuple(sorted(self.on_hand))
+        return {
+            p: {
+                "on_hand": self.on_hand.get(p, 0),
+                "reserved": self.reserved.get(p, 0),
+                "available": self.available(p),
+            }
+            for p in wanted
+            if p in self.on_hand
+        }
+
+
+Reply = tuple[Any, Any]  # (recipient, message)
+
+
+class InventoryActor(BaseActor):
+    """Holds stock for orders; every request is idempotent by order id."""
+
+    actor_name = "inventory"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._book = StockBook()
+        self._version = NO_STREAM
+        self._appender = Appender(self, "inventory")
+        self._config: ServiceConfig | None = None
+        self._gate = CommitGate()
+
+    # --- life cycle -----------------------------------------------------------------------
+
+    def receiveMsg_ServiceConfig(self, msg: ServiceConfig, sender: Any) -> None:
+        """Load the inventory stream (seeding a new database), then report ready."""
+        self._config = msg
+        self._appender.store = msg.store
+        self._reload()
+        if self._version == NO_STREAM:
+            now = utcnow()
+            seed = [StockSet(product_id=p, on_hand=SEED_ON_HAND, set_at=now) for p in SEED_PRODUCTS]
+            self._record(seed, on_commit=[])
+        self.send(sender, ServiceReady(name=self.actor_name, pid=os.getpid()))
+
+    def _reload(self) -> None:
+        assert self._config is not None
+        with SqliteEventStore(self._config.db_path, readonly=True) as reader:
+            stored = reader.read_stream(INVENTORY_STREAM)
+        self._book = StockBook()
+        for record in stored:
+            self._book.apply(CODEC.decode(record))
+        self._version = stored[-1].version if stored else NO_STREAM
+        self._appender.forget_all()
+        self._gate.clear()
+
+    # --- requests -------------------------------------------------------------------------
+
+    def receiveMsg_ReserveStock(self, msg: ReserveStock, sender: Any) -> None:
+        """Hold every item for the order or none; a repeated request gets the same answer."""
+        if self._gate.busy(msg.order_id):
+            self._gate.defer(msg.order_id, lambda: self.receiveMsg_ReserveStock(msg, sender))
+            return
+        if msg.order_id in self._book.reservations:
+            self.send(sender, self._reserve_answer(msg))
+            return
+        short = self._book.shortfall(msg.items)
+        if short:
+            # Nothing changes, so nothing to record: the saga records InventoryUnavailable.
+            self.send(sender, StockRefused(order_id=msg.order_id, unavailable_items=short,
+                                           reason="insufficient stock"))
+            return
+        event = StockReserved(order_id=msg.order_id, reservation_id=f"res-{uuid.uuid4().hex}",
+                              items=msg.items, reserved_at=utcnow())
+        self._record([event], on_commit=[lambda: (sender, self._reserve_answer(msg))],
+                     order_id=msg.order_id)
+
+    def _reserve_answer(self, msg: ReserveStock) -> StockHeld | StockRefused:
+        held = self._book.reservations[msg.order_id]
+        if held.released:
+            return StockRefused(order_id=msg.order_id, unavailable_items=(),
+                                reason="order was cancelled before it reserved")
+        return StockHeld(order_id=msg.order_id, reservation_id=held.reservation_id)
+
+    def receiveMsg_ReleaseStock(self, msg: ReleaseStock, sender: Any) -> None:
+        """Give back what the order holds; release is idempotent and fences later reserves."""
+        if self._gate.busy(msg.order_id):
+            self._gate.defer(msg.order_id, lambda: self.receiveMsg_ReleaseStock(msg, sender))
+            return
+
+        def answer() -> Reply:
+            held = self._book.reservations.get(msg.order_id)
+            reservation_id = held.reservation_id if held and held.reservation_id else None
+            return sender, StockGivenBack(order_id=msg.order_id, reservation_id=reservation_id)
+
+        held = self._book.reservations.get(msg.order_id)
+        if held is not None and held.released:
+            self.send(*answer())
+            return
+        event = StockReleased(
+            order_id=msg.order_id,
+            reservation_id=held.reservation_id if held else "",
+            items=held.items if held else (),
+            reason=msg.reason,
+            released_at=utcnow(),
+        )
+        self._record([event], on_commit=[answer], order_id=msg.order_id)
+
+    def receiveMsg_SetStock(self, msg: SetStock, sender: Any) -> None:
+        """Set units on hand; refused below the units already reserved (that would oversell)."""
+        reserved = self._book.reserved.get(msg.product_id, 0)
+        if msg.on_hand < reserved:
+            self.send(sender, Refused(
+                req_id=msg.req_id, code="conflict",
+                message=f"{msg.product_id}: on_hand {msg.on_hand} is below the {reserved} units "
+                        "reserved by orders"))
+            return
+        event = StockSet(product_id=msg.product_id, on_hand=msg.on_hand, set_at=utcnow())
+        report = (msg.product_id,)
+        self._record([event], on_commit=[
+            lambda: (sender, StockReport(req_id=msg.req_id, stock=self._book.report(report)))])
+
+    def receiveMsg_GetStock(self, msg: GetStock, sender: Any) -> None:
+        """Report stock levels."""
+        self.send(sender, StockReport(req_id=msg.req_id, stock=self._book.report(msg.product_ids)))
+
+    # --- recording ------------------------------------------------------------------------
+
+    def _record(self, events: list[Event], on_commit: list[Callable[[], Reply]],
+                order_id: str | None = None) -> None:
+        """Apply now, append at the next version, answer once committed."""
+        for event in events:
+            self._book.apply(event)
+        expected = self._version
+        self._version += len(events)
+        if order_id is not None:
+            self._gate.hold(order_id)
+
+        def committed(reply: AppendDone | AppendRejected) -> None:
+            if isinstance(reply, AppendRejected):
+                # Our view and the stream disagree (a previous incarnation's append landed, or
+                # the store failed): rebuild from what is durable; waiting requesters time out
+                # and retry, and retries are idempotent.
+                log.error("inventory: append rejected (%s); reloading", reply.message)
+                self._reload()
+                return
+            for make in on_commit:
+                self.send(*make())
+            if order_id is not None:
+                self._gate.committed(order_id)
+
+        self._appender.append(INVENTORY_STREAM, events, [CODEC.new_id() for _ in events],
+                              expected, committed)
+
+    def receiveMsg_AppendDone(self, msg: AppendDone, sender: Any) -> None:
+        """A recorded change is durable."""
+        self._appender.settle(msg)
+
+    def receiveMsg_AppendRejected(self, msg: AppendRejected, sender: Any) -> None:
+        """A recorded change was refused."""
+        self._appender.settle(msg)

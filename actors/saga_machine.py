@@ -1,0 +1,614 @@
+"""The order saga's decisions as a pure state machine (no actors, no I/O, no clock).
+
+``decide(state, input) -> (state, commands)``: the OrderSaga actor feeds it what happened (a reply,
+a timeout, a committed append) and carries out the commands it returns (append events, send a
+request, start a timer, finish). Because it is pure it is unit-tested and replayed on its own.
+
+The flow (DESIGN.md sections 3 and 4), each outcome recorded before the next step:
+
+    reserve ──ok──▶ record InventoryReserved ──▶ charge ──ok──▶ record PaymentProcessed+OrderPaid
+       │                                           │
+       ├─unavailable─▶ record InventoryUnavailable+OrderCancelled
+       │                                           ├─declined/timeout─▶ record PaymentFailed ─▶ compensate
+       └─timeout/failure─▶ compensate              └─failure─▶ compensate
+
+Compensation releases the reservation and voids the payment (both idempotent, keyed by the order
+id, both retried until acknowledged), then records InventoryReleased / PaymentRefunded for what it
+actually gave back, and the terminal event.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from decimal import Decimal
+
+from messages.base import Item, UnavailableItem, items_of
+from messages.events import (
+    Event,
+    InventoryReleased,
+    InventoryReserved,
+    InventoryUnavailable,
+    OrderCancelled,
+    OrderFulfillmentFailed,
+    OrderPaid,
+    OrderPlaced,
+    PaymentFailed,
+    PaymentProcessed,
+    PaymentRefunded,
+    status_of_terminal,
+)
+
+
+class Phase(enum.StrEnum):
+    """Where the saga is."""
+
+    RESERVING = "reserving"
+    CHARGING = "charging"
+    COMPENSATING = "compensating"
+    RECORDING = "recording"  # an append is in flight; `after` says what follows its commit
+    DONE = "done"
+
+
+class Service(enum.StrEnum):
+    """The actors a saga talks to."""
+
+    INVENTORY = "inventory"
+    PAYMENT = "payment"
+    STORE = "store"
+
+
+class Outcome(enum.StrEnum):
+    """How a compensated order ends."""
+
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+# --- inputs ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Start:
+    """Begin (or, after recovery, resume) driving the order."""
+
+
+@dataclass(frozen=True)
+class Reserved:
+    """Inventory held every line for the order."""
+
+    reservation_id: str
+
+
+@dataclass(frozen=True)
+class ReserveRefused:
+    """Inventory could not hold the order (some lines short, or the order was fenced off)."""
+
+    unavailable_items: tuple[UnavailableItem, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class Charged:
+    """The provider charged the order."""
+
+    payment_id: str
+    amount: Decimal
+
+
+@dataclass(frozen=True)
+class Declined:
+    """The provider declined the charge."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Released:
+    """Inventory no longer holds anything for the order; reservation_id is what it gave back
+    (now or earlier), None if nothing was ever held."""
+
+    reservation_id: str | None
+
+
+@dataclass(frozen=True)
+class Voided:
+    """The provider guarantees no charge stands; refunded_payment_id is a charge it refunded."""
+
+    refunded_payment_id: str | None
+    amount: Decimal | None
+
+
+@dataclass(frozen=True)
+class Appended:
+    """The pending append committed; version is the stream's new last version."""
+
+    version: int
+
+
+@dataclass(frozen=True)
+class AppendFailed:
+    """The store refused the pending append (the stream moved under the saga)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class StepFailed:
+    """A service failed while handling the saga's request (PoisonMessage, dead process)."""
+
+    service: Service
+    reason: str
+
+
+@dataclass(frozen=True)
+class ServiceRestarted:
+    """A service was restarted; requests pending with it were lost."""
+
+    service: Service
+
+
+@dataclass(frozen=True)
+class TimedOut:
+    """A step timer fired; stale tokens are ignored."""
+
+    token: int
+
+
+SagaInput = (
+    Start
+    | Reserved
+    | ReserveRefused
+    | Charged
+    | Declined
+    | Released
+    | Voided
+    | Appended
+    | AppendFailed
+    | StepFailed
+    | ServiceRestarted
+    | TimedOut
+)
+
+# --- commands --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AppendEvents:
+    """Append events (with their ids, so a re-send is idempotent) at expected_version."""
+
+    events: tuple[Event, ...]
+    event_ids: tuple[str, ...]
+    expected_version: int
+
+
+@dataclass(frozen=True)
+class RequestReserve:
+    """Ask Inventory to hold these items for the order."""
+
+    items: tuple[Item, ...]
+
+
+@dataclass(frozen=True)
+class RequestCharge:
+    """Ask Payment to charge the order's total."""
+
+    amount: Decimal
+    payment_method: str
+
+
+@dataclass(frozen=True)
+class RequestRelease:
+    """Ask Inventory to give back whatever it holds for the order (and refuse it later)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class RequestVoid:
+    """Ask Payment to make sure no charge stands for the order."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class StartTimer:
+    """Arm the step timer; a TimedOut with this token comes back if nothing else does."""
+
+    token: int
+
+
+@dataclass(frozen=True)
+class Finish:
+    """The order is terminal (its terminal event is committed)."""
+
+    status: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Abort:
+    """The saga cannot go on (its stream changed under it); the supervisor takes over."""
+
+    reason: str
+
+
+Command = (
+    AppendEvents
+    | RequestReserve
+    | RequestCharge
+    | RequestRelease
+    | RequestVoid
+    | StartTimer
+    | Finish
+    | Abort
+)
+
+# --- state -----------------------------------------------------------------------------------
+
+Clock = Callable[[], datetime]
+IdFactory = Callable[[], str]
+
+
+def new_event_id() -> str:
+    """A fresh unique event id."""
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class Pending:
+    """An append in flight and what the saga does once it is committed."""
+
+    append: AppendEvents
+    after: str  # "charge" | "compensate" | "finish"
+
+
+@dataclass(frozen=True)
+class SagaState:
+    """Everything the saga knows about its order; rebuilt from the stream on recovery."""
+
+    order: OrderPlaced
+    version: int
+    phase: Phase = Phase.RESERVING
+    token: int = 0
+    reservation_id: str | None = None
+    payment_id: str | None = None
+    charge_sent: bool = False
+    # compensation
+    outcome: Outcome | None = None
+    reason: str = ""
+    release_done: bool = False
+    void_done: bool = False
+    need_void: bool = False
+    released_reservation: str | None = None
+    refunded: tuple[str, Decimal] | None = None
+    release_recorded: bool = False
+    refund_recorded: bool = False
+    pending: Pending | None = None
+    final_status: str | None = None
+
+
+@dataclass(frozen=True)
+class Env:
+    """What the pure machine needs from outside: a clock and an id source (injectable)."""
+
+    now: Clock
+    new_id: IdFactory = new_event_id
+
+
+def start(order: OrderPlaced, version: int) -> SagaState:
+    """The state of a freshly placed order (OrderPlaced committed at `version`)."""
+    return SagaState(order=order, version=version)
+
+
+def recover(events: Sequence[Event], *, compensate: bool) -> SagaState:
+    """Rebuild a saga's state from its stream.
+
+    With ``compensate`` (the saga crashed or raised: the supervisor's choice) the rebuilt saga
+    compensates on Start; without it (start-up recovery) it re-drives the next idempotent step.
+    """
+    if not events or not isinstance(events[0], OrderPlaced):
+        raise ValueError("an order stream starts with OrderPlaced")
+    order = events[0]
+    state = SagaState(order=order, version=len(events) - 1)
+    for event in events[1:]:
+        if status_of_terminal(event) is not None:
+            return replace(state, phase=Phase.DONE, final_status=status_of_terminal(event))
+        if isinstance(event, InventoryReserved):
+            state = replace(state, reservation_id=event.reservation_id, phase=Phase.CHARGING)
+        elif isinstance(event, InventoryUnavailable):
+            state = replace(state, outcome=Outcome.CANCELLED, reason="Inventory unavailable")
+        elif isinstance(event, PaymentProcessed):
+            state = replace(state, payment_id=event.payment_id, charge_sent=True)
+        elif isinstance(event, PaymentFailed):
+            state = replace(
+                state,
+                outcome=Outcome.CANCELLED,
+                reason=f"Payment failed: {event.reason}",
+                charge_sent=True,
+            )
+        elif isinstance(event, InventoryReleased):
+            state = replace(state, release_recorded=True)
+        elif isinstance(event, PaymentRefunded):
+            state = replace(state, refund_recorded=True)
+    if compensate and state.outcome is None:
+        state = replace(state, outcome=Outcome.FAILED, reason="saga crashed; recovered")
+    # A re-driven charge may find a charge made before the crash: void defensively when
+    # compensating from a point where a charge may have been sent.
+    return replace(state, charge_sent=state.charge_sent or state.phase == Phase.CHARGING)
+
+
+# --- the machine ------------------------------------------------------------------------------
+
+
+def decide(state: SagaState, msg: SagaInput, env: Env) -> tuple[SagaState, list[Command]]:
+    """The saga's next state and what to do, given what just happened."""
+    if state.phase == Phase.DONE:
+        return state, []  # late or duplicate input for a finished order: nothing to do
+    if isinstance(msg, TimedOut) and msg.token != state.token:
+        return state, []  # a stale wakeup: wakeupAfter cannot be cancelled
+    if isinstance(msg, Start):
+        return _on_start(state, env)
+    if state.phase == Phase.RECORDING:
+        return _while_recording(state, msg, env)
+    if state.phase == Phase.RESERVING:
+        return _while_reserving(state, msg, env)
+    if state.phase == Phase.CHARGING:
+        return _while_charging(state, msg, env)
+    return _while_compensating(state, msg, env)
+
+
+def _on_start(state: SagaState, env: Env) -> tuple[SagaState, list[Command]]:
+    order = state.order
+    if state.payment_id is not None:
+        # Charged and recorded, but OrderPaid missing: finish the order as paid.
+        paid = OrderPaid(
+            order_id=order.order_id,
+            payment_id=state.payment_id,
+            payment_method=order.payment_method,
+            amount=order.total_amount,
+            paid_at=env.now(),
+        )
+        return _record(state, (paid,), "finish", env, final="paid")
+    if state.outcome is not None:
+        return _begin_compensation(state, state.outcome, state.reason)
+    if state.phase == Phase.CHARGING:
+        return _send_charge(state)
+    return _arm(
+        replace(state, phase=Phase.RESERVING), [RequestReserve(items=items_of(order.lines))]
+    )
+
+
+def _while_reserving(
+    state: SagaState, msg: SagaInput, env: Env
+) -> tuple[SagaState, list[Command]]:
+    order = state.order
+    if isinstance(msg, Reserved):
+        reserved = InventoryReserved(
+            order_id=order.order_id,
+            reservation_id=msg.reservation_id,
+            items=items_of(order.lines),
+            reserved_at=env.now(),
+        )
+        return _record(replace(state, reservation_id=msg.reservation_id), (reserved,), "charge", env)
+    if isinstance(msg, ReserveRefused):
+        unavailable = InventoryUnavailable(
+            order_id=order.order_id, unavailable_items=msg.unavailable_items, notified_at=env.now()
+        )
+        cancelled = OrderCancelled(
+            order_id=order.order_id,
+            cancelled_by="System",
+            reason="Inventory unavailable",
+            refund_issued=False,
+            cancelled_at=env.now(),
+        )
+        return _record(state, (unavailable, cancelled), "finish", env, final="cancelled")
+    if isinstance(msg, TimedOut):
+        return _begin_compensation(state, Outcome.FAILED, "inventory reservation timed out")
+    if isinstance(msg, StepFailed | ServiceRestarted) and _service_of(msg) == Service.INVENTORY:
+        return _begin_compensation(state, Outcome.FAILED, f"inventory failed: {_why(msg)}")
+    return state, []
+
+
+def _while_charging(
+    state: SagaState, msg: SagaInput, env: Env
+) -> tuple[SagaState, list[Command]]:
+    order = state.order
+    if isinstance(msg, Charged):
+        processed = PaymentProcessed(
+            payment_id=msg.payment_id,
+            order_id=order.order_id,
+            amount=order.total_amount,
+            processed_at=env.now(),
+        )
+        paid = OrderPaid(
+            order_id=order.order_id,
+            payment_id=msg.payment_id,
+            payment_method=order.payment_method,
+            amount=order.total_amount,
+            paid_at=env.now(),
+        )
+        return _record(
+            replace(state, payment_id=msg.payment_id), (processed, paid), "finish", env, final="paid"
+        )
+    if isinstance(msg, Declined):
+        return _fail_payment(state, msg.reason, need_void=False, env=env)
+    if isinstance(msg, TimedOut):
+        return _fail_payment(state, "payment timed out", need_void=True, env=env)
+    if isinstance(msg, StepFailed | ServiceRestarted) and _service_of(msg) == Service.PAYMENT:
+        return _begin_compensation(
+            replace(state, need_void=True), Outcome.FAILED, f"payment failed: {_why(msg)}"
+        )
+    return state, []
+
+
+def _fail_payment(
+    state: SagaState, reason: str, *, need_void: bool, env: Env
+) -> tuple[SagaState, list[Command]]:
+    failed = PaymentFailed(order_id=state.order.order_id, reason=reason, failed_at=env.now())
+    state = replace(
+        state, outcome=Outcome.CANCELLED, reason=f"Payment failed: {reason}", need_void=need_void
+    )
+    return _record(state, (failed,), "compensate", env)
+
+
+def _begin_compensation(
+    state: SagaState, outcome: Outcome, reason: str
+) -> tuple[SagaState, list[Command]]:
+    # Void whenever a charge may have been asked for and not cleanly declined: a charge that
+    # completes after we gave up must be refunded by the provider, never left standing.
+    need_void = state.need_void or state.charge_sent
+    state = replace(
+        state,
+        phase=Phase.COMPENSATING,
+        outcome=outcome,
+        reason=reason,
+        need_void=need_void,
+        release_done=False,
+        void_done=not need_void,
+    )
+    return _arm(state, _compensation_requests(state))
+
+
+def _compensation_requests(state: SagaState) -> list[Command]:
+    commands: list[Command] = []
+    if not state.release_done:
+        commands.append(RequestRelease(reason=state.reason))
+    if not state.void_done:
+        commands.append(RequestVoid(reason=state.reason))
+    return commands
+
+
+def _while_compensating(
+    state: SagaState, msg: SagaInput, env: Env
+) -> tuple[SagaState, list[Command]]:
+    if isinstance(msg, Released) and not state.release_done:
+        state = replace(state, release_done=True, released_reservation=msg.reservation_id)
+    elif isinstance(msg, Voided) and not state.void_done:
+        refunded = (
+            (msg.refunded_payment_id, msg.amount or Decimal(0))
+            if msg.refunded_payment_id is not None
+            else None
+        )
+        state = replace(state, void_done=True, refunded=refunded)
+    elif isinstance(msg, TimedOut | ServiceRestarted | StepFailed):
+        # Compensation cannot give up: re-send what is unacknowledged (both are idempotent).
+        return _arm(state, _compensation_requests(state))
+    else:
+        return state, []
+    if not (state.release_done and state.void_done):
+        return state, []
+    return _record_compensation(state, env)
+
+
+def _record_compensation(state: SagaState, env: Env) -> tuple[SagaState, list[Command]]:
+    order = state.order
+    events: list[Event] = []
+    if state.released_reservation and not state.release_recorded:
+        events.append(
+            InventoryReleased(
+                order_id=order.order_id,
+                reservation_id=state.released_reservation,
+                reason=state.reason,
+                released_at=env.now(),
+            )
+        )
+    if state.refunded is not None and not state.refund_recorded:
+        events.append(
+            PaymentRefunded(
+                order_id=order.order_id,
+                payment_id=state.refunded[0],
+                amount=state.refunded[1],
+                reason=state.reason,
+                refunded_at=env.now(),
+            )
+        )
+    refund_issued = state.refunded is not None or state.refund_recorded
+    if state.outcome == Outcome.CANCELLED:
+        events.append(
+            OrderCancelled(
+                order_id=order.order_id,
+                cancelled_by="System",
+                reason=state.reason,
+                refund_issued=refund_issued,
+                cancelled_at=env.now(),
+            )
+        )
+    else:
+        events.append(
+            OrderFulfillmentFailed(
+                order_id=order.order_id, error_message=state.reason, failed_at=env.now()
+            )
+        )
+    final = state.outcome.value if state.outcome else Outcome.FAILED.value
+    return _record(state, tuple(events), "finish", env, final=final)
+
+
+def _while_recording(
+    state: SagaState, msg: SagaInput, env: Env
+) -> tuple[SagaState, list[Command]]:
+    pending = state.pending
+    assert pending is not None
+    if isinstance(msg, Appended):
+        state = replace(state, version=msg.version, pending=None)
+        if pending.after == "charge":
+            return _send_charge(state)
+        if pending.after == "compensate":
+            return _begin_compensation(state, state.outcome or Outcome.FAILED, state.reason)
+        status = state.final_status or "failed"
+        return replace(state, phase=Phase.DONE), [Finish(status=status, reason=state.reason)]
+    if isinstance(msg, AppendFailed):
+        return replace(state, phase=Phase.DONE), [Abort(reason=msg.reason)]
+    if isinstance(msg, TimedOut) or (
+        isinstance(msg, ServiceRestarted | StepFailed) and msg.service == Service.STORE
+    ):
+        # The same event ids again: the store treats a committed re-send as a no-op.
+        return _arm(state, [pending.append])
+    return state, []  # replies from other services are stale once we are recording
+
+
+def _send_charge(state: SagaState) -> tuple[SagaState, list[Command]]:
+    order = state.order
+    state = replace(state, phase=Phase.CHARGING, charge_sent=True)
+    return _arm(
+        state, [RequestCharge(amount=order.total_amount, payment_method=order.payment_method)]
+    )
+
+
+def _record(
+    state: SagaState,
+    events: tuple[Event, ...],
+    after: str,
+    env: Env,
+    final: str | None = None,
+) -> tuple[SagaState, list[Command]]:
+    append = AppendEvents(
+        events=events,
+        event_ids=tuple(env.new_id() for _ in events),
+        expected_version=state.version,
+    )
+    state = replace(
+        state,
+        phase=Phase.RECORDING,
+        pending=Pending(append=append, after=after),
+        final_status=final or state.final_status,
+    )
+    return _arm(state, [append])
+
+
+def _arm(state: SagaState, commands: list[Command]) -> tuple[SagaState, list[Command]]:
+    """Every wait gets a deadline: a new token makes all earlier timers stale."""
+    token = state.token + 1
+    return dataclasses.replace(state, token=token), [*commands, StartTimer(token=token)]
+
+
+def _service_of(msg: StepFailed | ServiceRestarted) -> Service:
+    return msg.service
+
+
+def _why(msg: StepFailed | ServiceRestarted) -> str:
+    return msg.reason if isinstance(msg, StepFailed) else "service restarted"

@@ -1,0 +1,310 @@
+"""Messages between actors, and between the gateway and the actor system: one class per intent.
+
+They are pickled between processes on the process bases, so every class lives at module top
+level. Requests that come from the gateway carry ``req_id`` so the reply can be matched.
+Actor addresses are opaque Thespian objects, typed ``Any``.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from pydantic import ConfigDict
+
+from messages.base import Frozen, Item, OrderLine, UnavailableItem
+from messages.events import Event, OrderPlaced
+
+
+class ActorMessage(Frozen):
+    """Base of actor messages (may hold actor addresses)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+
+# --- gateway <-> OrderManager ----------------------------------------------------------------
+
+
+class PlaceOrder(ActorMessage):
+    """A client's order; idempotent by order_id."""
+
+    req_id: int
+    order_id: str
+    customer_id: str
+    lines: tuple[OrderLine, ...]
+    payment_method: str
+    wait: bool
+
+
+class OrderReply(ActorMessage):
+    """The order's status (terminal when the request asked to wait)."""
+
+    req_id: int
+    order: dict[str, Any]
+
+
+class Refused(ActorMessage):
+    """A request the system will not carry out; code is a wire error code."""
+
+    req_id: int
+    code: str
+    message: str
+
+
+class GetStock(ActorMessage):
+    """Ask for on_hand / reserved / available of some products (none: all)."""
+
+    req_id: int
+    product_ids: tuple[str, ...]
+
+
+class SetStock(ActorMessage):
+    """Set a product's units on hand (an operator's correction or a delivery)."""
+
+    req_id: int
+    product_id: str
+    on_hand: int
+
+
+class StockReport(ActorMessage):
+    """Stock levels per product."""
+
+    req_id: int
+    stock: dict[str, dict[str, int]]
+
+
+class Drain(ActorMessage):
+    """Stop accepting orders; reply how many sagas are still running."""
+
+    req_id: int
+
+
+class DrainStatus(ActorMessage):
+    """How many orders are still in flight."""
+
+    req_id: int
+    in_flight: int
+
+
+class Identify(ActorMessage):
+    """Ask the system for its actors' names, addresses and OS process ids (tests, operators)."""
+
+    req_id: int
+
+
+class Identities(ActorMessage):
+    """name -> pid of each actor the manager knows (services and live sagas)."""
+
+    req_id: int
+    pids: dict[str, int]
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+class Configure(ActorMessage):
+    """Boot the OrderManager: open the database, start the services, recover unfinished orders."""
+
+    req_id: int
+    db_path: str
+    synchronous: str
+    step_timeout: float
+    crash_exits_process: bool
+    payment_latency: float = 0.0
+
+
+class Configured(ActorMessage):
+    """The system is up; `recovered` unfinished orders are being driven on."""
+
+    req_id: int
+    recovered: int
+
+
+class ServiceConfig(ActorMessage):
+    """Sent by the manager to a (re)started service actor."""
+
+    name: str
+    db_path: str
+    synchronous: str
+    store: Any
+    step_timeout: float
+    crash_exits_process: bool
+    payment_latency: float = 0.0
+
+
+class ServiceReady(ActorMessage):
+    """A service finished loading its durable state."""
+
+    name: str
+    pid: int
+
+
+class WhoAreYou(ActorMessage):
+    """Ask an actor for its OS process id."""
+
+
+class IAm(ActorMessage):
+    """An actor's name and OS process id."""
+
+    name: str
+    pid: int
+
+
+# --- saga <-> OrderManager --------------------------------------------------------------------
+
+
+class StartSaga(ActorMessage):
+    """Drive one order: from scratch (events = [OrderPlaced]) or recovered from its stream."""
+
+    order_id: str
+    events: tuple[Event, ...]
+    compensate: bool
+    inventory: Any
+    payment: Any
+    store: Any
+    step_timeout: float
+
+
+class ServiceMoved(ActorMessage):
+    """A service was restarted at a new address; requests pending with the old one are lost."""
+
+    service: str
+    address: Any
+
+
+class SagaFinished(ActorMessage):
+    """The order is terminal; its terminal event is committed."""
+
+    order_id: str
+    status: str
+    reason: str
+
+
+class SagaAborted(ActorMessage):
+    """The saga could not go on; the manager recovers the order from its stream."""
+
+    order_id: str
+    reason: str
+
+
+# --- EventStore actor -------------------------------------------------------------------------
+
+
+class AppendToStream(ActorMessage):
+    """Append events at expected_version; ref comes back in the reply."""
+
+    ref: str
+    stream: str
+    events: tuple[Event, ...]
+    event_ids: tuple[str, ...]
+    expected_version: int
+
+
+class AppendDone(ActorMessage):
+    """The append committed; version is the stream's new last version."""
+
+    ref: str
+    version: int
+
+
+class AppendRejected(ActorMessage):
+    """The append was refused (concurrency conflict, duplicate ids, store failure)."""
+
+    ref: str
+    error: str
+    message: str
+
+
+class FlushAppends(ActorMessage):
+    """Sent by the EventStore actor to itself: commit everything buffered so far in one go."""
+
+
+# --- Inventory ----------------------------------------------------------------------------------
+
+
+class ReserveStock(ActorMessage):
+    """Hold all items for the order, or none."""
+
+    order_id: str
+    items: tuple[Item, ...]
+
+
+class StockHeld(ActorMessage):
+    """The order's items are held under reservation_id."""
+
+    order_id: str
+    reservation_id: str
+
+
+class StockRefused(ActorMessage):
+    """The order's items could not be held (short, unknown product, or the order was fenced)."""
+
+    order_id: str
+    unavailable_items: tuple[UnavailableItem, ...]
+    reason: str
+
+
+class ReleaseStock(ActorMessage):
+    """Give back what is held for the order and refuse to hold anything for it later."""
+
+    order_id: str
+    reason: str
+
+
+class StockGivenBack(ActorMessage):
+    """Nothing is held for the order any more; reservation_id is what was given back."""
+
+    order_id: str
+    reservation_id: str | None
+
+
+# --- Payment ----------------------------------------------------------------------------------
+
+
+class ChargePayment(ActorMessage):
+    """Charge the order's amount with a payment token."""
+
+    order_id: str
+    amount: Decimal
+    payment_method: str
+
+
+class PaymentApproved(ActorMessage):
+    """The charge stands."""
+
+    order_id: str
+    payment_id: str
+    amount: Decimal
+
+
+class PaymentDeclined(ActorMessage):
+    """The charge was declined (or the payment was voided before it)."""
+
+    order_id: str
+    reason: str
+
+
+class VoidPayment(ActorMessage):
+    """Guarantee that no charge stands for the order, now or later."""
+
+    order_id: str
+    reason: str
+
+
+class PaymentVoidedReply(ActorMessage):
+    """No charge stands; refunded_payment_id is a charge that was refunded to get there."""
+
+    order_id: str
+    refunded_payment_id: str | None
+    amount: Decimal | None
+
+
+class LateCharge(ActorMessage):
+    """Wakeup payload: a slow (tok_late / latency) charge completes now."""
+
+    order_id: str
+    amount: Decimal
+    payment_method: str
+    reply_to: Any
+
+

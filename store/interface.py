@@ -1,0 +1,140 @@
+"""The event store contract (DESIGN.md section 5) and the rules every implementation shares.
+
+Both implementations decide idempotency, validation and optimistic concurrency through the
+helpers here, so the in-memory store cannot drift from the SQLite one in what it accepts.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Self
+
+from store.records import (
+    NO_STREAM,
+    AppendRequest,
+    ConcurrencyError,
+    DuplicateEventError,
+    NewEvent,
+    StoredEvent,
+    StoreError,
+    StreamHead,
+)
+
+
+class EventStore(ABC):
+    """Append-only streams of events with per-stream versions and a global commit order.
+
+    Versions count 0, 1, 2, ... within a stream without gaps. Positions are global, start at 1
+    and strictly increase in commit order. Use as a context manager to close it.
+    """
+
+    @abstractmethod
+    def append(self, stream: str, events: Sequence[NewEvent], expected_version: int) -> int:
+        """Append ``events`` to ``stream`` if its last version is ``expected_version``
+        (``NO_STREAM`` for a stream that must not exist yet); return the new last version.
+
+        Raises ``ConcurrencyError`` if the stream is at another version. Re-appending exactly
+        the events of an earlier committed append (same ids, same stream, consecutive versions
+        in the same order) is a no-op that returns the version of the last of them, even though
+        ``expected_version`` is stale by then: a re-delivered command must not double an event.
+        If only some of the ids are stored, or they are stored elsewhere, raises
+        ``DuplicateEventError``. An empty ``events`` checks ``expected_version`` and returns the
+        current version.
+        """
+
+    @abstractmethod
+    def append_batch(self, requests: Sequence[AppendRequest]) -> list[int | StoreError]:
+        """Group commit: apply every request in one transaction (one durable write).
+
+        Each request succeeds or fails on its own; the result list holds, in request order, the
+        new version (as ``append`` returns it) or the ``StoreError`` that request raised.
+        Requests to the same stream apply in order, so the second sees the first's events. An
+        error that is not about one request (I/O, a closed store) raises for the whole batch,
+        and then nothing of the batch is committed.
+        """
+
+    @abstractmethod
+    def read_stream(self, stream: str, from_version: int = 0) -> list[StoredEvent]:
+        """The events of ``stream`` with version >= ``from_version``, ordered by version
+        (empty for an unknown stream)."""
+
+    @abstractmethod
+    def read_all(self, from_position: int = 0, limit: int = 1000) -> list[StoredEvent]:
+        """At most ``limit`` events with position > ``from_position``, in commit order.
+
+        Positions start at 1, so the default reads from the beginning, and the next page
+        starts after the last event seen: ``read_all(page[-1].position)``.
+        """
+
+    @abstractmethod
+    def stream_version(self, stream: str) -> int:
+        """The version of the stream's last event, or ``NO_STREAM`` if it has none."""
+
+    @abstractmethod
+    def stream_heads(self, prefix: str) -> list[StreamHead]:
+        """The head of every stream whose name starts with ``prefix``, ordered by name.
+
+        Used at start-up to find unfinished sagas without reading every event.
+        """
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the store's resources; closing twice is harmless."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def validate_append(stream: str, events: Sequence[NewEvent], expected_version: int) -> None:
+    """Reject appends that are wrong whatever the store holds."""
+    if not stream:
+        raise StoreError("stream name must not be empty")
+    if expected_version < NO_STREAM:
+        raise StoreError(f"stream {stream!r}: expected_version {expected_version} < NO_STREAM")
+    ids = [e.event_id for e in events]
+    if not all(ids):
+        raise StoreError(f"stream {stream!r}: event ids must not be empty")
+    if len(set(ids)) != len(ids):
+        repeated = tuple(sorted({i for i in ids if ids.count(i) > 1}))
+        raise DuplicateEventError(stream, repeated, "event id repeated within one append")
+
+
+def replayed_version(
+    stream: str, events: Sequence[NewEvent], found: Mapping[str, tuple[str, int]]
+) -> int | None:
+    """Decide what already-stored ids mean for an append.
+
+    ``found`` maps each id of ``events`` that is already stored to its (stream, version).
+    Returns None when none is stored (a fresh append), the last version when the append was
+    committed before exactly like this (an idempotent replay), and raises
+    ``DuplicateEventError`` otherwise.
+    """
+    if not found:
+        return None
+    ids = tuple(e.event_id for e in events)
+    if len(found) < len(ids):
+        present = tuple(i for i in ids if i in found)
+        raise DuplicateEventError(stream, present, "some of the appended event ids are stored")
+    places = [found[i] for i in ids]
+    first = places[0][1]
+    if any(s != stream for s, _ in places) or [v for _, v in places] != list(
+        range(first, first + len(ids))
+    ):
+        raise DuplicateEventError(stream, ids, "event ids are stored elsewhere")
+    return places[-1][1]
+
+
+def check_expected(stream: str, expected_version: int, actual_version: int) -> None:
+    """Raise ``ConcurrencyError`` unless the stream is at the version the writer expected."""
+    if expected_version != actual_version:
+        raise ConcurrencyError(stream, expected_version, actual_version)

@@ -1,0 +1,353 @@
+"""The SQLite event store: one file in WAL mode, one writer process, any number of readers.
+
+Optimistic concurrency rests on the ``UNIQUE (stream, version)`` key (STYLE.md point 4): a
+stale writer's insert collides with the row its rival wrote and becomes ``ConcurrencyError``.
+A ``streams`` table, updated in the same transaction as the events, gives each stream's head
+in one primary-key lookup: the version check of an append and ``stream_heads`` at start-up
+never scan events.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from store.interface import EventStore, check_expected, replayed_version, validate_append
+from store.records import (
+    NO_STREAM,
+    AppendRequest,
+    ConcurrencyError,
+    DuplicateEventError,
+    NewEvent,
+    StoredEvent,
+    StoreError,
+    StreamHead,
+)
+
+_SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS events (
+        position INTEGER PRIMARY KEY AUTOINCREMENT,
+        stream TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        event_id TEXT NOT NULL UNIQUE,
+        type TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        recorded_at REAL NOT NULL,
+        UNIQUE (stream, version)
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS streams (
+        stream TEXT PRIMARY KEY,
+        version INTEGER NOT NULL,
+        last_type TEXT NOT NULL
+    ) WITHOUT ROWID
+    """,
+)
+
+_COLUMNS = "stream, version, position, event_id, type, payload, recorded_at"
+_INSERT_EVENT = (
+    "INSERT INTO events (stream, version, event_id, type, payload, recorded_at)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+)
+_UPSERT_STREAM = (
+    "INSERT INTO streams (stream, version, last_type) VALUES (?, ?, ?)"
+    " ON CONFLICT (stream) DO UPDATE SET version = excluded.version,"
+    " last_type = excluded.last_type"
+)
+_SYNCHRONOUS_MODES = frozenset({"FULL", "NORMAL", "EXTRA"})
+# SQLite's default limit on bound parameters is 32766 since 3.32 but 999 before; stay below both.
+_MAX_IDS_PER_QUERY = 500
+_BUSY_TIMEOUT_S = 10.0
+
+
+class SqliteEventStore(EventStore):
+    """An ``EventStore`` in one SQLite file.
+
+    The writer (``readonly=False``) creates the schema and switches the file to WAL;
+    ``synchronous="FULL"`` makes each commit durable on return, ``"NORMAL"`` trades the last
+    commits before a power cut for speed. A ``readonly`` store opens an existing file with
+    ``mode=ro`` and reads while the writer appends. One thread uses the object at a time (an
+    internal lock makes overlapping calls wait rather than corrupt the connection's state).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        synchronous: str = "FULL",
+        readonly: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if synchronous.upper() not in _SYNCHRONOUS_MODES:
+            # PRAGMA values cannot be bound parameters, so only known words reach the SQL.
+            raise ValueError(f"synchronous must be one of {sorted(_SYNCHRONOUS_MODES)}")
+        self._path = Path(path)
+        self._readonly = readonly
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._conn: sqlite3.Connection | None = None
+        conn = self._open_reader() if readonly else self._open_writer(synchronous.upper())
+        self._conn = conn
+
+    # --- opening ------------------------------------------------------------------------------
+
+    def _open_writer(self, synchronous: str) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(
+                self._path,
+                timeout=_BUSY_TIMEOUT_S,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open event store {self._path}: {e}") from e
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT_S * 1000)}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"event store {self._path}: cannot use WAL (journal mode {mode})")
+            conn.execute(f"PRAGMA synchronous = {synchronous}")
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            conn.execute("COMMIT")
+        except BaseException as e:
+            conn.close()
+            if isinstance(e, sqlite3.Error):
+                raise StoreError(f"cannot prepare event store {self._path}: {e}") from e
+            raise
+        return conn
+
+    def _open_reader(self) -> sqlite3.Connection:
+        if not self._path.is_file():
+            raise StoreError(
+                f"no event store at {self._path}: a read-only store opens the file its writer "
+                "created; start the writer first"
+            )
+        uri = f"{self._path.resolve().as_uri()}?mode=ro"
+        try:
+            conn = sqlite3.connect(
+                uri,
+                uri=True,
+                timeout=_BUSY_TIMEOUT_S,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open event store {self._path} read-only: {e}") from e
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT_S * 1000)}")
+            tables = {
+                row[0]
+                for row in conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table'"
+                    " AND name IN ('events', 'streams')"
+                )
+            }
+            if tables != {"events", "streams"}:
+                raise StoreError(f"{self._path} is not an event store (its tables are missing)")
+        except BaseException as e:
+            conn.close()
+            if isinstance(e, sqlite3.Error):
+                raise StoreError(f"cannot read event store {self._path}: {e}") from e
+            raise
+        return conn
+
+    # --- plumbing -----------------------------------------------------------------------------
+
+    @contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        """The connection, under the lock, with driver errors translated at this boundary."""
+        with self._lock:
+            if self._conn is None:
+                raise StoreError("the event store is closed")
+            try:
+                yield self._conn
+            except sqlite3.Error as e:
+                raise StoreError(f"event store {self._path}: {e}") from e
+
+    @contextmanager
+    def _write_transaction(self) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` ... ``COMMIT``: one fsync, rolled back on any error."""
+        if self._readonly:
+            raise StoreError(f"event store {self._path} is open read-only")
+        with self._connection() as conn:
+            # IMMEDIATE takes the write lock up front, so a busy database waits here (up to the
+            # busy timeout) instead of failing half-way through the batch.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    # --- writing ------------------------------------------------------------------------------
+
+    def append(self, stream: str, events: Sequence[NewEvent], expected_version: int) -> int:
+        """See ``EventStore.append``."""
+        with self._write_transaction() as conn:
+            return self._append_in_transaction(
+                conn, stream, events, expected_version, self._clock()
+            )
+
+    def append_batch(self, requests: Sequence[AppendRequest]) -> list[int | StoreError]:
+        """See ``EventStore.append_batch``: one transaction, one savepoint per request."""
+        results: list[int | StoreError] = []
+        if not requests:
+            return results
+        with self._write_transaction() as conn:
+            now = self._clock()
+            for request in requests:
+                # A savepoint lets a failing request drop its own rows (an executemany may have
+                # inserted some before the collision) without aborting its neighbours.
+                conn.execute("SAVEPOINT request")
+                try:
+                    version = self._append_in_transaction(
+                        conn, request.stream, request.events, request.expected_version, now
+                    )
+                except StoreError as e:
+                    conn.execute("ROLLBACK TO request")
+                    conn.execute("RELEASE request")
+                    results.append(e)
+                else:
+                    conn.execute("RELEASE request")
+                    results.append(version)
+        return results
+
+    def _append_in_transaction(
+        self,
+        conn: sqlite3.Connection,
+        stream: str,
+        events: Sequence[NewEvent],
+        expected_version: int,
+        now: float,
+    ) -> int:
+        validate_append(stream, events, expected_version)
+        found = self._find_event_ids(conn, [e.event_id for e in events])
+        replayed = replayed_version(stream, events, found)
+        if replayed is not None:
+            return replayed
+        current = self._head_version(conn, stream)
+        check_expected(stream, expected_version, current)
+        if not events:
+            return current
+        try:
+            conn.executemany(
+                _INSERT_EVENT,
+                [
+                    (stream, current + 1 + i, e.event_id, e.type, bytes(e.payload), now)
+                    for i, e in enumerate(events)
+                ],
+            )
+        except sqlite3.IntegrityError as e:
+            # The unique keys are the final word: this only happens if the streams table lied
+            # or someone wrote around this store. The caller rolls back the partial insert.
+            if "event_id" in str(e):
+                raise DuplicateEventError(
+                    stream, tuple(ev.event_id for ev in events), "event id already stored"
+                ) from e
+            actual = conn.execute(
+                "SELECT MAX(version) FROM events WHERE stream = ?", (stream,)
+            ).fetchone()[0]
+            raise ConcurrencyError(
+                stream, expected_version, NO_STREAM if actual is None else actual
+            ) from e
+        last = current + len(events)
+        conn.execute(_UPSERT_STREAM, (stream, last, events[-1].type))
+        return last
+
+    @staticmethod
+    def _find_event_ids(conn: sqlite3.Connection, ids: list[str]) -> dict[str, tuple[str, int]]:
+        found: dict[str, tuple[str, int]] = {}
+        for start in range(0, len(ids), _MAX_IDS_PER_QUERY):
+            chunk = ids[start : start + _MAX_IDS_PER_QUERY]
+            marks = ", ".join("?" * len(chunk))
+            for event_id, stream, version in conn.execute(
+                f"SELECT event_id, stream, version FROM events WHERE event_id IN ({marks})",
+                chunk,
+            ):
+                found[event_id] = (stream, version)
+        return found
+
+    @staticmethod
+    def _head_version(conn: sqlite3.Connection, stream: str) -> int:
+        row = conn.execute("SELECT version FROM streams WHERE stream = ?", (stream,)).fetchone()
+        return NO_STREAM if row is None else int(row[0])
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def read_stream(self, stream: str, from_version: int = 0) -> list[StoredEvent]:
+        """See ``EventStore.read_stream``."""
+        with self._connection() as conn:
+            return _stored(
+                conn.execute(
+                    f"SELECT {_COLUMNS} FROM events WHERE stream = ? AND version >= ?"
+                    " ORDER BY version",
+                    (stream, from_version),
+                )
+            )
+
+    def read_all(self, from_position: int = 0, limit: int = 1000) -> list[StoredEvent]:
+        """See ``EventStore.read_all``."""
+        with self._connection() as conn:
+            return _stored(
+                conn.execute(
+                    f"SELECT {_COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?",
+                    (from_position, max(limit, 0)),
+                )
+            )
+
+    def stream_version(self, stream: str) -> int:
+        """See ``EventStore.stream_version``."""
+        with self._connection() as conn:
+            return self._head_version(conn, stream)
+
+    def stream_heads(self, prefix: str) -> list[StreamHead]:
+        """See ``EventStore.stream_heads``: a range scan of the streams table's primary key."""
+        # LIKE would not use the index (it is case-insensitive by default) and treats % and _
+        # as wildcards; a half-open range [prefix, successor) does and treats no character
+        # specially. TEXT compares as UTF-8 bytes, i.e. in code point order, like Python str.
+        upper = _prefix_successor(prefix)
+        sql = "SELECT stream, version, last_type FROM streams WHERE stream >= ?"
+        params: tuple[str, ...] = (prefix,)
+        if upper is not None:
+            sql += " AND stream < ?"
+            params = (prefix, upper)
+        with self._connection() as conn:
+            rows = conn.execute(sql + " ORDER BY stream", params).fetchall()
+        return [StreamHead(s, v, t) for s, v, t in rows if s.startswith(prefix)]
+
+    def close(self) -> None:
+        """See ``EventStore.close``; the writer's close checkpoints the WAL into the file."""
+        with self._lock:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                try:
+                    conn.close()
+                except sqlite3.Error as e:
+                    raise StoreError(f"event store {self._path}: {e}") from e
+
+
+def _stored(rows: Iterable[tuple[str, int, int, str, str, bytes, float]]) -> list[StoredEvent]:
+    return [StoredEvent(*row) for row in rows]
+
+
+def _prefix_successor(prefix: str) -> str | None:
+    """The smallest string greater than every string starting with ``prefix`` (None if none,
+    i.e. for the empty prefix or one made only of the largest code point)."""
+    chars = list(prefix)
+    while chars:
+        code = ord(chars.pop()) + 1
+        if 0xD800 <= code <= 0xDFFF:
+            # Surrogates cannot be encoded in UTF-8; the next encodable code point follows them.
+            code = 0xE000
+        if code <= 0x10FFFF:
+            return "".join(chars) + chr(code)
+    return None

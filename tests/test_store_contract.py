@@ -1,0 +1,410 @@
+"""One contract suite for every EventStore implementation (STYLE.md point 3), plus the
+SQLite-only promises: durability across reopen, WAL/FULL pragmas and read-only readers."""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from collections.abc import Iterator
+from contextlib import closing
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+
+from messages.base import OrderLine
+from messages.events import OrderPlaced, PaymentFailed
+from store import (
+    CODEC,
+    NO_STREAM,
+    AppendRequest,
+    ConcurrencyError,
+    DuplicateEventError,
+    EventCodec,
+    EventStore,
+    InMemoryEventStore,
+    NewEvent,
+    SqliteEventStore,
+    StoredEvent,
+    StoreError,
+    StreamHead,
+)
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EventStore]:
+    """Each backend in turn; SQLite on a real file."""
+    backend: EventStore
+    if request.param == "memory":
+        backend = InMemoryEventStore()
+    else:
+        backend = SqliteEventStore(tmp_path / "events.db")
+    with backend:
+        yield backend
+
+
+def new_events(n: int, type_: str = "Happened") -> tuple[NewEvent, ...]:
+    """``n`` events with ids unique across the whole test run."""
+    return tuple(
+        NewEvent(event_id=uuid.uuid4().hex, type=type_, payload=f"p{i}".encode()) for i in range(n)
+    )
+
+
+def versions(events: list[StoredEvent]) -> list[int]:
+    """The versions of ``events``, in order."""
+    return [e.version for e in events]
+
+
+# --- append and optimistic concurrency -------------------------------------------------------
+
+
+def test_append_to_new_stream_with_no_stream(store: EventStore) -> None:
+    events = new_events(2)
+    assert store.append("order-1", events, NO_STREAM) == 1
+    stored = store.read_stream("order-1")
+    assert versions(stored) == [0, 1]
+    assert [e.event_id for e in stored] == [e.event_id for e in events]
+    assert [e.payload for e in stored] == [b"p0", b"p1"]
+    assert all(e.stream == "order-1" and e.type == "Happened" for e in stored)
+    assert store.stream_version("order-1") == 1
+
+
+def test_append_with_right_expected_version(store: EventStore) -> None:
+    store.append("order-1", new_events(1), NO_STREAM)
+    assert store.append("order-1", new_events(3), 0) == 3
+    assert versions(store.read_stream("order-1")) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("expected", [NO_STREAM, 0, 2])
+def test_wrong_expected_version_raises_and_leaves_stream_unchanged(
+    store: EventStore, expected: int
+) -> None:
+    store.append("order-1", new_events(2), NO_STREAM)
+    before = store.read_stream("order-1")
+    with pytest.raises(ConcurrencyError) as caught:
+        store.append("order-1", new_events(1), expected)
+    assert (caught.value.stream, caught.value.expected, caught.value.actual) == (
+        "order-1",
+        expected,
+        1,
+    )
+    assert store.read_stream("order-1") == before
+    assert store.read_all() == before
+
+
+def test_expected_version_of_missing_stream_raises(store: EventStore) -> None:
+    with pytest.raises(ConcurrencyError):
+        store.append("order-1", new_events(1), 0)
+    assert store.stream_version("order-1") == NO_STREAM
+
+
+def test_empty_append_checks_expected_and_returns_current(store: EventStore) -> None:
+    assert store.append("order-1", (), NO_STREAM) == NO_STREAM
+    store.append("order-1", new_events(2), NO_STREAM)
+    assert store.append("order-1", [], 1) == 1
+    with pytest.raises(ConcurrencyError):
+        store.append("order-1", [], 0)
+    assert len(store.read_all()) == 2
+
+
+# --- idempotency -----------------------------------------------------------------------------
+
+
+def test_reappending_same_ids_is_a_no_op(store: EventStore) -> None:
+    first = new_events(2)
+    store.append("order-1", first, NO_STREAM)
+    second = new_events(1)
+    store.append("order-1", second, 1)
+    # A redelivered command repeats its append with a now stale expected version.
+    assert store.append("order-1", first, NO_STREAM) == 1
+    assert store.append("order-1", second, 1) == 2
+    assert store.append("order-1", second, 2) == 2
+    assert len(store.read_all()) == 3
+    assert store.stream_version("order-1") == 2
+
+
+def test_partially_overlapping_ids_raise_duplicate(store: EventStore) -> None:
+    first = new_events(2)
+    store.append("order-1", first, NO_STREAM)
+    with pytest.raises(DuplicateEventError):
+        store.append("order-1", (first[1], *new_events(1)), 1)
+    assert store.stream_version("order-1") == 1
+
+
+def test_ids_stored_in_another_stream_raise_duplicate(store: EventStore) -> None:
+    events = new_events(1)
+    store.append("order-1", events, NO_STREAM)
+    with pytest.raises(DuplicateEventError):
+        store.append("order-2", events, NO_STREAM)
+    assert store.stream_version("order-2") == NO_STREAM
+
+
+def test_same_ids_in_another_order_raise_duplicate(store: EventStore) -> None:
+    events = new_events(2)
+    store.append("order-1", events, NO_STREAM)
+    with pytest.raises(DuplicateEventError):
+        store.append("order-1", events[::-1], 1)
+
+
+def test_id_repeated_within_one_append_raises_duplicate(store: EventStore) -> None:
+    (event,) = new_events(1)
+    with pytest.raises(DuplicateEventError):
+        store.append("order-1", (event, event), NO_STREAM)
+    assert store.read_all() == []
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def test_read_stream_from_version(store: EventStore) -> None:
+    store.append("order-1", new_events(4), NO_STREAM)
+    assert versions(store.read_stream("order-1", from_version=2)) == [2, 3]
+    assert store.read_stream("order-1", from_version=4) == []
+    assert store.read_stream("unknown") == []
+
+
+def test_read_all_in_commit_order_across_streams_with_paging(store: EventStore) -> None:
+    store.append("b", new_events(2), NO_STREAM)
+    store.append("a", new_events(1), NO_STREAM)
+    store.append("b", new_events(1), 1)
+    everything = store.read_all()
+    assert [(e.stream, e.version) for e in everything] == [("b", 0), ("b", 1), ("a", 0), ("b", 2)]
+    positions = [e.position for e in everything]
+    assert positions[0] >= 1
+    assert all(p < q for p, q in pairwise(positions))
+
+    pages: list[StoredEvent] = []
+    page = store.read_all(0, limit=3)
+    while page:
+        assert len(page) <= 3
+        pages.extend(page)
+        page = store.read_all(page[-1].position, limit=3)
+    assert pages == everything
+    assert store.read_all(everything[1].position, limit=1) == [everything[2]]
+    assert store.read_all(everything[-1].position) == []
+
+
+def test_stream_heads_with_prefix(store: EventStore) -> None:
+    store.append("order-1", new_events(2, "OrderPlaced"), NO_STREAM)
+    store.append("order-2", new_events(1, "OrderPaid"), NO_STREAM)
+    store.append("orders", new_events(1), NO_STREAM)
+    store.append("order_%", new_events(1), NO_STREAM)
+    store.append("payment-1", new_events(1), NO_STREAM)
+    store.append("order-2", new_events(1, "InventoryReserved"), 0)
+    assert store.stream_heads("order-") == [
+        StreamHead("order-1", 1, "OrderPlaced"),
+        StreamHead("order-2", 1, "InventoryReserved"),
+    ]
+    # Neither '_' nor '%' is a wildcard.
+    assert store.stream_heads("order_") == [StreamHead("order_%", 0, "Happened")]
+    assert [h.stream for h in store.stream_heads("")] == [
+        "order-1",
+        "order-2",
+        "order_%",
+        "orders",
+        "payment-1",
+    ]
+    assert store.stream_heads("nothing") == []
+
+
+# --- group commit ----------------------------------------------------------------------------
+
+
+def test_append_batch_failing_request_leaves_the_others_committed(store: EventStore) -> None:
+    store.append("b", new_events(1), NO_STREAM)
+    requests = [
+        AppendRequest("a", new_events(2), NO_STREAM),
+        AppendRequest("b", new_events(3), NO_STREAM),  # stale: b is at 0
+        AppendRequest("c", new_events(1), NO_STREAM),
+    ]
+    results = store.append_batch(requests)
+    assert results[0] == 1
+    assert isinstance(results[1], ConcurrencyError)
+    assert results[2] == 0
+    assert store.stream_version("b") == 0
+    assert [(e.stream, e.version) for e in store.read_all()] == [
+        ("b", 0),
+        ("a", 0),
+        ("a", 1),
+        ("c", 0),
+    ]
+
+
+def test_append_batch_requests_to_one_stream_apply_in_order(store: EventStore) -> None:
+    first, second = new_events(2), new_events(1)
+    results = store.append_batch(
+        [
+            AppendRequest("a", first, NO_STREAM),
+            AppendRequest("a", second, 1),
+            AppendRequest("a", first, NO_STREAM),  # a replay within the same batch
+        ]
+    )
+    assert results == [1, 2, 1]
+    assert [e.event_id for e in store.read_stream("a")] == [e.event_id for e in (*first, *second)]
+
+
+def test_append_batch_reports_duplicates_per_request(store: EventStore) -> None:
+    taken = new_events(1)
+    store.append("a", taken, NO_STREAM)
+    results = store.append_batch(
+        [AppendRequest("b", taken, NO_STREAM), AppendRequest("c", new_events(1), NO_STREAM)]
+    )
+    assert isinstance(results[0], DuplicateEventError)
+    assert results[1] == 0
+    assert store.append_batch([]) == []
+
+
+def test_closed_store_raises_store_error(store: EventStore) -> None:
+    store.close()
+    with pytest.raises(StoreError):
+        store.read_all()
+    with pytest.raises(StoreError):
+        store.append("a", new_events(1), NO_STREAM)
+    store.close()
+
+
+# --- codec -----------------------------------------------------------------------------------
+
+
+def order_placed() -> OrderPlaced:
+    """A real event with exact decimal amounts and an aware, non-UTC timestamp."""
+    lines = (
+        OrderLine(product_id="sku-1", quantity=3, unit_price=Decimal("0.3333")),
+        OrderLine(product_id="sku-2", quantity=1, unit_price=Decimal("10.50")),
+    )
+    return OrderPlaced(
+        order_id="o-1",
+        customer_id="c-1",
+        lines=lines,
+        total_amount=Decimal("11.4999"),
+        payment_method="card",
+        placed_at=datetime(2024, 5, 1, 12, 30, 15, 123456, tzinfo=timezone(timedelta(hours=2))),
+    )
+
+
+def test_codec_round_trip_through_the_store(store: EventStore) -> None:
+    event = order_placed()
+    record = CODEC.encode(event, event_id="order-o-1-placed")
+    assert (record.event_id, record.type) == ("order-o-1-placed", "OrderPlaced")
+    store.append("order-o-1", [record], NO_STREAM)
+    (stored,) = store.read_stream("order-o-1")
+    decoded = CODEC.decode(stored)
+    assert decoded == event
+    assert isinstance(decoded, OrderPlaced)
+    # Exact amounts: the same digits, not merely an equal value.
+    assert str(decoded.total_amount) == "11.4999"
+    assert [str(line.unit_price) for line in decoded.lines] == ["0.3333", "10.50"]
+    assert decoded.placed_at == event.placed_at
+    assert decoded.placed_at.utcoffset() == timedelta(hours=2)
+
+
+def test_codec_default_ids_are_unique() -> None:
+    event = PaymentFailed(order_id="o-1", reason="declined", failed_at=datetime.now(UTC))
+    assert CODEC.encode(event).event_id != CODEC.encode(event).event_id
+    assert len({CODEC.new_id() for _ in range(10)}) == 10
+    counter = iter(range(100))
+    numbered = EventCodec(new_id=lambda: f"e{next(counter)}")
+    assert [numbered.encode(event).event_id, numbered.new_id()] == ["e0", "e1"]
+    assert CODEC.decode(CODEC.encode(event)) == event
+
+
+def test_codec_rejects_unknown_types_and_bad_payloads() -> None:
+    with pytest.raises(StoreError):
+        CODEC.decode(NewEvent(event_id="x", type="NoSuchEvent", payload=b"\x80"))
+    with pytest.raises(StoreError):
+        CODEC.decode(NewEvent(event_id="x", type="OrderPlaced", payload=b"\xc1"))
+    with pytest.raises(StoreError):
+        CODEC.decode(NewEvent(event_id="x", type="PaymentFailed", payload=b"\x80"))
+    narrow = EventCodec(types={"OrderPlaced": OrderPlaced})
+    with pytest.raises(StoreError):
+        narrow.encode(PaymentFailed(order_id="o", reason="r", failed_at=datetime.now(UTC)))
+
+
+# --- SQLite only -----------------------------------------------------------------------------
+
+
+def test_sqlite_reopen_finds_everything(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    with SqliteEventStore(path) as writer:
+        writer.append("a", new_events(2), NO_STREAM)
+        writer.append("b", new_events(1), NO_STREAM)
+        before = writer.read_all()
+    with SqliteEventStore(path) as reopened:
+        assert reopened.read_all() == before
+        assert reopened.stream_version("a") == 1
+        assert reopened.stream_heads("") == [
+            StreamHead("a", 1, "Happened"),
+            StreamHead("b", 0, "Happened"),
+        ]
+        assert reopened.append("a", new_events(1), 1) == 2
+        assert reopened.read_all()[-1].position > before[-1].position
+
+
+def test_sqlite_defaults_to_wal_and_synchronous_full(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    with SqliteEventStore(path) as writer:
+        # synchronous is per connection, so ask the store's own connection.
+        conn = writer._conn
+        assert conn is not None
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+    with SqliteEventStore(path, synchronous="NORMAL") as writer:
+        conn = writer._conn
+        assert conn is not None
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1
+    with pytest.raises(ValueError, match="synchronous"):
+        SqliteEventStore(path, synchronous="OFF; DROP TABLE events")
+
+
+def test_sqlite_readonly_store_sees_writer_appends(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    with SqliteEventStore(path) as writer, SqliteEventStore(path, readonly=True) as reader:
+        assert reader.read_all() == []
+        writer.append("a", new_events(2), NO_STREAM)
+        assert reader.read_all() == writer.read_all()
+        assert reader.stream_version("a") == 1
+        writer.append_batch([AppendRequest("a", new_events(1), 1)])
+        assert versions(reader.read_stream("a")) == [0, 1, 2]
+        with pytest.raises(StoreError, match="read-only"):
+            reader.append("a", new_events(1), 2)
+    # And after the writer has gone.
+    with SqliteEventStore(path, readonly=True) as reader:
+        assert reader.stream_version("a") == 2
+
+
+def test_sqlite_readonly_on_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="no event store"):
+        SqliteEventStore(tmp_path / "missing.db", readonly=True)
+    assert not (tmp_path / "missing.db").exists()
+
+
+def test_sqlite_stale_second_writer_gets_concurrency_error(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    with SqliteEventStore(path) as first, SqliteEventStore(path) as second:
+        first.append("a", new_events(1), NO_STREAM)
+        seen = second.stream_version("a")
+        first.append("a", new_events(1), 0)
+        with pytest.raises(ConcurrencyError):
+            second.append("a", new_events(1), seen)
+        assert second.stream_version("a") == 1
+
+
+def test_sqlite_unique_key_is_the_last_word_on_versions(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    with SqliteEventStore(path) as writer:
+        writer.append("a", new_events(2), NO_STREAM)
+        # Make the streams table lie, as a writer going around the store could: the
+        # (stream, version) key must still refuse the colliding rows.
+        with closing(sqlite3.connect(path, isolation_level=None)) as raw:
+            raw.execute("UPDATE streams SET version = 0 WHERE stream = 'a'")
+        with pytest.raises(ConcurrencyError) as caught:
+            writer.append("a", new_events(2), 0)
+        assert caught.value.actual == 1
+        results = writer.append_batch(
+            [AppendRequest("a", new_events(2), 0), AppendRequest("b", new_events(1), NO_STREAM)]
+        )
+        assert isinstance(results[0], ConcurrencyError)
+        assert results[1] == 0
+        assert versions(writer.read_stream("a")) == [0, 1]
