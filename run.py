@@ -1,0 +1,195 @@
+"""Start the order service: the Thespian actor system and the client gateway in front of it.
+
+    python run.py [--base simple|queue|tcp] [--db PATH] [--host 127.0.0.1] [--port 7300]
+                  [--step-timeout SECONDS]
+
+Prints ``ready <host>:<port>`` once clients can connect. SIGINT/SIGTERM stop taking orders, let
+the orders in flight finish (up to --drain-timeout), shut the actors down and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from actors.gateway import ActorBridge, Gateway, GatewayLimits, configure
+from messages.commands import Configure
+
+DEFAULT_DB = "orders.db"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line of DESIGN.md section 6, plus operator knobs."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--base",
+        choices=("simple", "queue", "tcp"),
+        default="simple",
+        help="Thespian system base (default: simple, one process)",
+    )
+    parser.add_argument("--db", default=DEFAULT_DB, help="SQLite event store file (created)")
+    parser.add_argument("--host", default="127.0.0.1", help="gateway address (default loopback)")
+    parser.add_argument("--port", type=int, default=7300, help="gateway port (0: any free)")
+    parser.add_argument(
+        "--step-timeout",
+        type=float,
+        default=5.0,
+        help="seconds a saga waits for a step before compensating",
+    )
+    parser.add_argument(
+        "--synchronous",
+        choices=("FULL", "NORMAL"),
+        default="FULL",
+        help="SQLite synchronous mode (FULL: every commit survives power loss)",
+    )
+    parser.add_argument(
+        "--admin-token",
+        default=os.environ.get("ORDER_ADMIN_TOKEN"),
+        help="token required by admin ops (set_stock); env ORDER_ADMIN_TOKEN",
+    )
+    parser.add_argument(
+        "--payment-latency",
+        type=float,
+        default=0.0,
+        help="seconds the simulated provider takes to approve tok_visa",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to let in-flight orders finish on SIGINT/SIGTERM",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a client connection may stay silent",
+    )
+    parser.add_argument(
+        "--admin-port",
+        type=int,
+        default=1900,
+        help="Thespian admin port of the tcp base (private network only)",
+    )
+    parser.add_argument("--log-level", default=os.environ.get("ORDER_LOG_LEVEL", "WARNING"))
+    args = parser.parse_args(argv)
+    if args.step_timeout <= 0:
+        parser.error("--step-timeout must be positive")
+    if not _is_loopback(args.host) and not args.admin_token:
+        parser.error(
+            f"refusing to listen on non-loopback {args.host} without --admin-token "
+            "(or ORDER_ADMIN_TOKEN)"
+        )
+    return args
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _log_defs(level: str) -> dict[str, Any]:
+    """Logging for every actor process too (Thespian ships this to the process bases)."""
+    return {
+        "version": 1,
+        "formatters": {
+            "plain": {"format": "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"}
+        },
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "formatter": "plain",
+                "stream": "ext://sys.stderr",
+                "level": level,
+            }
+        },
+        "root": {"handlers": ["stderr"], "level": level},
+        "disable_existing_loggers": False,
+    }
+
+
+async def serve(args: argparse.Namespace) -> int:
+    """Run until SIGINT/SIGTERM; returns the exit status."""
+    db_path = str(Path(args.db).resolve())
+    capabilities: dict[str, Any] = {}
+    if args.base == "tcp":
+        capabilities["Admin Port"] = args.admin_port
+    bridge = ActorBridge(args.base, capabilities=capabilities, log_defs=_log_defs(args.log_level))
+    loop = asyncio.get_running_loop()
+    # The actor system (and on the process bases its processes) starts before the gateway
+    # socket exists, so no actor process inherits the client-facing socket.
+    await loop.run_in_executor(None, bridge.start)
+    gateway: Gateway | None = None
+    try:
+        recovered = await loop.run_in_executor(
+            None,
+            lambda: configure(
+                bridge,
+                lambda req_id: Configure(
+                    req_id=req_id,
+                    db_path=db_path,
+                    synchronous=args.synchronous,
+                    step_timeout=args.step_timeout,
+                    crash_exits_process=args.base != "simple",
+                    payment_latency=args.payment_latency,
+                ),
+                120.0,
+            ),
+        )
+        limits = GatewayLimits(
+            idle_timeout=args.idle_timeout,
+            request_timeout=max(60.0, 10 * args.step_timeout),
+            max_in_flight=20_000 if args.base == "simple" else 24,
+        )
+        gateway = Gateway(bridge, db_path, limits=limits, admin_token=args.admin_token)
+        host, port = await gateway.start(args.host, args.port)
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        print(
+            f"ready {host}:{port} base={args.base} db={db_path} recovering={recovered}", flush=True
+        )
+        await stop.wait()
+        left = await gateway.drain(args.drain_timeout)
+        if left:
+            logging.getLogger("orders").warning(
+                "shutting down with %d orders in flight; they resume on the next start", left
+            )
+        return 0
+    finally:
+        if gateway is not None:
+            await gateway.close()
+        await loop.run_in_executor(None, bridge.stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    args = parse_args(argv)
+    # Thespian logs to $TMPDIR/thespian.log by default, shared by everything on the machine.
+    os.environ.setdefault("THESPLOG_FILE", str(Path(args.db).resolve().parent / "thespian.log"))
+    logging.basicConfig(
+        level=args.log_level,
+        stream=sys.stderr,
+        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -53,8 +53,12 @@ class EventStoreActor(BaseActor):
             return
         if self._store is None:
             for request, requester in batch:
-                self.send(requester, AppendRejected(ref=request.ref, error="unavailable",
-                                                    message="store not configured"))
+                self.send(
+                    requester,
+                    AppendRejected(
+                        ref=request.ref, error="unavailable", message="store not configured"
+                    ),
+                )
             return
         requests = [
             AppendRequest(
@@ -80,8 +84,9 @@ class EventStoreActor(BaseActor):
                 error = "conflict" if isinstance(result, ConcurrencyError) else "store_error"
                 if error != "conflict":
                     log.error("store: append to %s failed: %s", request.stream, result)
-                self.send(requester,
-                          AppendRejected(ref=request.ref, error=error, message=str(result)))
+                self.send(
+                    requester, AppendRejected(ref=request.ref, error=error, message=str(result))
+                )
 
     def receiveMsg_ActorExitRequest(self, msg: Any, sender: Any) -> None:
         """Close the database cleanly on an orderly shutdown."""

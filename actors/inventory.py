@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,7 +62,9 @@ class StockBook:
         elif isinstance(event, StockReserved):
             self.reservations[event.order_id] = Reservation(event.reservation_id, event.items)
             for item in event.items:
-                self.reserved[item.product_id] = self.reserved.get(item.product_id, 0) + item.quantity
+                self.reserved[item.product_id] = (
+                    self.reserved.get(item.product_id, 0) + item.quantity
+                )
         elif isinstance(event, StockReleased):
             held = self.reservations.get(event.order_id)
             if held is None:
@@ -155,19 +157,31 @@ class InventoryActor(BaseActor):
         short = self._book.shortfall(msg.items)
         if short:
             # Nothing changes, so nothing to record: the saga records InventoryUnavailable.
-            self.send(sender, StockRefused(order_id=msg.order_id, unavailable_items=short,
-                                           reason="insufficient stock"))
+            self.send(
+                sender,
+                StockRefused(
+                    order_id=msg.order_id, unavailable_items=short, reason="insufficient stock"
+                ),
+            )
             return
-        event = StockReserved(order_id=msg.order_id, reservation_id=f"res-{uuid.uuid4().hex}",
-                              items=msg.items, reserved_at=utcnow())
-        self._record([event], on_commit=[lambda: (sender, self._reserve_answer(msg))],
-                     order_id=msg.order_id)
+        event = StockReserved(
+            order_id=msg.order_id,
+            reservation_id=f"res-{uuid.uuid4().hex}",
+            items=msg.items,
+            reserved_at=utcnow(),
+        )
+        self._record(
+            [event], on_commit=[lambda: (sender, self._reserve_answer(msg))], order_id=msg.order_id
+        )
 
     def _reserve_answer(self, msg: ReserveStock) -> StockHeld | StockRefused:
         held = self._book.reservations[msg.order_id]
         if held.released:
-            return StockRefused(order_id=msg.order_id, unavailable_items=(),
-                                reason="order was cancelled before it reserved")
+            return StockRefused(
+                order_id=msg.order_id,
+                unavailable_items=(),
+                reason="order was cancelled before it reserved",
+            )
         return StockHeld(order_id=msg.order_id, reservation_id=held.reservation_id)
 
     def receiveMsg_ReleaseStock(self, msg: ReleaseStock, sender: Any) -> None:
@@ -198,15 +212,24 @@ class InventoryActor(BaseActor):
         """Set units on hand; refused below the units already reserved (that would oversell)."""
         reserved = self._book.reserved.get(msg.product_id, 0)
         if msg.on_hand < reserved:
-            self.send(sender, Refused(
-                req_id=msg.req_id, code="conflict",
-                message=f"{msg.product_id}: on_hand {msg.on_hand} is below the {reserved} units "
-                        "reserved by orders"))
+            self.send(
+                sender,
+                Refused(
+                    req_id=msg.req_id,
+                    code="conflict",
+                    message=f"{msg.product_id}: on_hand {msg.on_hand} is below the {reserved} "
+                    "units reserved by orders",
+                ),
+            )
             return
         event = StockSet(product_id=msg.product_id, on_hand=msg.on_hand, set_at=utcnow())
         report = (msg.product_id,)
-        self._record([event], on_commit=[
-            lambda: (sender, StockReport(req_id=msg.req_id, stock=self._book.report(report)))])
+        self._record(
+            [event],
+            on_commit=[
+                lambda: (sender, StockReport(req_id=msg.req_id, stock=self._book.report(report)))
+            ],
+        )
 
     def receiveMsg_GetStock(self, msg: GetStock, sender: Any) -> None:
         """Report stock levels."""
@@ -214,8 +237,12 @@ class InventoryActor(BaseActor):
 
     # --- recording ------------------------------------------------------------------------
 
-    def _record(self, events: list[Event], on_commit: list[Callable[[], Reply]],
-                order_id: str | None = None) -> None:
+    def _record(
+        self,
+        events: Sequence[Event],
+        on_commit: list[Callable[[], Reply]],
+        order_id: str | None = None,
+    ) -> None:
         """Apply now, append at the next version, answer once committed."""
         for event in events:
             self._book.apply(event)
@@ -237,8 +264,9 @@ class InventoryActor(BaseActor):
             if order_id is not None:
                 self._gate.committed(order_id)
 
-        self._appender.append(INVENTORY_STREAM, events, [CODEC.new_id() for _ in events],
-                              expected, committed)
+        self._appender.append(
+            INVENTORY_STREAM, events, [CODEC.new_id() for _ in events], expected, committed
+        )
 
     def receiveMsg_AppendDone(self, msg: AppendDone, sender: Any) -> None:
         """A recorded change is durable."""

@@ -124,8 +124,12 @@ class PaymentActor(BaseActor):
             self.send(sender, PaymentDeclined(order_id=msg.order_id, reason="payment was voided"))
             return
         if record.charge is not None:
-            self.send(sender, PaymentApproved(order_id=msg.order_id, payment_id=record.charge[0],
-                                              amount=record.charge[1]))
+            self.send(
+                sender,
+                PaymentApproved(
+                    order_id=msg.order_id, payment_id=record.charge[0], amount=record.charge[1]
+                ),
+            )
             return
         if record.declined is not None:
             self.send(sender, PaymentDeclined(order_id=msg.order_id, reason=record.declined))
@@ -160,8 +164,12 @@ class PaymentActor(BaseActor):
 
     def _charge_later(self, msg: ChargePayment, sender: Any, seconds: float) -> None:
         self._slow.add(msg.order_id)
-        late = LateCharge(order_id=msg.order_id, amount=msg.amount,
-                          payment_method=msg.payment_method, reply_to=sender)
+        late = LateCharge(
+            order_id=msg.order_id,
+            amount=msg.amount,
+            payment_method=msg.payment_method,
+            reply_to=sender,
+        )
         self.wakeupAfter(timedelta(seconds=seconds), payload=late)
 
     def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender: Any) -> None:
@@ -170,8 +178,9 @@ class PaymentActor(BaseActor):
         if not isinstance(late, LateCharge):
             return
         self._slow.discard(late.order_id)
-        request = ChargePayment(order_id=late.order_id, amount=late.amount,
-                                payment_method=late.payment_method)
+        request = ChargePayment(
+            order_id=late.order_id, amount=late.amount, payment_method=late.payment_method
+        )
         if self._gate.busy(late.order_id):
             self._gate.defer(late.order_id, lambda: self._complete_late(request, late.reply_to))
         else:
@@ -186,27 +195,54 @@ class PaymentActor(BaseActor):
             return
         payment_id = f"pay-{uuid.uuid4().hex}"
         now = utcnow()
-        charged = ChargeSucceeded(order_id=msg.order_id, payment_id=payment_id, amount=msg.amount,
-                                  payment_method=msg.payment_method, charged_at=now)
-        refunded = ChargeRefunded(order_id=msg.order_id, payment_id=payment_id, amount=msg.amount,
-                                  reason="charge completed after the payment was voided",
-                                  refunded_at=now)
+        charged = ChargeSucceeded(
+            order_id=msg.order_id,
+            payment_id=payment_id,
+            amount=msg.amount,
+            payment_method=msg.payment_method,
+            charged_at=now,
+        )
+        refunded = ChargeRefunded(
+            order_id=msg.order_id,
+            payment_id=payment_id,
+            amount=msg.amount,
+            reason="charge completed after the payment was voided",
+            refunded_at=now,
+        )
         log.info("payment: late charge for voided order %s refunded", msg.order_id)
         self._record(msg.order_id, [charged, refunded], lambda: None)
 
     def _charge_now(self, msg: ChargePayment, sender: Any) -> None:
         payment_id = f"pay-{uuid.uuid4().hex}"
-        event = ChargeSucceeded(order_id=msg.order_id, payment_id=payment_id, amount=msg.amount,
-                                payment_method=msg.payment_method, charged_at=utcnow())
-        self._record(msg.order_id, [event], lambda: self.send(sender, PaymentApproved(
-            order_id=msg.order_id, payment_id=payment_id, amount=msg.amount)))
+        event = ChargeSucceeded(
+            order_id=msg.order_id,
+            payment_id=payment_id,
+            amount=msg.amount,
+            payment_method=msg.payment_method,
+            charged_at=utcnow(),
+        )
+        self._record(
+            msg.order_id,
+            [event],
+            lambda: self.send(
+                sender,
+                PaymentApproved(order_id=msg.order_id, payment_id=payment_id, amount=msg.amount),
+            ),
+        )
 
     def _decline(self, msg: ChargePayment, sender: Any, reason: str) -> None:
-        event = ChargeDeclined(order_id=msg.order_id, amount=msg.amount,
-                               payment_method=msg.payment_method, reason=reason,
-                               declined_at=utcnow())
-        self._record(msg.order_id, [event], lambda: self.send(
-            sender, PaymentDeclined(order_id=msg.order_id, reason=reason)))
+        event = ChargeDeclined(
+            order_id=msg.order_id,
+            amount=msg.amount,
+            payment_method=msg.payment_method,
+            reason=reason,
+            declined_at=utcnow(),
+        )
+        self._record(
+            msg.order_id,
+            [event],
+            lambda: self.send(sender, PaymentDeclined(order_id=msg.order_id, reason=reason)),
+        )
 
     # --- void -------------------------------------------------------------------------------
 
@@ -219,10 +255,14 @@ class PaymentActor(BaseActor):
 
         def answer() -> None:
             refund = record.void_refund
-            self.send(sender, PaymentVoidedReply(
-                order_id=msg.order_id,
-                refunded_payment_id=refund[0] if refund else None,
-                amount=refund[1] if refund else None))
+            self.send(
+                sender,
+                PaymentVoidedReply(
+                    order_id=msg.order_id,
+                    refunded_payment_id=refund[0] if refund else None,
+                    amount=refund[1] if refund else None,
+                ),
+            )
 
         if record.voided:
             answer()
@@ -230,9 +270,15 @@ class PaymentActor(BaseActor):
         now = utcnow()
         events: list[Event] = []
         if record.charge is not None and not record.refunded:
-            events.append(ChargeRefunded(order_id=msg.order_id, payment_id=record.charge[0],
-                                         amount=record.charge[1], reason=msg.reason,
-                                         refunded_at=now))
+            events.append(
+                ChargeRefunded(
+                    order_id=msg.order_id,
+                    payment_id=record.charge[0],
+                    amount=record.charge[1],
+                    reason=msg.reason,
+                    refunded_at=now,
+                )
+            )
         events.append(PaymentVoided(order_id=msg.order_id, reason=msg.reason, voided_at=now))
         self._record(msg.order_id, events, answer)
 
@@ -247,15 +293,17 @@ class PaymentActor(BaseActor):
 
         def committed(reply: AppendDone | AppendRejected) -> None:
             if isinstance(reply, AppendRejected):
-                log.error("payment: append for %s rejected (%s); reloading", order_id,
-                          reply.message)
+                log.error(
+                    "payment: append for %s rejected (%s); reloading", order_id, reply.message
+                )
                 self._records.pop(order_id, None)  # re-read what is durable on next use
             else:
                 on_commit()
             self._gate.committed(order_id)
 
-        self._appender.append(payment_stream(order_id), events,
-                              [CODEC.new_id() for _ in events], expected, committed)
+        self._appender.append(
+            payment_stream(order_id), events, [CODEC.new_id() for _ in events], expected, committed
+        )
 
     def receiveMsg_AppendDone(self, msg: AppendDone, sender: Any) -> None:
         """A payment fact is durable."""

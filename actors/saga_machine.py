@@ -6,11 +6,11 @@ request, start a timer, finish). Because it is pure it is unit-tested and replay
 
 The flow (DESIGN.md sections 3 and 4), each outcome recorded before the next step:
 
-    reserve ──ok──▶ record InventoryReserved ──▶ charge ──ok──▶ record PaymentProcessed+OrderPaid
-       │                                           │
-       ├─unavailable─▶ record InventoryUnavailable+OrderCancelled
-       │                                           ├─declined/timeout─▶ record PaymentFailed ─▶ compensate
-       └─timeout/failure─▶ compensate              └─failure─▶ compensate
+    reserve -ok-> record InventoryReserved -> charge -ok-> record PaymentProcessed + OrderPaid
+      |-unavailable-> record InventoryUnavailable + OrderCancelled
+      |-timeout/failure-> compensate               |-declined/timeout-> record PaymentFailed,
+                                                   |                    then compensate
+                                                   |-failure-> compensate
 
 Compensation releases the reservation and voids the payment (both idempotent, keyed by the order
 id, both retried until acknowledged), then records InventoryReleased / PaymentRefunded for what it
@@ -277,7 +277,6 @@ class SagaState:
     token: int = 0
     reservation_id: str | None = None
     payment_id: str | None = None
-    charge_sent: bool = False
     # compensation
     outcome: Outcome | None = None
     reason: str = ""
@@ -323,13 +322,13 @@ def recover(events: Sequence[Event], *, compensate: bool) -> SagaState:
         elif isinstance(event, InventoryUnavailable):
             state = replace(state, outcome=Outcome.CANCELLED, reason="Inventory unavailable")
         elif isinstance(event, PaymentProcessed):
-            state = replace(state, payment_id=event.payment_id, charge_sent=True)
+            state = replace(state, payment_id=event.payment_id)
         elif isinstance(event, PaymentFailed):
             state = replace(
                 state,
                 outcome=Outcome.CANCELLED,
                 reason=f"Payment failed: {event.reason}",
-                charge_sent=True,
+                need_void=True,
             )
         elif isinstance(event, InventoryReleased):
             state = replace(state, release_recorded=True)
@@ -337,9 +336,9 @@ def recover(events: Sequence[Event], *, compensate: bool) -> SagaState:
             state = replace(state, refund_recorded=True)
     if compensate and state.outcome is None:
         state = replace(state, outcome=Outcome.FAILED, reason="saga crashed; recovered")
-    # A re-driven charge may find a charge made before the crash: void defensively when
-    # compensating from a point where a charge may have been sent.
-    return replace(state, charge_sent=state.charge_sent or state.phase == Phase.CHARGING)
+    # A charge may have been sent before the crash with its outcome unrecorded: compensation
+    # voids it, so a charge that went through (or completes later) is refunded.
+    return replace(state, need_void=state.need_void or state.phase == Phase.CHARGING)
 
 
 # --- the machine ------------------------------------------------------------------------------
@@ -354,7 +353,7 @@ def decide(state: SagaState, msg: SagaInput, env: Env) -> tuple[SagaState, list[
     if isinstance(msg, Start):
         return _on_start(state, env)
     if state.phase == Phase.RECORDING:
-        return _while_recording(state, msg, env)
+        return _while_recording(state, msg)
     if state.phase == Phase.RESERVING:
         return _while_reserving(state, msg, env)
     if state.phase == Phase.CHARGING:
@@ -383,9 +382,7 @@ def _on_start(state: SagaState, env: Env) -> tuple[SagaState, list[Command]]:
     )
 
 
-def _while_reserving(
-    state: SagaState, msg: SagaInput, env: Env
-) -> tuple[SagaState, list[Command]]:
+def _while_reserving(state: SagaState, msg: SagaInput, env: Env) -> tuple[SagaState, list[Command]]:
     order = state.order
     if isinstance(msg, Reserved):
         reserved = InventoryReserved(
@@ -394,7 +391,9 @@ def _while_reserving(
             items=items_of(order.lines),
             reserved_at=env.now(),
         )
-        return _record(replace(state, reservation_id=msg.reservation_id), (reserved,), "charge", env)
+        return _record(
+            replace(state, reservation_id=msg.reservation_id), (reserved,), "charge", env
+        )
     if isinstance(msg, ReserveRefused):
         unavailable = InventoryUnavailable(
             order_id=order.order_id, unavailable_items=msg.unavailable_items, notified_at=env.now()
@@ -414,9 +413,7 @@ def _while_reserving(
     return state, []
 
 
-def _while_charging(
-    state: SagaState, msg: SagaInput, env: Env
-) -> tuple[SagaState, list[Command]]:
+def _while_charging(state: SagaState, msg: SagaInput, env: Env) -> tuple[SagaState, list[Command]]:
     order = state.order
     if isinstance(msg, Charged):
         processed = PaymentProcessed(
@@ -433,7 +430,11 @@ def _while_charging(
             paid_at=env.now(),
         )
         return _record(
-            replace(state, payment_id=msg.payment_id), (processed, paid), "finish", env, final="paid"
+            replace(state, payment_id=msg.payment_id),
+            (processed, paid),
+            "finish",
+            env,
+            final="paid",
         )
     if isinstance(msg, Declined):
         return _fail_payment(state, msg.reason, need_void=False, env=env)
@@ -459,9 +460,9 @@ def _fail_payment(
 def _begin_compensation(
     state: SagaState, outcome: Outcome, reason: str
 ) -> tuple[SagaState, list[Command]]:
-    # Void whenever a charge may have been asked for and not cleanly declined: a charge that
-    # completes after we gave up must be refunded by the provider, never left standing.
-    need_void = state.need_void or state.charge_sent
+    # Void whenever a charge was asked for and its outcome is unknown: a charge that completes
+    # after we gave up must be refunded by the provider, never left standing.
+    need_void = state.need_void
     state = replace(
         state,
         phase=Phase.COMPENSATING,
@@ -548,9 +549,7 @@ def _record_compensation(state: SagaState, env: Env) -> tuple[SagaState, list[Co
     return _record(state, tuple(events), "finish", env, final=final)
 
 
-def _while_recording(
-    state: SagaState, msg: SagaInput, env: Env
-) -> tuple[SagaState, list[Command]]:
+def _while_recording(state: SagaState, msg: SagaInput) -> tuple[SagaState, list[Command]]:
     pending = state.pending
     assert pending is not None
     if isinstance(msg, Appended):
@@ -573,7 +572,7 @@ def _while_recording(
 
 def _send_charge(state: SagaState) -> tuple[SagaState, list[Command]]:
     order = state.order
-    state = replace(state, phase=Phase.CHARGING, charge_sent=True)
+    state = replace(state, phase=Phase.CHARGING, need_void=True)
     return _arm(
         state, [RequestCharge(amount=order.total_amount, payment_method=order.payment_method)]
     )

@@ -6,18 +6,22 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, StrictInt, StringConstraints
 
 # Money travels as a decimal string so no float ever touches an amount; a number is accepted on
 # input (pydantic converts ints and floats through their decimal repr).
 Money = Annotated[
     Decimal,
     Field(ge=0, max_digits=14, decimal_places=4, allow_inf_nan=False),
-    PlainSerializer(lambda d: str(d), return_type=str, when_used="json"),
+    PlainSerializer(str, return_type=str, when_used="json"),
 ]
-ProductId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
-OrderId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
-Quantity = Annotated[int, Field(ge=1, le=1_000_000)]
+ProductId = Annotated[
+    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+]
+OrderId = Annotated[
+    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+]
+Quantity = Annotated[StrictInt, Field(ge=1, le=1_000_000)]
 
 
 def utcnow() -> datetime:
@@ -55,7 +59,7 @@ class UnavailableItem(Frozen):
 
 
 def order_total(lines: tuple[OrderLine, ...] | list[OrderLine]) -> Decimal:
-    """Σ quantity × unit price, exact."""
+    """Sum of quantity * unit price over the lines, exact."""
     return sum((line.unit_price * line.quantity for line in lines), Decimal(0))
 
 

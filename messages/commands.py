@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import ConfigDict
 
 from messages.base import Frozen, Item, OrderLine, UnavailableItem
-from messages.events import Event, OrderPlaced
+from messages.events import Event
 
 
 class ActorMessage(Frozen):
@@ -306,5 +306,3 @@ class LateCharge(ActorMessage):
     amount: Decimal
     payment_method: str
     reply_to: Any
-
-

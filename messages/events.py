@@ -7,6 +7,7 @@ Order events live in stream ``order-{order_id}``; the Inventory actor's facts in
 from __future__ import annotations
 
 from datetime import datetime
+
 from messages.base import Frozen, Item, Money, OrderLine, UnavailableItem
 
 # --- order stream ----------------------------------------------------------------------------

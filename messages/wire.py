@@ -23,7 +23,7 @@ class FrameError(Exception):
         self.message = message
 
 
-def _refuse_ext(code: int, data: bytes) -> Any:
+def _refuse_ext(code: int, _data: bytes) -> Any:
     raise FrameError("invalid", f"msgpack extension type {code} is not accepted")
 
 

@@ -1,0 +1,216 @@
+"""The audit: DESIGN.md section 7's invariants, computed from the store alone.
+
+Orders still in flight are not violations (the audit can run on a live system); they are listed
+under ``in_flight`` and the load test fails if any remain once it has stopped placing orders.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from actors.inventory import StockBook
+from messages.events import (
+    INVENTORY_STREAM,
+    ChargeRefunded,
+    ChargeSucceeded,
+    Event,
+    InventoryReleased,
+    OrderPaid,
+    OrderPlaced,
+    StockReleased,
+    StockReserved,
+    status_of_terminal,
+)
+from store import CODEC, EventStore, StoredEvent
+
+MAX_LISTED = 50  # violations listed per check; the count is always complete
+
+
+@dataclass
+class _Order:
+    placed: bool = False
+    statuses: list[str] = field(default_factory=list)
+    terminal_not_last: bool = False
+    versions: list[int] = field(default_factory=list)
+    after_terminal: int = 0
+    releases_recorded: int = 0
+    paid_amount: Decimal | None = None
+    paid_payment_id: str | None = None
+
+    @property
+    def status(self) -> str:
+        return self.statuses[0] if self.statuses else "pending"
+
+
+@dataclass
+class _Payments:
+    charges: list[tuple[str, Decimal]] = field(default_factory=list)
+    refunds: list[tuple[str, Decimal]] = field(default_factory=list)
+
+
+def _scan(store: EventStore, page: int = 5000) -> Iterator[StoredEvent]:
+    position = 0
+    while True:
+        batch = store.read_all(position, page)
+        if not batch:
+            return
+        yield from batch
+        position = batch[-1].position
+
+
+class _Check:
+    def __init__(self) -> None:
+        self.violations: list[str] = []
+        self.count = 0
+
+    def fail(self, text: str) -> None:
+        self.count += 1
+        if len(self.violations) < MAX_LISTED:
+            self.violations.append(text)
+
+    def result(self) -> dict[str, Any]:
+        return {"ok": self.count == 0, "violation_count": self.count, "violations": self.violations}
+
+
+def audit(store: EventStore) -> dict[str, Any]:
+    """Check every invariant; ``{"ok", "checks": {name: {"ok", "violations"}}, ...}``."""
+    orders: dict[str, _Order] = defaultdict(_Order)
+    payments: dict[str, _Payments] = defaultdict(_Payments)
+    book = StockBook()
+    reservations: dict[str, StockReserved] = {}
+    released: Counter[str] = Counter()
+    fences = 0
+    for stored in _scan(store):
+        stream = stored.stream
+        if stream.startswith("order-"):
+            _order_event(orders[stream[len("order-") :]], stored, CODEC.decode(stored))
+        elif stream.startswith("payment-"):
+            event = CODEC.decode(stored)
+            record = payments[stream[len("payment-") :]]
+            if isinstance(event, ChargeSucceeded):
+                record.charges.append((event.payment_id, event.amount))
+            elif isinstance(event, ChargeRefunded):
+                record.refunds.append((event.payment_id, event.amount))
+        elif stream == INVENTORY_STREAM:
+            event = CODEC.decode(stored)
+            book.apply(event)
+            if isinstance(event, StockReserved):
+                reservations[event.reservation_id] = event
+            elif isinstance(event, StockReleased):
+                if event.reservation_id:
+                    released[event.reservation_id] += 1
+                else:
+                    fences += 1
+
+    terminal, versions, stock, reservation_check, money = (_Check() for _ in range(5))
+    in_flight = sorted(o for o, rec in orders.items() if rec.placed and not rec.statuses)
+    for order_id, rec in orders.items():
+        if not rec.placed:
+            terminal.fail(f"{order_id}: stream does not start with OrderPlaced")
+        if len(rec.statuses) > 1:
+            terminal.fail(f"{order_id}: {len(rec.statuses)} terminal events {rec.statuses}")
+        if rec.terminal_not_last or rec.after_terminal:
+            versions.fail(f"{order_id}: {rec.after_terminal} events after the terminal event")
+        if rec.versions != list(range(len(rec.versions))):
+            versions.fail(f"{order_id}: versions are not 0..n without gaps")
+        if rec.releases_recorded > 1:
+            reservation_check.fail(
+                f"{order_id}: InventoryReleased recorded {rec.releases_recorded} times"
+            )
+
+    # 3. stock: nothing oversold, nothing leaked
+    held_by_orders: Counter[str] = Counter()
+    for reservation_id, reserved in reservations.items():
+        status = orders[reserved.order_id].status if reserved.order_id in orders else None
+        count = released[reservation_id]
+        if count > 1:
+            reservation_check.fail(
+                f"{reservation_id} ({reserved.order_id}): released {count} times"
+            )
+        if count == 0:
+            if status in ("paid", "pending"):
+                for item in reserved.items:
+                    held_by_orders[item.product_id] += item.quantity
+            else:
+                reservation_check.fail(
+                    f"{reservation_id}: held for order {reserved.order_id} which is {status}"
+                )
+        elif status == "paid":
+            reservation_check.fail(
+                f"{reservation_id}: released although {reserved.order_id} is paid"
+            )
+    held_reservations = {r.order_id for rid, r in reservations.items() if not released[rid]}
+    for order_id, rec in orders.items():
+        if rec.status == "paid" and order_id not in held_reservations:
+            reservation_check.fail(f"{order_id}: paid without a held reservation")
+    for product in sorted(set(book.on_hand) | set(book.reserved)):
+        on_hand, reserved_units = book.on_hand.get(product, 0), book.reserved.get(product, 0)
+        if not 0 <= reserved_units <= on_hand:
+            stock.fail(f"{product}: reserved {reserved_units} outside 0..on_hand {on_hand}")
+        if reserved_units != held_by_orders[product]:
+            stock.fail(
+                f"{product}: reserved {reserved_units} but paid and in-flight orders "
+                f"hold {held_by_orders[product]}"
+            )
+
+    # 5. money
+    charged = refunded = Decimal(0)
+    for order_id, record in payments.items():
+        charged += sum((amount for _, amount in record.charges), Decimal(0))
+        refunded += sum((amount for _, amount in record.refunds), Decimal(0))
+        if len(record.charges) > 1:
+            money.fail(f"{order_id}: charged {len(record.charges)} times")
+        standing = {pid for pid, _ in record.charges} - {pid for pid, _ in record.refunds}
+        status = orders[order_id].status if order_id in orders else "unknown"
+        if status in ("cancelled", "failed", "unknown") and standing:
+            money.fail(f"{order_id}: {status} but charge {sorted(standing)} is not refunded")
+        if status == "paid" and orders[order_id].paid_payment_id not in standing:
+            money.fail(f"{order_id}: paid but its charge does not stand")
+    paid_total = sum(
+        (rec.paid_amount for rec in orders.values() if rec.paid_amount is not None), Decimal(0)
+    )
+    if charged - refunded != paid_total:
+        money.fail(
+            f"charged {charged} - refunded {refunded} = {charged - refunded} "
+            f"!= paid orders {paid_total}"
+        )
+
+    checks = {
+        "one_terminal_event": terminal.result(),
+        "gapless_versions": versions.result(),
+        "stock_consistent": stock.result(),
+        "reservations_settled": reservation_check.result(),
+        "money_balanced": money.result(),
+    }
+    return {
+        "ok": all(check["ok"] for check in checks.values()),
+        "checks": checks,
+        "orders": len(orders),
+        "status_counts": dict(Counter(rec.status for rec in orders.values())),
+        "in_flight": in_flight[:MAX_LISTED],
+        "in_flight_count": len(in_flight),
+        "charged": str(charged),
+        "refunded": str(refunded),
+        "paid_total": str(paid_total),
+        "fences": fences,
+    }
+
+
+def _order_event(rec: _Order, stored: StoredEvent, event: Event) -> None:
+    rec.versions.append(stored.version)
+    if stored.version == 0:
+        rec.placed = isinstance(event, OrderPlaced)
+    if rec.statuses:
+        rec.after_terminal += 1
+    if isinstance(event, InventoryReleased):
+        rec.releases_recorded += 1
+    status = status_of_terminal(event)
+    if status is not None:
+        rec.statuses.append(status)
+        if isinstance(event, OrderPaid):
+            rec.paid_amount = event.amount
+            rec.paid_payment_id = event.payment_id

@@ -1,0 +1,505 @@
+"""Gateway glue: the client-facing socket server and the bridge into the actor system.
+
+Clients never reach Thespian: they speak length-prefixed msgpack (``messages.wire``) to an
+asyncio server; validated requests become typed actor messages that one bridge thread hands to
+the OrderManager. Reads (``get_order``, ``read_stream``, ``audit``) go straight to the SQLite file
+through a read-only connection, so they cost the actors nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from thespian.actors import ActorSystem, PoisonMessage
+from thespian.system.transport import MultiprocessQueueTransport as queue_transport  # noqa: N813
+
+from actors.audit import audit
+from actors.manager import OrderManager
+from actors.views import decode_stream, event_view, order_view
+from messages.commands import (
+    ActorMessage,
+    Configure,
+    Configured,
+    Drain,
+    DrainStatus,
+    GetStock,
+    Identify,
+    Identities,
+    OrderReply,
+    PlaceOrder,
+    Refused,
+    SetStock,
+    StockReport,
+)
+from messages.events import order_stream
+from messages.requests import (
+    GetOrderArgs,
+    NoArgs,
+    PlaceOrderArgs,
+    ReadStreamArgs,
+    SetStockArgs,
+    StockArgs,
+)
+from messages.wire import HEADER, MAX_FRAME, FrameError, decode_body, encode_frame, error_reply
+from messages.wire import ok_reply as ok_frame
+from store import SqliteEventStore
+
+log = logging.getLogger("orders.gateway")
+
+SYSTEM_BASES = {
+    "simple": "simpleSystemBase",
+    "queue": "multiprocQueueBase",
+    "tcp": "multiprocTCPBase",
+}
+
+
+class OpError(Exception):
+    """A request refused with a wire error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# --- the bridge -------------------------------------------------------------------------------
+
+
+class ActorBridge:
+    """Owns the ActorSystem on one thread: Thespian's external API is not thread-safe, and on
+    the simple base the actors run inside that thread's ``tell``/``listen`` calls (timers fire
+    only while it listens), so that thread never stops pumping."""
+
+    def __init__(
+        self,
+        base: str,
+        *,
+        capabilities: dict[str, Any] | None = None,
+        log_defs: dict[str, Any] | None = None,
+    ) -> None:
+        self.base = base
+        self._system_base = SYSTEM_BASES[base]
+        self._capabilities = capabilities or {}
+        self._log_defs = log_defs
+        self._outbox: queue.Queue[tuple[int, ActorMessage]] = queue.Queue()
+        self._futures: dict[int, concurrent.futures.Future[ActorMessage]] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._started = concurrent.futures.Future[None]()
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start the actor system and the OrderManager (blocks until both exist)."""
+        self._thread = threading.Thread(target=self._run, name="actor-bridge", daemon=True)
+        self._thread.start()
+        self._started.result(timeout)
+
+    def submit(
+        self, make: Callable[[int], ActorMessage]
+    ) -> concurrent.futures.Future[ActorMessage]:
+        """Send the message `make(req_id)` to the OrderManager; the future gets its reply."""
+        req_id = next(self._ids)
+        future: concurrent.futures.Future[ActorMessage] = concurrent.futures.Future()
+        with self._lock:
+            self._futures[req_id] = future
+        self._outbox.put((req_id, make(req_id)))
+        return future
+
+    def forget(self, future: concurrent.futures.Future[ActorMessage]) -> None:
+        """Stop waiting for a reply (the caller gave up); a late reply is dropped."""
+        with self._lock:
+            for req_id, pending in list(self._futures.items()):
+                if pending is future:
+                    del self._futures[req_id]
+
+    def stop(self) -> None:
+        """Shut the actor system down (actors get ActorExitRequest) and end the thread."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+
+    def _run(self) -> None:
+        if self.base == "queue":
+            _deepen_queue_base_mailboxes()
+        try:
+            system = ActorSystem(self._system_base, self._capabilities, logDefs=self._log_defs)
+            manager = system.createActor(OrderManager)
+        except BaseException as e:
+            self._started.set_exception(e)
+            return
+        self._started.set_result(None)
+        simple = self.base == "simple"
+        try:
+            while not self._stop.is_set():
+                self._pump(system, manager, simple)
+        except Exception:
+            log.exception("bridge: the actor system failed")
+        finally:
+            with self._lock:
+                pending, self._futures = list(self._futures.values()), {}
+            for future in pending:
+                if not future.done():
+                    future.set_exception(OpError("unavailable", "the actor system stopped"))
+            system.shutdown()
+
+    def _pump(self, system: Any, manager: Any, simple: bool) -> None:
+        # The simple base runs actors synchronously inside tell/listen and a listen with nothing
+        # to do returns at once, so block on the outbox instead; the process bases run actors
+        # elsewhere, so block briefly in listen for their replies.
+        batch: list[tuple[int, ActorMessage]] = []
+        with contextlib.suppress(queue.Empty):
+            batch.append(self._outbox.get(timeout=0.002 if simple else 0))
+            while len(batch) < 256:
+                batch.append(self._outbox.get_nowait())
+        for _, message in batch:
+            system.tell(manager, message)
+        wait = timedelta(milliseconds=0.5 if simple else 2)
+        while True:
+            reply = system.listen(wait)
+            if reply is None:
+                return
+            wait = timedelta(0)
+            self._deliver(reply)
+
+    def _deliver(self, reply: Any) -> None:
+        if isinstance(reply, PoisonMessage):
+            req_id = getattr(reply.poisonMessage, "req_id", None)
+            failure: ActorMessage | None = Refused(
+                req_id=req_id or 0, code="internal", message="the system failed on this request"
+            )
+        else:
+            req_id = getattr(reply, "req_id", None)
+            failure = None
+        with self._lock:
+            future = self._futures.pop(req_id, None) if req_id is not None else None
+        if future is None:
+            log.debug("bridge: unmatched reply %r", reply)
+            return
+        if not future.done():
+            future.set_result(failure or reply)
+
+
+def _deepen_queue_base_mailboxes(depth: int = 2000) -> None:
+    """Thespian's queue base gives each actor a mailbox of 10 messages (the admin 40) and blocks
+    a sender for up to 20 s when one is full; a burst, or a killed actor whose mailbox nobody
+    drains any more, then stalls every process that routes through it (Thespian issues #76,
+    #91). The depths are module globals read when each queue is made (child processes inherit
+    them through fork), so raising them here, before the system starts, takes effect everywhere.
+    """
+    queue_transport.MAX_ACTOR_QUEUESIZE = max(queue_transport.MAX_ACTOR_QUEUESIZE, depth)
+    queue_transport.MAX_ADMIN_QUEUESIZE = max(queue_transport.MAX_ADMIN_QUEUESIZE, depth)
+
+
+# --- the server -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GatewayLimits:
+    """What one client may cost the server."""
+
+    max_frame: int = MAX_FRAME
+    idle_timeout: float = 300.0  # seconds a connection may sit without sending a frame
+    frame_timeout: float = 10.0  # seconds to deliver the rest of a frame once it has begun
+    max_connections: int = 1024
+    max_pending_per_connection: int = 256
+    request_timeout: float = 60.0
+    # Requests in the actor system at once; the queue base deadlocks past a few dozen messages
+    # in flight (Thespian #76, #91), so run.py lowers this there.
+    max_in_flight: int = 20_000
+    saturated_wait: float = 5.0
+
+
+Handler = Callable[[Any], Awaitable[Any]]
+
+
+class Gateway:
+    """The client interface: ops of DESIGN.md section 6 over length-prefixed msgpack frames."""
+
+    def __init__(
+        self,
+        bridge: ActorBridge,
+        db_path: str,
+        *,
+        limits: GatewayLimits,
+        admin_token: str | None = None,
+    ) -> None:
+        self._bridge = bridge
+        self._db_path = db_path
+        self._limits = limits
+        self._admin_token = admin_token
+        self._reader: SqliteEventStore | None = None
+        # Reads run in a thread of their own so a long audit never blocks the event loop.
+        self._read_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="reads")
+        self._connections: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.base_events.Server | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self.accepting_orders = True
+        self.stalls = 0  # requests refused because the actor system was saturated
+        self._ops: dict[str, tuple[type[BaseModel], Handler]] = {
+            "ping": (NoArgs, self._ping),
+            "place_order": (PlaceOrderArgs, self._place_order),
+            "get_order": (GetOrderArgs, self._get_order),
+            "read_stream": (ReadStreamArgs, self._read_stream),
+            "stock": (StockArgs, self._stock),
+            "set_stock": (SetStockArgs, self._set_stock),
+            "audit": (NoArgs, self._audit),
+        }
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        """Listen; returns the bound address (port 0 picks a free one)."""
+        self._reader = SqliteEventStore(self._db_path, readonly=True)
+        self._slots = asyncio.Semaphore(self._limits.max_in_flight)
+        self._server = await asyncio.start_server(
+            self._serve, host, port, limit=self._limits.max_frame + HEADER.size
+        )
+        sockname = self._server.sockets[0].getsockname()
+        return sockname[0], sockname[1]
+
+    async def close(self) -> None:
+        """Stop listening and drop every connection."""
+        if self._server is not None:
+            self._server.close()
+            for writer in list(self._connections):
+                writer.close()
+            await self._server.wait_closed()
+        self._read_pool.shutdown(wait=True)
+        if self._reader is not None:
+            self._reader.close()
+
+    # --- connections ----------------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._connections) >= self._limits.max_connections:
+            await self._send_and_close(
+                writer, error_reply(None, "unavailable", "too many connections")
+            )
+            return
+        self._connections.add(writer)
+        write_lock = asyncio.Lock()
+        pending = asyncio.Semaphore(self._limits.max_pending_per_connection)
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                header = await asyncio.wait_for(
+                    reader.readexactly(HEADER.size), self._limits.idle_timeout
+                )
+                (length,) = HEADER.unpack(header)
+                if length > self._limits.max_frame:
+                    # The rest of the stream cannot be trusted to be framed: answer and close.
+                    await self._send_and_close(
+                        writer,
+                        error_reply(
+                            None,
+                            "too_large",
+                            f"frame of {length} bytes exceeds {self._limits.max_frame}",
+                        ),
+                    )
+                    return
+                body = await asyncio.wait_for(
+                    reader.readexactly(length), self._limits.frame_timeout
+                )
+                await pending.acquire()
+                task = asyncio.create_task(self._answer(body, writer, write_lock))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                task.add_done_callback(lambda _: pending.release())
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
+            pass
+        finally:
+            self._connections.discard(writer)
+            for task in tasks:
+                task.cancel()
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _send_and_close(self, writer: asyncio.StreamWriter, reply: dict[str, Any]) -> None:
+        with contextlib.suppress(Exception):
+            writer.write(encode_frame(reply))
+            await asyncio.wait_for(writer.drain(), 5)
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+    async def _answer(
+        self, body: bytes, writer: asyncio.StreamWriter, write_lock: asyncio.Lock
+    ) -> None:
+        reply = await self.handle_frame(body)
+        frame = encode_frame(reply)
+        async with write_lock:
+            writer.write(frame)
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+
+    # --- requests -------------------------------------------------------------------------
+
+    async def handle_frame(self, body: bytes) -> dict[str, Any]:
+        """One request frame in, one reply map out; nothing a client sends can raise past here."""
+        req_id: Any = None
+        try:
+            request = decode_body(body)
+            req_id = request.get("id")
+            if not isinstance(req_id, int | str | None) or isinstance(req_id, bool):
+                req_id = None
+                raise OpError("invalid", "id must be an integer or a string")
+            op, args = request.get("op"), request.get("args", {})
+            if not isinstance(op, str):
+                raise OpError("invalid", "op must be a string")
+            if op not in self._ops:
+                raise OpError(
+                    "unknown_op", f"unknown op {op[:64]!r}; known: {', '.join(sorted(self._ops))}"
+                )
+            if args is None:
+                args = {}
+            if not isinstance(args, dict):
+                raise OpError("invalid", "args must be a map")
+            model, handler = self._ops[op]
+            try:
+                parsed = model.model_validate(args)
+            except ValidationError as e:
+                raise OpError("invalid", _describe(e)) from None
+            return ok_frame(req_id, await handler(parsed))
+        except FrameError as e:
+            return error_reply(req_id, e.code, e.message)
+        except OpError as e:
+            return error_reply(req_id, e.code, e.message)
+        except Exception:
+            log.exception("gateway: request failed")
+            return error_reply(req_id, "internal", "internal error")
+
+    async def _ask(self, make: Callable[[int], ActorMessage]) -> ActorMessage:
+        assert self._slots is not None
+        try:
+            await asyncio.wait_for(self._slots.acquire(), self._limits.saturated_wait)
+        except TimeoutError:
+            self.stalls += 1
+            log.warning("gateway: actor system saturated (%d stalls so far)", self.stalls)
+            raise OpError("unavailable", "the system is saturated; retry later") from None
+        try:
+            future = self._bridge.submit(make)
+            try:
+                reply = await asyncio.wait_for(
+                    asyncio.wrap_future(future), self._limits.request_timeout
+                )
+            except TimeoutError:
+                self._bridge.forget(future)
+                raise OpError(
+                    "unavailable",
+                    "no answer in time; the request may still complete "
+                    "(it is idempotent: send it again)",
+                ) from None
+        finally:
+            self._slots.release()
+        if isinstance(reply, Refused):
+            raise OpError(reply.code, reply.message)
+        return reply
+
+    async def _read(self, fn: Callable[[SqliteEventStore], Any]) -> Any:
+        assert self._reader is not None
+        reader = self._reader
+        return await asyncio.get_running_loop().run_in_executor(self._read_pool, fn, reader)
+
+    async def _ping(self, args: NoArgs) -> Any:
+        return {"pong": True, "base": self._bridge.base}
+
+    async def _place_order(self, args: PlaceOrderArgs) -> Any:
+        if not self.accepting_orders:
+            raise OpError("unavailable", "the system is shutting down")
+        reply = await self._ask(
+            lambda req_id: PlaceOrder(
+                req_id=req_id,
+                order_id=args.order_id,
+                customer_id=args.customer_id,
+                lines=args.lines,
+                payment_method=args.payment_method,
+                wait=args.wait,
+            )
+        )
+        assert isinstance(reply, OrderReply)
+        return reply.order
+
+    async def _get_order(self, args: GetOrderArgs) -> Any:
+        events = await self._read(
+            lambda r: decode_stream(r.read_stream(order_stream(args.order_id)))
+        )
+        if not events:
+            raise OpError("not_found", f"no order {args.order_id}")
+        return order_view(args.order_id, events)
+
+    async def _read_stream(self, args: ReadStreamArgs) -> Any:
+        stored = await self._read(lambda r: r.read_stream(args.stream, args.from_version))
+        if not stored and args.from_version == 0:
+            raise OpError("not_found", f"no stream {args.stream}")
+        return {"stream": args.stream, "events": [event_view(s) for s in stored]}
+
+    async def _stock(self, args: StockArgs) -> Any:
+        reply = await self._ask(
+            lambda req_id: GetStock(req_id=req_id, product_ids=args.product_ids)
+        )
+        assert isinstance(reply, StockReport)
+        missing = [p for p in args.product_ids if p not in reply.stock]
+        if missing:
+            raise OpError("not_found", f"unknown products: {', '.join(missing[:20])}")
+        return reply.stock
+
+    async def _set_stock(self, args: SetStockArgs) -> Any:
+        if self._admin_token is not None and args.admin_token != self._admin_token:
+            raise OpError("forbidden", "set_stock needs the admin token")
+        reply = await self._ask(
+            lambda req_id: SetStock(req_id=req_id, product_id=args.product_id, on_hand=args.on_hand)
+        )
+        assert isinstance(reply, StockReport)
+        return reply.stock
+
+    async def _audit(self, args: NoArgs) -> Any:
+        return await self._read(audit)
+
+    # --- operator side --------------------------------------------------------------------
+
+    async def drain(self, deadline: float) -> int:
+        """Refuse new orders and wait (up to `deadline` seconds) for in-flight ones to end."""
+        self.accepting_orders = False
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline
+        while True:
+            reply = await self._ask(lambda req_id: Drain(req_id=req_id))
+            assert isinstance(reply, DrainStatus)
+            if reply.in_flight == 0 or loop.time() >= end:
+                return reply.in_flight
+            await asyncio.sleep(0.05)
+
+    async def identities(self) -> dict[str, int]:
+        """The OS pids of the manager, services and live sagas."""
+        reply = await self._ask(lambda req_id: Identify(req_id=req_id))
+        assert isinstance(reply, Identities)
+        return reply.pids
+
+
+def configure(bridge: ActorBridge, message: Callable[[int], Configure], timeout: float) -> int:
+    """Boot the OrderManager (services, recovery); returns how many orders it is recovering."""
+    reply = bridge.submit(message).result(timeout)
+    if isinstance(reply, Refused):
+        raise OpError(reply.code, reply.message)
+    assert isinstance(reply, Configured)
+    return reply.recovered
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors()[:5]:
+        where = ".".join(str(part) for part in item["loc"]) or "args"
+        parts.append(f"{where}: {item['msg']}")
+    more = error.error_count() - 5
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")

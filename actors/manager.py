@@ -1,0 +1,504 @@
+"""The OrderManager: entry point for orders, workflow registry, and supervisor.
+
+- ``PlaceOrder`` is idempotent by order id: the stream ``order-{id}`` is created with
+  expected version NO_STREAM, so a second placement of the same id finds the first (same order:
+  same answer; different order: ``conflict``), also across restarts.
+- After ``OrderPlaced`` commits, the workflow registered for it (``OrderSaga``) is created for
+  the order, like the seed's ``AddWorkflow<OrderPlacedEvent, OrderFulfillmentSaga>()``.
+- Supervision: a saga that aborts, is poisoned or whose process dies is recovered from its stream
+  and compensated. A dead service is restarted (with back-off) from its durable state and the
+  sagas are told its new address. On start every order without a terminal event is driven on.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from thespian.actors import (
+    Actor,
+    ActorExitRequest,
+    ChildActorExited,
+    PoisonMessage,
+    WakeupMessage,
+)
+
+from actors.base import Appender, BaseActor, log
+from actors.event_store import EventStoreActor
+from actors.inventory import InventoryActor
+from actors.payment import PaymentActor
+from actors.saga import OrderSaga
+from actors.views import decode_stream, order_view
+from messages.base import order_total, utcnow
+from messages.commands import (
+    AppendDone,
+    AppendRejected,
+    Configure,
+    Configured,
+    Drain,
+    DrainStatus,
+    GetStock,
+    IAm,
+    Identify,
+    Identities,
+    OrderReply,
+    PlaceOrder,
+    Refused,
+    SagaAborted,
+    SagaFinished,
+    ServiceConfig,
+    ServiceMoved,
+    ServiceReady,
+    SetStock,
+    StartSaga,
+    StockReport,
+    WhoAreYou,
+)
+from messages.events import TERMINAL_TYPE_NAMES, Event, OrderPlaced, order_stream
+from store import CODEC, NO_STREAM, SqliteEventStore
+
+# --- the workflow registry --------------------------------------------------------------------
+
+WORKFLOWS: dict[type[Event], type[Actor]] = {}
+
+
+def register_workflow(event_type: type[Event], workflow: type[Actor]) -> None:
+    """Run one `workflow` actor per event of `event_type` (the seed's AddWorkflow)."""
+    WORKFLOWS[event_type] = workflow
+
+
+register_workflow(OrderPlaced, OrderSaga)
+
+SERVICES: dict[str, type[Actor]] = {
+    "store": EventStoreActor,
+    "inventory": InventoryActor,
+    "payment": PaymentActor,
+}
+WATCHDOG_PERIOD = 0.5  # seconds between liveness checks of service processes
+RESTART_WINDOW = 30.0  # seconds over which restarts of one service count towards back-off
+MAX_BACKOFF = 5.0
+
+WATCHDOG = "watchdog"
+
+Waiter = tuple[Any, int]  # (gateway address, req_id)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie of ours (reaping it if it is)."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    except ChildProcessError:
+        pass  # not our child, or already reaped by Thespian
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class LiveOrder:
+    """An order the manager is placing or driving."""
+
+    placed: OrderPlaced
+    saga: Any = None
+    committed: bool = False
+    waiters: list[Waiter] = field(default_factory=list)  # want the terminal status
+    acks: list[Waiter] = field(default_factory=list)  # want to know OrderPlaced is durable
+
+
+def same_order(a: OrderPlaced, b: OrderPlaced) -> bool:
+    """Whether two placements describe the same order (timestamps aside)."""
+    return (a.customer_id, a.lines, a.payment_method) == (b.customer_id, b.lines, b.payment_method)
+
+
+class OrderManager(BaseActor):
+    """Places orders, starts their sagas, and supervises sagas and services."""
+
+    actor_name = "manager"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._config: Configure | None = None
+        self._boot: Waiter | None = None
+        self._reader: SqliteEventStore | None = None
+        self._appender = Appender(self, "manager")
+        self._services: dict[str, Any] = {}
+        self._service_pids: dict[str, int] = {}
+        self._ready: set[str] = set()
+        self._restarts: dict[str, list[float]] = {}
+        self._live: dict[str, LiveOrder] = {}
+        self._saga_orders: dict[str, tuple[Any, str]] = {}  # str(saga address) -> (address, order)
+        self._forwarded: dict[int, Any] = {}  # req_id -> gateway, for stock requests
+        self._identify: dict[int, tuple[Any, dict[str, int], set[str]]] = {}
+        self._draining = False
+        self._stopping = False
+
+    # --- boot -------------------------------------------------------------------------------
+
+    def receiveMsg_Configure(self, msg: Configure, sender: Any) -> None:
+        """Start the store first (it creates the schema), then the services that read it."""
+        if self._config is not None:
+            self.send(sender, Configured(req_id=msg.req_id, recovered=len(self._live)))
+            return
+        self._config = msg
+        self._boot = (sender, msg.req_id)
+        self._start_service("store")
+
+    def _start_service(self, name: str) -> None:
+        assert self._config is not None
+        address = self.createActor(SERVICES[name])
+        self._services[name] = address
+        if name == "store":
+            self._appender.store = address
+        self.send(
+            address,
+            ServiceConfig(
+                name=name,
+                db_path=self._config.db_path,
+                synchronous=self._config.synchronous,
+                store=self._services.get("store"),
+                step_timeout=self._config.step_timeout,
+                crash_exits_process=self._config.crash_exits_process,
+                payment_latency=self._config.payment_latency,
+            ),
+        )
+
+    def receiveMsg_ServiceReady(self, msg: ServiceReady, sender: Any) -> None:
+        """A service is up: continue the boot, or tell the sagas where a restarted one is."""
+        self._service_pids[msg.name] = msg.pid
+        first_time = msg.name not in self._ready
+        self._ready.add(msg.name)
+        if msg.name == "store" and first_time:
+            self._reader = SqliteEventStore(self._cfg.db_path, readonly=True)
+            self._start_service("inventory")
+            self._start_service("payment")
+            return
+        if not first_time:
+            log.warning(
+                "manager: %s restarted (pid %d); telling %d sagas",
+                msg.name,
+                msg.pid,
+                len(self._saga_orders),
+            )
+            if msg.name == "store":  # the services append through the store too
+                for other in ("inventory", "payment"):
+                    self._restart(other)
+            moved = ServiceMoved(service=msg.name, address=sender)
+            for saga, _ in self._saga_orders.values():
+                self.send(saga, moved)
+            return
+        if self._ready >= set(SERVICES) and self._boot is not None:
+            if self._cfg.crash_exits_process:
+                self.wakeupAfter(timedelta(seconds=WATCHDOG_PERIOD), payload=WATCHDOG)
+            recovered = self._recover_unfinished()
+            gateway, req_id = self._boot
+            self._boot = None
+            self.send(gateway, Configured(req_id=req_id, recovered=recovered))
+
+    @property
+    def _cfg(self) -> Configure:
+        assert self._config is not None
+        return self._config
+
+    def _read(self, order_id: str) -> list[Event]:
+        assert self._reader is not None
+        return decode_stream(self._reader.read_stream(order_stream(order_id)))
+
+    def _recover_unfinished(self) -> int:
+        """Drive on every order whose stream has no terminal event (start-up recovery)."""
+        assert self._reader is not None
+        count = 0
+        for head in self._reader.stream_heads("order-"):
+            if head.last_type in TERMINAL_TYPE_NAMES:
+                continue
+            events = decode_stream(self._reader.read_stream(head.stream))
+            placed = events[0]
+            if not isinstance(placed, OrderPlaced):
+                log.error("manager: stream %s does not start with OrderPlaced", head.stream)
+                continue
+            live = self._live.setdefault(placed.order_id, LiveOrder(placed=placed, committed=True))
+            self._spawn(live, events, compensate=False)
+            count += 1
+        if count:
+            log.warning("manager: recovering %d unfinished orders", count)
+        return count
+
+    # --- placing orders ---------------------------------------------------------------------
+
+    def receiveMsg_PlaceOrder(self, msg: PlaceOrder, sender: Any) -> None:
+        """Accept an order once; answer when OrderPlaced is durable or when it is terminal."""
+        placed = OrderPlaced(
+            order_id=msg.order_id,
+            customer_id=msg.customer_id,
+            lines=msg.lines,
+            total_amount=order_total(msg.lines),
+            payment_method=msg.payment_method,
+            placed_at=utcnow(),
+        )
+        waiter = (sender, msg.req_id)
+        live = self._live.get(msg.order_id)
+        if live is not None:
+            if not same_order(live.placed, placed):
+                self._refuse(
+                    waiter, "conflict", f"order {msg.order_id} exists with different contents"
+                )
+            elif msg.wait:
+                live.waiters.append(waiter)
+            elif live.committed:
+                self._reply_status(waiter, msg.order_id)
+            else:
+                live.acks.append(waiter)
+            return
+        if self._draining or self._boot is not None or self._config is None:
+            self._refuse(waiter, "unavailable", "the system is not accepting orders now")
+            return
+        live = LiveOrder(placed=placed)
+        (live.waiters if msg.wait else live.acks).append(waiter)
+        self._live[msg.order_id] = live
+        self._appender.append(
+            order_stream(msg.order_id),
+            [placed],
+            [CODEC.new_id()],
+            NO_STREAM,
+            self._placed_callback(live),
+        )
+
+    def _placed_callback(self, live: LiveOrder) -> Callable[[AppendDone | AppendRejected], None]:
+        def placed(reply: AppendDone | AppendRejected) -> None:
+            order_id = live.placed.order_id
+            if isinstance(reply, AppendDone):
+                live.committed = True
+                self._spawn(live, [live.placed], compensate=False)
+                for waiter in live.acks:
+                    self._reply_status(waiter, order_id)
+                live.acks.clear()
+            elif reply.error == "conflict":
+                self._existing_order(live)
+            else:
+                del self._live[order_id]
+                for waiter in live.acks + live.waiters:
+                    self._refuse(waiter, "unavailable", f"order not recorded: {reply.message}")
+
+        return placed
+
+    def _existing_order(self, live: LiveOrder) -> None:
+        """The stream already exists (placed before, maybe before a restart)."""
+        order_id = live.placed.order_id
+        events = self._read(order_id)
+        first = events[0] if events else None
+        waiters = live.acks + live.waiters
+        if not isinstance(first, OrderPlaced) or not same_order(first, live.placed):
+            del self._live[order_id]
+            for waiter in waiters:
+                self._refuse(waiter, "conflict", f"order {order_id} exists with different contents")
+            return
+        view = order_view(order_id, events)
+        if view["status"] != "pending":
+            del self._live[order_id]
+            for waiter in waiters:
+                self.send(waiter[0], OrderReply(req_id=waiter[1], order=view))
+            return
+        # Unfinished and nobody drives it (its saga was lost): recover it now.
+        live.placed, live.committed = first, True
+        for waiter in live.acks:
+            self.send(waiter[0], OrderReply(req_id=waiter[1], order=view))
+        live.acks.clear()
+        self._spawn(live, events, compensate=False)
+
+    def _spawn(self, live: LiveOrder, events: list[Event], *, compensate: bool) -> None:
+        saga = self.createActor(WORKFLOWS[type(events[0])])
+        live.saga = saga
+        self._saga_orders[str(saga)] = (saga, live.placed.order_id)
+        self.send(
+            saga,
+            StartSaga(
+                order_id=live.placed.order_id,
+                events=tuple(events),
+                compensate=compensate,
+                inventory=self._services["inventory"],
+                payment=self._services["payment"],
+                store=self._services["store"],
+                step_timeout=self._cfg.step_timeout,
+            ),
+        )
+
+    def _reply_status(self, waiter: Waiter, order_id: str) -> None:
+        self.send(
+            waiter[0],
+            OrderReply(req_id=waiter[1], order=order_view(order_id, self._read(order_id))),
+        )
+
+    def _refuse(self, waiter: Waiter, code: str, message: str) -> None:
+        self.send(waiter[0], Refused(req_id=waiter[1], code=code, message=message))
+
+    def receiveMsg_AppendDone(self, msg: AppendDone, sender: Any) -> None:
+        """OrderPlaced is durable."""
+        self._appender.settle(msg)
+
+    def receiveMsg_AppendRejected(self, msg: AppendRejected, sender: Any) -> None:
+        """OrderPlaced was refused."""
+        self._appender.settle(msg)
+
+    # --- saga supervision -------------------------------------------------------------------
+
+    def receiveMsg_SagaFinished(self, msg: SagaFinished, sender: Any) -> None:
+        """The order is terminal: answer everyone waiting for it."""
+        self._saga_orders.pop(str(sender), None)
+        live = self._live.pop(msg.order_id, None)
+        if live is None:
+            return
+        view = order_view(msg.order_id, self._read(msg.order_id))
+        for gateway, req_id in live.waiters + live.acks:
+            self.send(gateway, OrderReply(req_id=req_id, order=view))
+
+    def receiveMsg_SagaAborted(self, msg: SagaAborted, sender: Any) -> None:
+        """The saga gave up (it raised, or its stream moved): recover and compensate."""
+        log.error("manager: saga for %s aborted: %s", msg.order_id, msg.reason)
+        self._saga_orders.pop(str(sender), None)
+        self._recover_saga(msg.order_id)
+
+    def receiveMsg_PoisonMessage(self, msg: PoisonMessage, sender: Any) -> None:
+        """A saga raised on its start: recover and compensate."""
+        saga = self._saga_orders.pop(str(sender), None)
+        log.error("manager: %s poisoned by %s", sender, type(msg.poisonMessage).__name__)
+        if saga is not None:
+            self._recover_saga(saga[1])
+
+    def _recover_saga(self, order_id: str) -> None:
+        live = self._live.get(order_id)
+        if live is None or self._stopping:
+            return
+        if live.saga is not None:
+            self.send(live.saga, ActorExitRequest())
+            self._saga_orders.pop(str(live.saga), None)
+        events = self._read(order_id)
+        self._spawn(live, events, compensate=True)
+
+    def receiveMsg_ChildActorExited(self, msg: ChildActorExited, sender: Any) -> None:
+        """A saga or service process ended: recover what it was doing."""
+        log.info("manager: child %s exited", msg.childAddress)
+        if self._stopping:
+            return
+        child = msg.childAddress
+        saga = self._saga_orders.pop(str(child), None)
+        if saga is not None:
+            log.error("manager: saga for %s died; compensating", saga[1])
+            self._recover_saga(saga[1])
+            return
+        for name, address in list(self._services.items()):
+            if address == child:
+                self._service_pids.pop(name, None)
+                self._schedule_restart(name)
+
+    def _schedule_restart(self, name: str) -> None:
+        """Restart a dead service, backing off when it keeps dying."""
+        now = time.monotonic()
+        recent = [t for t in self._restarts.get(name, []) if now - t < RESTART_WINDOW]
+        recent.append(now)
+        self._restarts[name] = recent
+        delay = 0.0 if len(recent) == 1 else min(MAX_BACKOFF, 0.1 * 2 ** (len(recent) - 1))
+        log.error("manager: service %s died; restart #%d in %.1fs", name, len(recent), delay)
+        self._services.pop(name, None)
+        if delay == 0:
+            self._restart(name)
+        else:
+            self.wakeupAfter(timedelta(seconds=delay), payload=name)
+
+    def _restart(self, name: str) -> None:
+        old = self._services.get(name)
+        if old is not None:
+            self.send(old, ActorExitRequest())
+        self._start_service(name)
+
+    def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender: Any) -> None:
+        """A backed-off restart is due, or the watchdog's round."""
+        if self._stopping:
+            return
+        if msg.payload == WATCHDOG:
+            self._watchdog()
+        elif isinstance(msg.payload, str) and msg.payload in SERVICES:
+            self._restart(msg.payload)
+
+    def _watchdog(self) -> None:
+        """Thespian's queue base can miss a killed child (it reaps it without reporting
+        ChildActorExited when a send to it fails first), so on the process bases the manager
+        also checks its services' processes itself."""
+        for name in SERVICES:
+            pid = self._service_pids.get(name)
+            if name in self._services and pid is not None and not process_alive(pid):
+                log.error("manager: watchdog found %s (pid %d) dead", name, pid)
+                self._service_pids.pop(name, None)
+                self._schedule_restart(name)
+        self.wakeupAfter(timedelta(seconds=WATCHDOG_PERIOD), payload=WATCHDOG)
+
+    # --- stock, drain, identity --------------------------------------------------------------
+
+    def receiveMsg_GetStock(self, msg: GetStock, sender: Any) -> None:
+        """Ask Inventory; its answer goes back to the gateway."""
+        self._forward(msg, sender)
+
+    def receiveMsg_SetStock(self, msg: SetStock, sender: Any) -> None:
+        """Ask Inventory; its answer goes back to the gateway."""
+        self._forward(msg, sender)
+
+    def _forward(self, msg: GetStock | SetStock, sender: Any) -> None:
+        inventory = self._services.get("inventory")
+        if inventory is None or "inventory" not in self._ready:
+            self._refuse((sender, msg.req_id), "unavailable", "inventory is restarting")
+            return
+        self._forwarded[msg.req_id] = sender
+        self.send(inventory, msg)
+
+    def receiveMsg_StockReport(self, msg: StockReport, sender: Any) -> None:
+        """Inventory's answer to a forwarded request."""
+        gateway = self._forwarded.pop(msg.req_id, None)
+        if gateway is not None:
+            self.send(gateway, msg)
+
+    def receiveMsg_Refused(self, msg: Refused, sender: Any) -> None:
+        """Inventory refused a forwarded request."""
+        gateway = self._forwarded.pop(msg.req_id, None)
+        if gateway is not None:
+            self.send(gateway, msg)
+
+    def receiveMsg_Drain(self, msg: Drain, sender: Any) -> None:
+        """Stop taking new orders; report how many are still running."""
+        self._draining = True
+        self.send(sender, DrainStatus(req_id=msg.req_id, in_flight=len(self._live)))
+
+    def receiveMsg_Identify(self, msg: Identify, sender: Any) -> None:
+        """Collect the OS pids of the manager, the services and every live saga."""
+        pids = {"manager": os.getpid(), **self._service_pids}
+        if not self._saga_orders:
+            self.send(sender, Identities(req_id=msg.req_id, pids=pids))
+            return
+        self._identify[msg.req_id] = (sender, pids, set(self._saga_orders))
+        for saga, _ in self._saga_orders.values():
+            self.send(saga, WhoAreYou())
+
+    def receiveMsg_IAm(self, msg: IAm, sender: Any) -> None:
+        """A saga's pid, for a pending Identify."""
+        saga = self._saga_orders.get(str(sender))
+        for req_id, (gateway, pids, waiting) in list(self._identify.items()):
+            if str(sender) in waiting:
+                waiting.discard(str(sender))
+                pids[f"saga:{saga[1] if saga else '?'}"] = msg.pid
+                if not waiting:
+                    del self._identify[req_id]
+                    self.send(gateway, Identities(req_id=req_id, pids=pids))
+
+    def receiveMsg_ActorExitRequest(self, msg: ActorExitRequest, sender: Any) -> None:
+        """Orderly shutdown: children die with us; do not restart or recover them."""
+        self._stopping = True
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None

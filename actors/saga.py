@@ -1,0 +1,227 @@
+"""The OrderSaga actor: one per order, a thin shell around ``actors.saga_machine``.
+
+It translates replies into machine inputs and machine commands into messages. Anything that
+raises inside it is reported to the supervising OrderManager (which recovers the order from its
+stream and compensates) instead of being left to Thespian's retries, which would re-run a
+half-applied step.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from thespian.actors import ActorExitRequest, PoisonMessage, WakeupMessage
+
+from actors import saga_machine as sm
+from actors.base import Appender, BaseActor, log
+from messages.base import utcnow
+from messages.commands import (
+    AppendDone,
+    AppendRejected,
+    ChargePayment,
+    PaymentApproved,
+    PaymentDeclined,
+    PaymentVoidedReply,
+    ReleaseStock,
+    ReserveStock,
+    SagaAborted,
+    SagaFinished,
+    ServiceMoved,
+    StartSaga,
+    StockGivenBack,
+    StockHeld,
+    StockRefused,
+    VoidPayment,
+)
+from messages.events import OrderPlaced, order_stream
+
+ENV = sm.Env(now=utcnow)
+
+
+class OrderSaga(BaseActor):
+    """Drives one order to a terminal state: reserve, charge, record; compensate on failure."""
+
+    actor_name = "saga"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._state: sm.SagaState | None = None
+        self._manager: Any = None
+        self._services: dict[sm.Service, Any] = {}
+        self._step_timeout = 5.0
+        self._appender = Appender(self, "saga")
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    def receiveMessage(self, message: Any, sender: Any) -> Any:
+        """Dispatch by type; an exception becomes the supervisor's problem, not a retry."""
+        try:
+            return super().receiveMessage(message, sender)
+        except Exception as e:
+            log.exception("saga %s failed handling %s", self._order_id, type(message).__name__)
+            if self._manager is not None and self._state is not None:
+                self.send(
+                    self._manager,
+                    SagaAborted(order_id=self._order_id, reason=f"{type(e).__name__}: {e}"),
+                )
+                self._state = None
+                self.send(self.myAddress, ActorExitRequest())
+            return None
+
+    @property
+    def _order_id(self) -> str:
+        return self._state.order.order_id if self._state else "?"
+
+    def _feed(self, msg: sm.SagaInput) -> None:
+        if self._state is None:
+            return  # finished or aborted: late replies are dropped
+        self._state, commands = sm.decide(self._state, msg, ENV)
+        for command in commands:
+            self._carry_out(command)
+
+    def _carry_out(self, command: sm.Command) -> None:
+        state = self._state
+        assert state is not None
+        order_id = state.order.order_id
+        if isinstance(command, sm.AppendEvents):
+            self._appender.append(
+                order_stream(order_id),
+                command.events,
+                command.event_ids,
+                command.expected_version,
+                self._on_appended,
+            )
+        elif isinstance(command, sm.RequestReserve):
+            self.send(
+                self._services[sm.Service.INVENTORY],
+                ReserveStock(order_id=order_id, items=command.items),
+            )
+        elif isinstance(command, sm.RequestCharge):
+            self.send(
+                self._services[sm.Service.PAYMENT],
+                ChargePayment(
+                    order_id=order_id, amount=command.amount, payment_method=command.payment_method
+                ),
+            )
+        elif isinstance(command, sm.RequestRelease):
+            self.send(
+                self._services[sm.Service.INVENTORY],
+                ReleaseStock(order_id=order_id, reason=command.reason),
+            )
+        elif isinstance(command, sm.RequestVoid):
+            self.send(
+                self._services[sm.Service.PAYMENT],
+                VoidPayment(order_id=order_id, reason=command.reason),
+            )
+        elif isinstance(command, sm.StartTimer):
+            self.wakeupAfter(timedelta(seconds=self._step_timeout), payload=command.token)
+        elif isinstance(command, sm.Finish):
+            self.send(
+                self._manager,
+                SagaFinished(order_id=order_id, status=command.status, reason=command.reason),
+            )
+            self._state = None
+            self.send(self.myAddress, ActorExitRequest())
+        elif isinstance(command, sm.Abort):
+            self.send(self._manager, SagaAborted(order_id=order_id, reason=command.reason))
+            self._state = None
+            self.send(self.myAddress, ActorExitRequest())
+
+    def _on_appended(self, reply: AppendDone | AppendRejected) -> None:
+        if isinstance(reply, AppendDone):
+            self._feed(sm.Appended(version=reply.version))
+        elif reply.error == "conflict":
+            self._feed(sm.AppendFailed(reason=reply.message))
+        else:
+            # The store failed to commit: nothing of ours is durable, so treat it as a failed
+            # step of the store; the machine re-sends the same events when the timer fires.
+            log.error("saga %s: append failed: %s", self._order_id, reply.message)
+
+    # --- messages -------------------------------------------------------------------------
+
+    def receiveMsg_StartSaga(self, msg: StartSaga, sender: Any) -> None:
+        """Start from OrderPlaced, or from a recovered stream."""
+        if self._state is not None:
+            return  # a re-delivered start: we are already running
+        self._manager = sender
+        self._services = {
+            sm.Service.INVENTORY: msg.inventory,
+            sm.Service.PAYMENT: msg.payment,
+            sm.Service.STORE: msg.store,
+        }
+        self._appender.store = msg.store
+        self._step_timeout = msg.step_timeout
+        if len(msg.events) == 1 and isinstance(msg.events[0], OrderPlaced):
+            self._state = sm.start(msg.events[0], version=0)
+        else:
+            self._state = sm.recover(msg.events, compensate=msg.compensate)
+            if self._state.phase == sm.Phase.DONE:
+                status = self._state.final_status or "failed"
+                self._state = None
+                self.send(
+                    sender,
+                    SagaFinished(order_id=msg.order_id, status=status, reason="already terminal"),
+                )
+                self.send(self.myAddress, ActorExitRequest())
+                return
+        self._feed(sm.Start())
+
+    def receiveMsg_ServiceMoved(self, msg: ServiceMoved, sender: Any) -> None:
+        """A service restarted elsewhere: what we asked the old one is lost."""
+        service = sm.Service(msg.service)
+        self._services[service] = msg.address
+        if service == sm.Service.STORE:
+            self._appender.store = msg.address
+        self._feed(sm.ServiceRestarted(service=service))
+
+    def receiveMsg_StockHeld(self, msg: StockHeld, sender: Any) -> None:
+        """Inventory held the order."""
+        self._feed(sm.Reserved(reservation_id=msg.reservation_id))
+
+    def receiveMsg_StockRefused(self, msg: StockRefused, sender: Any) -> None:
+        """Inventory could not hold the order."""
+        self._feed(sm.ReserveRefused(unavailable_items=msg.unavailable_items, reason=msg.reason))
+
+    def receiveMsg_StockGivenBack(self, msg: StockGivenBack, sender: Any) -> None:
+        """Inventory released the order."""
+        self._feed(sm.Released(reservation_id=msg.reservation_id))
+
+    def receiveMsg_PaymentApproved(self, msg: PaymentApproved, sender: Any) -> None:
+        """The provider charged."""
+        self._feed(sm.Charged(payment_id=msg.payment_id, amount=msg.amount))
+
+    def receiveMsg_PaymentDeclined(self, msg: PaymentDeclined, sender: Any) -> None:
+        """The provider declined."""
+        self._feed(sm.Declined(reason=msg.reason))
+
+    def receiveMsg_PaymentVoidedReply(self, msg: PaymentVoidedReply, sender: Any) -> None:
+        """The provider voided."""
+        self._feed(sm.Voided(refunded_payment_id=msg.refunded_payment_id, amount=msg.amount))
+
+    def receiveMsg_AppendDone(self, msg: AppendDone, sender: Any) -> None:
+        """An append of ours committed."""
+        self._appender.settle(msg)
+
+    def receiveMsg_AppendRejected(self, msg: AppendRejected, sender: Any) -> None:
+        """An append of ours was refused."""
+        self._appender.settle(msg)
+
+    def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender: Any) -> None:
+        """A step timer fired (stale ones are ignored by token)."""
+        if isinstance(msg.payload, int):
+            self._feed(sm.TimedOut(token=msg.payload))
+
+    def receiveMsg_PoisonMessage(self, msg: PoisonMessage, sender: Any) -> None:
+        """A service raised on our request: that step failed."""
+        request = msg.poisonMessage
+        services: dict[type, sm.Service] = {
+            ReserveStock: sm.Service.INVENTORY,
+            ReleaseStock: sm.Service.INVENTORY,
+            ChargePayment: sm.Service.PAYMENT,
+            VoidPayment: sm.Service.PAYMENT,
+        }
+        service = services.get(type(request), sm.Service.STORE)
+        reason = (msg.details or "").strip().splitlines()[-1:] or ["raised"]
+        log.warning("saga %s: %s raised on %s", self._order_id, service, type(request).__name__)
+        self._feed(sm.StepFailed(service=service, reason=reason[0]))
