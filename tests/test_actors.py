@@ -1,0 +1,250 @@
+"""Actor-level tests: the real actors in a real Thespian system (simple base and queue base),
+talking to a real SQLite file, without the gateway."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from thespian.actors import ActorSystem
+
+from actors.event_store import EventStoreActor
+from actors.inventory import InventoryActor
+from actors.manager import OrderManager
+from actors.payment import PaymentActor
+from actors.views import decode_stream
+from messages.base import Item, OrderLine
+from messages.commands import (
+    ChargePayment,
+    Configure,
+    Configured,
+    GetStock,
+    OrderReply,
+    PaymentApproved,
+    PaymentDeclined,
+    PaymentVoidedReply,
+    PlaceOrder,
+    ReleaseStock,
+    ReserveStock,
+    ServiceConfig,
+    ServiceReady,
+    StockGivenBack,
+    StockHeld,
+    StockRefused,
+    StockReport,
+    VoidPayment,
+)
+from store import SqliteEventStore
+from tests.conftest import new_id, wait_until
+
+BASES = [
+    pytest.param("simpleSystemBase", id="simple"),
+    pytest.param("multiprocQueueBase", id="queue", marks=pytest.mark.process),
+]
+ASK = timedelta(seconds=20)
+
+
+@pytest.fixture(params=BASES)
+def system(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A fresh actor system of each base, shut down after the test."""
+    asys = ActorSystem(request.param, transientUnique=True)
+    yield asys
+    asys.shutdown()
+
+
+def ask(asys: Any, actor: Any, msg: Any) -> Any:
+    """Ask and fail loudly on silence."""
+    reply = asys.ask(actor, msg, ASK)
+    assert reply is not None, f"no reply to {type(msg).__name__}"
+    return reply
+
+
+def services(asys: Any, db: Path, step_timeout: float = 0.5) -> dict[str, Any]:
+    """A store, an Inventory and a Payment actor on `db`, configured and ready."""
+    store = asys.createActor(EventStoreActor)
+    config = {
+        "db_path": str(db),
+        "synchronous": "FULL",
+        "step_timeout": step_timeout,
+        "crash_exits_process": False,
+    }
+    assert isinstance(
+        ask(asys, store, ServiceConfig(name="store", store=None, **config)), ServiceReady
+    )
+    made = {"store": store}
+    for name, cls in (("inventory", InventoryActor), ("payment", PaymentActor)):
+        made[name] = asys.createActor(cls)
+        assert isinstance(
+            ask(asys, made[name], ServiceConfig(name=name, store=store, **config)), ServiceReady
+        )
+    return made
+
+
+def stream_types(db: Path, stream: str) -> list[str]:
+    """Event types of a stream, read from the file."""
+    with SqliteEventStore(db, readonly=True) as reader:
+        return [s.type for s in reader.read_stream(stream)]
+
+
+def test_inventory_reserve_is_idempotent_and_release_fences(system: Any, tmp_path: Path) -> None:
+    db = tmp_path / "o.db"
+    inventory = services(system, db)["inventory"]
+    order = new_id()
+    items = (Item(product_id="SKU-001", quantity=3),)
+    first = ask(system, inventory, ReserveStock(order_id=order, items=items))
+    second = ask(system, inventory, ReserveStock(order_id=order, items=items))
+    assert isinstance(first, StockHeld)
+    assert second == first
+    stock = ask(system, inventory, GetStock(req_id=1, product_ids=("SKU-001",)))
+    assert isinstance(stock, StockReport)
+    assert stock.stock["SKU-001"] == {"on_hand": 1000, "reserved": 3, "available": 997}
+
+    released = ask(system, inventory, ReleaseStock(order_id=order, reason="test"))
+    again = ask(system, inventory, ReleaseStock(order_id=order, reason="test"))
+    assert released == again == StockGivenBack(order_id=order, reservation_id=first.reservation_id)
+    late = ask(system, inventory, ReserveStock(order_id=order, items=items))
+    assert isinstance(late, StockRefused)  # a reserve after the release must not hold stock
+
+    fenced = new_id()
+    assert ask(
+        system, inventory, ReleaseStock(order_id=fenced, reason="gave up")
+    ) == StockGivenBack(order_id=fenced, reservation_id=None)
+    assert isinstance(
+        ask(system, inventory, ReserveStock(order_id=fenced, items=items)), StockRefused
+    )
+    stock = ask(system, inventory, GetStock(req_id=2, product_ids=("SKU-001",)))
+    assert stock.stock["SKU-001"]["reserved"] == 0
+    assert stream_types(db, "inventory")[-3:] == ["StockReserved", "StockReleased", "StockReleased"]
+
+
+def test_inventory_is_all_or_nothing(system: Any, tmp_path: Path) -> None:
+    inventory = services(system, tmp_path / "o.db")["inventory"]
+    order = new_id()
+    items = (Item(product_id="SKU-001", quantity=1), Item(product_id="SKU-002", quantity=1001))
+    refused = ask(system, inventory, ReserveStock(order_id=order, items=items))
+    assert isinstance(refused, StockRefused)
+    assert [(u.product_id, u.requested, u.available) for u in refused.unavailable_items] == [
+        ("SKU-002", 1001, 1000)
+    ]
+    stock = ask(system, inventory, GetStock(req_id=1, product_ids=("SKU-001", "SKU-002")))
+    assert {p: s["reserved"] for p, s in stock.stock.items()} == {"SKU-001": 0, "SKU-002": 0}
+
+
+def test_inventory_state_survives_a_restart(tmp_path: Path) -> None:
+    db = tmp_path / "o.db"
+    order = new_id()
+    items = (Item(product_id="SKU-007", quantity=4),)
+    for _ in range(2):
+        asys = ActorSystem("simpleSystemBase", transientUnique=True)
+        try:
+            inventory = services(asys, db)["inventory"]
+            held = ask(asys, inventory, ReserveStock(order_id=order, items=items))
+            stock = ask(asys, inventory, GetStock(req_id=1, product_ids=("SKU-007",)))
+        finally:
+            asys.shutdown()
+        assert isinstance(held, StockHeld)
+        assert stock.stock["SKU-007"]["reserved"] == 4  # rebuilt, not doubled, on the 2nd run
+
+
+def test_payment_charges_once_and_void_refunds(system: Any, tmp_path: Path) -> None:
+    db = tmp_path / "o.db"
+    payment = services(system, db)["payment"]
+    order = new_id()
+    charge = ChargePayment(order_id=order, amount=Decimal("12.50"), payment_method="tok_visa")
+    first = ask(system, payment, charge)
+    assert isinstance(first, PaymentApproved)
+    assert ask(system, payment, charge) == first
+    voided = ask(system, payment, VoidPayment(order_id=order, reason="test"))
+    assert voided == PaymentVoidedReply(
+        order_id=order, refunded_payment_id=first.payment_id, amount=Decimal("12.50")
+    )
+    assert ask(system, payment, VoidPayment(order_id=order, reason="again")) == voided
+    assert stream_types(db, f"payment-{order}") == [
+        "ChargeSucceeded",
+        "ChargeRefunded",
+        "PaymentVoided",
+    ]
+
+
+def test_payment_decline_and_charge_after_void(system: Any, tmp_path: Path) -> None:
+    payment = services(system, tmp_path / "o.db")["payment"]
+    declined = ask(
+        system,
+        payment,
+        ChargePayment(order_id=new_id(), amount=Decimal(1), payment_method="tok_chargeDeclined"),
+    )
+    assert isinstance(declined, PaymentDeclined)
+    order = new_id()
+    ask(system, payment, VoidPayment(order_id=order, reason="gave up"))
+    after = ask(
+        system, payment, ChargePayment(order_id=order, amount=Decimal(1), payment_method="tok_visa")
+    )
+    assert isinstance(after, PaymentDeclined)
+
+
+def test_late_charge_after_void_is_refunded(system: Any, tmp_path: Path) -> None:
+    db = tmp_path / "o.db"
+    payment = services(system, db, step_timeout=0.2)["payment"]
+    order = new_id()
+    system.tell(
+        payment, ChargePayment(order_id=order, amount=Decimal(3), payment_method="tok_late")
+    )
+    ask(system, payment, VoidPayment(order_id=order, reason="timed out"))
+
+    def settled() -> list[str] | None:
+        system.listen(timedelta(milliseconds=20))  # the simple base runs timers while listening
+        types = stream_types(db, f"payment-{order}")
+        return types if len(types) == 3 else None
+
+    assert wait_until(settled, timeout=10) == ["PaymentVoided", "ChargeSucceeded", "ChargeRefunded"]
+
+
+def test_manager_runs_orders_through_sagas(system: Any, tmp_path: Path) -> None:
+    db = tmp_path / "o.db"
+    manager = system.createActor(OrderManager)
+    configured = ask(
+        system,
+        manager,
+        Configure(
+            req_id=1,
+            db_path=str(db),
+            synchronous="FULL",
+            step_timeout=0.5,
+            crash_exits_process=False,
+        ),
+    )
+    assert configured == Configured(req_id=1, recovered=0)
+    lines = (OrderLine(product_id="SKU-001", quantity=1, unit_price=Decimal("2.5")),)
+    outcomes = {}
+    for n, token in enumerate(["tok_visa", "tok_chargeDeclined", "tok_error", "tok_timeout"]):
+        order = f"a-{uuid.uuid4().hex[:8]}"
+        reply = ask(
+            system,
+            manager,
+            PlaceOrder(
+                req_id=10 + n,
+                order_id=order,
+                customer_id="c",
+                lines=lines,
+                payment_method=token,
+                wait=True,
+            ),
+        )
+        assert isinstance(reply, OrderReply)
+        assert reply.req_id == 10 + n
+        outcomes[token] = (reply.order["status"], stream_types(db, f"order-{order}")[-1])
+    assert outcomes == {
+        "tok_visa": ("paid", "OrderPaid"),
+        "tok_chargeDeclined": ("cancelled", "OrderCancelled"),
+        "tok_error": ("failed", "OrderFulfillmentFailed"),
+        "tok_timeout": ("cancelled", "OrderCancelled"),
+    }
+    with SqliteEventStore(db, readonly=True) as reader:
+        events = decode_stream(reader.read_stream("inventory"))
+    assert sum(type(e).__name__ == "StockReserved" for e in events) == 4
+    assert sum(type(e).__name__ == "StockReleased" for e in events) == 3
