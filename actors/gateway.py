@@ -13,6 +13,7 @@ import concurrent.futures
 import contextlib
 import itertools
 import logging
+import os
 import queue
 import threading
 from collections.abc import Awaitable, Callable
@@ -44,6 +45,7 @@ from messages.commands import (
 )
 from messages.events import order_stream
 from messages.requests import (
+    AdminArgs,
     GetOrderArgs,
     NoArgs,
     PlaceOrderArgs,
@@ -255,6 +257,7 @@ class Gateway:
             "stock": (StockArgs, self._stock),
             "set_stock": (SetStockArgs, self._set_stock),
             "audit": (NoArgs, self._audit),
+            "system_info": (AdminArgs, self._system_info),
         }
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
@@ -454,9 +457,21 @@ class Gateway:
             raise OpError("not_found", f"unknown products: {', '.join(missing[:20])}")
         return reply.stock
 
+    def _check_admin(self, op: str, token: str | None) -> None:
+        if self._admin_token is not None and token != self._admin_token:
+            raise OpError("forbidden", f"{op} needs the admin token")
+
+    async def _system_info(self, args: AdminArgs) -> Any:
+        self._check_admin("system_info", args.admin_token)
+        return {
+            "base": self._bridge.base,
+            "pids": await self.identities(),
+            "gateway_pid": os.getpid(),
+            "stalls": self.stalls,
+        }
+
     async def _set_stock(self, args: SetStockArgs) -> Any:
-        if self._admin_token is not None and args.admin_token != self._admin_token:
-            raise OpError("forbidden", "set_stock needs the admin token")
+        self._check_admin("set_stock", args.admin_token)
         reply = await self._ask(
             lambda req_id: SetStock(req_id=req_id, product_id=args.product_id, on_hand=args.on_hand)
         )

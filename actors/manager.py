@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -56,7 +57,6 @@ from messages.commands import (
     SetStock,
     StartSaga,
     StockReport,
-    WhoAreYou,
 )
 from messages.events import TERMINAL_TYPE_NAMES, Event, OrderPlaced, order_stream
 from store import CODEC, NO_STREAM, SqliteEventStore
@@ -78,6 +78,7 @@ SERVICES: dict[str, type[Actor]] = {
     "inventory": InventoryActor,
     "payment": PaymentActor,
 }
+MAX_SAGAS_RECOVERING_PROCESS = 16  # recovery sagas started at once on the process bases
 WATCHDOG_PERIOD = 0.5  # seconds between liveness checks of service processes
 RESTART_WINDOW = 30.0  # seconds over which restarts of one service count towards back-off
 MAX_BACKOFF = 5.0
@@ -138,7 +139,10 @@ class OrderManager(BaseActor):
         self._live: dict[str, LiveOrder] = {}
         self._saga_orders: dict[str, tuple[Any, str]] = {}  # str(saga address) -> (address, order)
         self._forwarded: dict[int, Any] = {}  # req_id -> gateway, for stock requests
-        self._identify: dict[int, tuple[Any, dict[str, int], set[str]]] = {}
+        self._saga_pids: dict[str, int] = {}  # str(saga address) -> pid (process bases)
+        # Orders to recover, started a few at a time: on the process bases each saga is a new
+        # process, and hundreds at once after a crash would stall the machine.
+        self._backlog: deque[str] = deque()
         self._draining = False
         self._stopping = False
 
@@ -216,21 +220,33 @@ class OrderManager(BaseActor):
     def _recover_unfinished(self) -> int:
         """Drive on every order whose stream has no terminal event (start-up recovery)."""
         assert self._reader is not None
-        count = 0
         for head in self._reader.stream_heads("order-"):
-            if head.last_type in TERMINAL_TYPE_NAMES:
-                continue
-            events = decode_stream(self._reader.read_stream(head.stream))
-            placed = events[0]
-            if not isinstance(placed, OrderPlaced):
-                log.error("manager: stream %s does not start with OrderPlaced", head.stream)
-                continue
-            live = self._live.setdefault(placed.order_id, LiveOrder(placed=placed, committed=True))
-            self._spawn(live, events, compensate=False)
-            count += 1
+            if head.last_type not in TERMINAL_TYPE_NAMES:
+                self._backlog.append(head.stream.removeprefix("order-"))
+        count = len(self._backlog)
         if count:
             log.warning("manager: recovering %d unfinished orders", count)
+        self._drain_backlog()
         return count
+
+    def _drain_backlog(self) -> None:
+        """Start recovery sagas while fewer than the limit run."""
+        limit = MAX_SAGAS_RECOVERING_PROCESS if self._cfg.crash_exits_process else 10_000
+        while self._backlog and len(self._saga_orders) < limit:
+            order_id = self._backlog.popleft()
+            events = self._read(order_id)
+            placed = events[0] if events else None
+            if not isinstance(placed, OrderPlaced):
+                log.error("manager: stream of %s does not start with OrderPlaced", order_id)
+                continue
+            live = self._live.setdefault(order_id, LiveOrder(placed=placed, committed=True))
+            if live.saga is None:
+                self._spawn(live, events, compensate=False)
+
+    def _forget_saga(self, saga: Any) -> tuple[Any, str] | None:
+        """Stop tracking a saga actor; returns (address, order id) if it was tracked."""
+        self._saga_pids.pop(str(saga), None)
+        return self._saga_orders.pop(str(saga), None)
 
     # --- placing orders ---------------------------------------------------------------------
 
@@ -328,6 +344,7 @@ class OrderManager(BaseActor):
                 payment=self._services["payment"],
                 store=self._services["store"],
                 step_timeout=self._cfg.step_timeout,
+                report_pid=self._cfg.crash_exits_process,
             ),
         )
 
@@ -352,8 +369,9 @@ class OrderManager(BaseActor):
 
     def receiveMsg_SagaFinished(self, msg: SagaFinished, sender: Any) -> None:
         """The order is terminal: answer everyone waiting for it."""
-        self._saga_orders.pop(str(sender), None)
+        self._forget_saga(sender)
         live = self._live.pop(msg.order_id, None)
+        self._drain_backlog()
         if live is None:
             return
         view = order_view(msg.order_id, self._read(msg.order_id))
@@ -363,12 +381,12 @@ class OrderManager(BaseActor):
     def receiveMsg_SagaAborted(self, msg: SagaAborted, sender: Any) -> None:
         """The saga gave up (it raised, or its stream moved): recover and compensate."""
         log.error("manager: saga for %s aborted: %s", msg.order_id, msg.reason)
-        self._saga_orders.pop(str(sender), None)
+        self._forget_saga(sender)
         self._recover_saga(msg.order_id)
 
     def receiveMsg_PoisonMessage(self, msg: PoisonMessage, sender: Any) -> None:
         """A saga raised on its start: recover and compensate."""
-        saga = self._saga_orders.pop(str(sender), None)
+        saga = self._forget_saga(sender)
         log.error("manager: %s poisoned by %s", sender, type(msg.poisonMessage).__name__)
         if saga is not None:
             self._recover_saga(saga[1])
@@ -379,7 +397,7 @@ class OrderManager(BaseActor):
             return
         if live.saga is not None:
             self.send(live.saga, ActorExitRequest())
-            self._saga_orders.pop(str(live.saga), None)
+            self._forget_saga(live.saga)
         events = self._read(order_id)
         self._spawn(live, events, compensate=True)
 
@@ -389,7 +407,7 @@ class OrderManager(BaseActor):
         if self._stopping:
             return
         child = msg.childAddress
-        saga = self._saga_orders.pop(str(child), None)
+        saga = self._forget_saga(child)
         if saga is not None:
             log.error("manager: saga for %s died; compensating", saga[1])
             self._recover_saga(saga[1])
@@ -438,6 +456,12 @@ class OrderManager(BaseActor):
                 log.error("manager: watchdog found %s (pid %d) dead", name, pid)
                 self._service_pids.pop(name, None)
                 self._schedule_restart(name)
+        for key, pid in list(self._saga_pids.items()):
+            if not process_alive(pid):
+                saga = self._forget_saga(key)
+                if saga is not None:
+                    log.error("manager: watchdog found the saga of %s (pid %d) dead", saga[1], pid)
+                    self._recover_saga(saga[1])
         self.wakeupAfter(timedelta(seconds=WATCHDOG_PERIOD), payload=WATCHDOG)
 
     # --- stock, drain, identity --------------------------------------------------------------
@@ -476,25 +500,17 @@ class OrderManager(BaseActor):
         self.send(sender, DrainStatus(req_id=msg.req_id, in_flight=len(self._live)))
 
     def receiveMsg_Identify(self, msg: Identify, sender: Any) -> None:
-        """Collect the OS pids of the manager, the services and every live saga."""
+        """The OS pids of the manager, the services and (on the process bases) live sagas."""
         pids = {"manager": os.getpid(), **self._service_pids}
-        if not self._saga_orders:
-            self.send(sender, Identities(req_id=msg.req_id, pids=pids))
-            return
-        self._identify[msg.req_id] = (sender, pids, set(self._saga_orders))
-        for saga, _ in self._saga_orders.values():
-            self.send(saga, WhoAreYou())
+        for key, (_, order_id) in self._saga_orders.items():
+            if key in self._saga_pids:
+                pids[f"saga:{order_id}"] = self._saga_pids[key]
+        self.send(sender, Identities(req_id=msg.req_id, pids=pids))
 
     def receiveMsg_IAm(self, msg: IAm, sender: Any) -> None:
-        """A saga's pid, for a pending Identify."""
-        saga = self._saga_orders.get(str(sender))
-        for req_id, (gateway, pids, waiting) in list(self._identify.items()):
-            if str(sender) in waiting:
-                waiting.discard(str(sender))
-                pids[f"saga:{saga[1] if saga else '?'}"] = msg.pid
-                if not waiting:
-                    del self._identify[req_id]
-                    self.send(gateway, Identities(req_id=req_id, pids=pids))
+        """A saga on a process base tells its pid, so the watchdog can see it die."""
+        if str(sender) in self._saga_orders:
+            self._saga_pids[str(sender)] = msg.pid
 
     def receiveMsg_ActorExitRequest(self, msg: ActorExitRequest, sender: Any) -> None:
         """Orderly shutdown: children die with us; do not restart or recover them."""

@@ -8,6 +8,7 @@ half-applied step.
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from typing import Any
 
@@ -20,6 +21,7 @@ from messages.commands import (
     AppendDone,
     AppendRejected,
     ChargePayment,
+    IAm,
     PaymentApproved,
     PaymentDeclined,
     PaymentVoidedReply,
@@ -152,6 +154,8 @@ class OrderSaga(BaseActor):
         }
         self._appender.store = msg.store
         self._step_timeout = msg.step_timeout
+        if msg.report_pid:
+            self.send(sender, IAm(name=f"saga:{msg.order_id}", pid=os.getpid()))
         if len(msg.events) == 1 and isinstance(msg.events[0], OrderPlaced):
             self._state = sm.start(msg.events[0], version=0)
         else:

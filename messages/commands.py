@@ -163,6 +163,7 @@ class StartSaga(ActorMessage):
     payment: Any
     store: Any
     step_timeout: float
+    report_pid: bool = False  # process bases: tell the manager our pid for its watchdog
 
 
 class ServiceMoved(ActorMessage):

@@ -21,6 +21,12 @@ class NoArgs(Frozen):
     """`ping` and `audit` take no arguments."""
 
 
+class AdminArgs(Frozen):
+    """`system_info`: operator ops carry the admin token when one is configured."""
+
+    admin_token: Annotated[str, StringConstraints(max_length=256)] | None = None
+
+
 class PlaceOrderArgs(Frozen):
     """`place_order`: the order, and whether to answer when it is terminal."""
 
