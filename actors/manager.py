@@ -111,6 +111,7 @@ class LiveOrder:
 
     placed: OrderPlaced
     saga: Any = None
+    pid: int | None = None  # the saga's process (process bases)
     committed: bool = False
     waiters: list[Waiter] = field(default_factory=list)  # want the terminal status
     acks: list[Waiter] = field(default_factory=list)  # want to know OrderPlaced is durable
@@ -137,9 +138,8 @@ class OrderManager(BaseActor):
         self._ready: set[str] = set()
         self._restarts: dict[str, list[float]] = {}
         self._live: dict[str, LiveOrder] = {}
-        self._saga_orders: dict[str, tuple[Any, str]] = {}  # str(saga address) -> (address, order)
+        self._running = 0  # live orders with a saga actor
         self._forwarded: dict[int, Any] = {}  # req_id -> gateway, for stock requests
-        self._saga_pids: dict[str, int] = {}  # str(saga address) -> pid (process bases)
         # Orders to recover, started a few at a time: on the process bases each saga is a new
         # process, and hundreds at once after a crash would stall the machine.
         self._backlog: deque[str] = deque()
@@ -191,14 +191,15 @@ class OrderManager(BaseActor):
                 "manager: %s restarted (pid %d); telling %d sagas",
                 msg.name,
                 msg.pid,
-                len(self._saga_orders),
+                self._running,
             )
             if msg.name == "store":  # the services append through the store too
                 for other in ("inventory", "payment"):
                     self._restart(other)
             moved = ServiceMoved(service=msg.name, address=sender)
-            for saga, _ in self._saga_orders.values():
-                self.send(saga, moved)
+            for live in self._live.values():
+                if live.saga is not None:
+                    self.send(live.saga, moved)
             return
         if self._ready >= set(SERVICES) and self._boot is not None:
             if self._cfg.crash_exits_process:
@@ -232,7 +233,7 @@ class OrderManager(BaseActor):
     def _drain_backlog(self) -> None:
         """Start recovery sagas while fewer than the limit run."""
         limit = MAX_SAGAS_RECOVERING_PROCESS if self._cfg.crash_exits_process else 10_000
-        while self._backlog and len(self._saga_orders) < limit:
+        while self._backlog and self._running < limit:
             order_id = self._backlog.popleft()
             events = self._read(order_id)
             placed = events[0] if events else None
@@ -243,10 +244,20 @@ class OrderManager(BaseActor):
             if live.saga is None:
                 self._spawn(live, events, compensate=False)
 
-    def _forget_saga(self, saga: Any) -> tuple[Any, str] | None:
-        """Stop tracking a saga actor; returns (address, order id) if it was tracked."""
-        self._saga_pids.pop(str(saga), None)
-        return self._saga_orders.pop(str(saga), None)
+    def _forget_saga(self, live: LiveOrder) -> None:
+        """The order's saga actor is gone (finished, aborted or dead)."""
+        if live.saga is not None:
+            live.saga, live.pid = None, None
+            self._running -= 1
+
+    def _order_of_saga(self, address: Any) -> LiveOrder | None:
+        """The live order driven by this saga address. Addresses are compared with ==: on the
+        queue base the address createActor returns prints differently from (and does not hash
+        like) the one its messages carry."""
+        for live in self._live.values():
+            if live.saga is not None and live.saga == address:
+                return live
+        return None
 
     # --- placing orders ---------------------------------------------------------------------
 
@@ -332,8 +343,9 @@ class OrderManager(BaseActor):
 
     def _spawn(self, live: LiveOrder, events: list[Event], *, compensate: bool) -> None:
         saga = self.createActor(WORKFLOWS[type(events[0])])
+        self._forget_saga(live)
         live.saga = saga
-        self._saga_orders[str(saga)] = (saga, live.placed.order_id)
+        self._running += 1
         self.send(
             saga,
             StartSaga(
@@ -369,11 +381,11 @@ class OrderManager(BaseActor):
 
     def receiveMsg_SagaFinished(self, msg: SagaFinished, sender: Any) -> None:
         """The order is terminal: answer everyone waiting for it."""
-        self._forget_saga(sender)
         live = self._live.pop(msg.order_id, None)
-        self._drain_backlog()
         if live is None:
             return
+        self._forget_saga(live)
+        self._drain_backlog()
         view = order_view(msg.order_id, self._read(msg.order_id))
         for gateway, req_id in live.waiters + live.acks:
             self.send(gateway, OrderReply(req_id=req_id, order=view))
@@ -381,25 +393,24 @@ class OrderManager(BaseActor):
     def receiveMsg_SagaAborted(self, msg: SagaAborted, sender: Any) -> None:
         """The saga gave up (it raised, or its stream moved): recover and compensate."""
         log.error("manager: saga for %s aborted: %s", msg.order_id, msg.reason)
-        self._forget_saga(sender)
-        self._recover_saga(msg.order_id)
+        live = self._live.get(msg.order_id)
+        if live is not None:
+            self._recover_saga(live)
 
     def receiveMsg_PoisonMessage(self, msg: PoisonMessage, sender: Any) -> None:
         """A saga raised on its start: recover and compensate."""
-        saga = self._forget_saga(sender)
         log.error("manager: %s poisoned by %s", sender, type(msg.poisonMessage).__name__)
-        if saga is not None:
-            self._recover_saga(saga[1])
+        live = self._order_of_saga(sender)
+        if live is not None:
+            self._recover_saga(live)
 
-    def _recover_saga(self, order_id: str) -> None:
-        live = self._live.get(order_id)
-        if live is None or self._stopping:
+    def _recover_saga(self, live: LiveOrder) -> None:
+        """Replace the order's saga by one rebuilt from the stream, in compensation mode."""
+        if self._stopping:
             return
         if live.saga is not None:
             self.send(live.saga, ActorExitRequest())
-            self._forget_saga(live.saga)
-        events = self._read(order_id)
-        self._spawn(live, events, compensate=True)
+        self._spawn(live, self._read(live.placed.order_id), compensate=True)
 
     def receiveMsg_ChildActorExited(self, msg: ChildActorExited, sender: Any) -> None:
         """A saga or service process ended: recover what it was doing."""
@@ -407,10 +418,10 @@ class OrderManager(BaseActor):
         if self._stopping:
             return
         child = msg.childAddress
-        saga = self._forget_saga(child)
-        if saga is not None:
-            log.error("manager: saga for %s died; compensating", saga[1])
-            self._recover_saga(saga[1])
+        live = self._order_of_saga(child)
+        if live is not None:
+            log.error("manager: saga for %s died; compensating", live.placed.order_id)
+            self._recover_saga(live)
             return
         for name, address in list(self._services.items()):
             if address == child:
@@ -456,12 +467,14 @@ class OrderManager(BaseActor):
                 log.error("manager: watchdog found %s (pid %d) dead", name, pid)
                 self._service_pids.pop(name, None)
                 self._schedule_restart(name)
-        for key, pid in list(self._saga_pids.items()):
-            if not process_alive(pid):
-                saga = self._forget_saga(key)
-                if saga is not None:
-                    log.error("manager: watchdog found the saga of %s (pid %d) dead", saga[1], pid)
-                    self._recover_saga(saga[1])
+        for live in list(self._live.values()):
+            if live.pid is not None and not process_alive(live.pid):
+                log.error(
+                    "manager: watchdog found the saga of %s (pid %d) dead",
+                    live.placed.order_id,
+                    live.pid,
+                )
+                self._recover_saga(live)
         self.wakeupAfter(timedelta(seconds=WATCHDOG_PERIOD), payload=WATCHDOG)
 
     # --- stock, drain, identity --------------------------------------------------------------
@@ -502,15 +515,16 @@ class OrderManager(BaseActor):
     def receiveMsg_Identify(self, msg: Identify, sender: Any) -> None:
         """The OS pids of the manager, the services and (on the process bases) live sagas."""
         pids = {"manager": os.getpid(), **self._service_pids}
-        for key, (_, order_id) in self._saga_orders.items():
-            if key in self._saga_pids:
-                pids[f"saga:{order_id}"] = self._saga_pids[key]
+        for order_id, live in self._live.items():
+            if live.pid is not None:
+                pids[f"saga:{order_id}"] = live.pid
         self.send(sender, Identities(req_id=msg.req_id, pids=pids))
 
     def receiveMsg_IAm(self, msg: IAm, sender: Any) -> None:
         """A saga on a process base tells its pid, so the watchdog can see it die."""
-        if str(sender) in self._saga_orders:
-            self._saga_pids[str(sender)] = msg.pid
+        live = self._live.get(msg.name.removeprefix("saga:"))
+        if live is not None and live.saga == sender:
+            live.pid = msg.pid
 
     def receiveMsg_ActorExitRequest(self, msg: ActorExitRequest, sender: Any) -> None:
         """Orderly shutdown: children die with us; do not restart or recover them."""
