@@ -543,6 +543,17 @@ def _set_stock(client: Client, sku: str, on_hand: int, admin_token: str | None) 
     client.call("set_stock", args)
 
 
+def _reserved(client: Client, sku: str) -> int:
+    """Units of `sku` reserved now; 0 for a product the server does not know yet."""
+    try:
+        level = client.stock([sku]).get(sku) or {}
+    except ClientError as e:
+        if e.code == "not_found":
+            return 0
+        raise
+    return int(level.get("reserved", 0))
+
+
 def prepare_stock(
     client: Client, plan: Sequence[PlannedOrder], scarce: int, admin_token: str | None
 ) -> int:
@@ -551,10 +562,7 @@ def prepare_stock(
     Returns how many SKU-SCARCE units were reserved before the run (0 on a fresh database).
     """
     needed = units_needed(plan)
-    products = sorted(needed)
-    if scarce > 0:
-        products.append(SCARCE_SKU)
-    levels: Mapping[str, Any] = client.stock(products) if products else {}
+    levels: Mapping[str, Any] = client.stock(sorted(needed)) if needed else {}
     raised: list[str] = []
     for sku in sorted(needed):
         level = levels.get(sku) or {}
@@ -571,8 +579,7 @@ def prepare_stock(
         )
     if scarce <= 0:
         return 0
-    level = levels.get(SCARCE_SKU) or {}
-    reserved = int(level.get("reserved", 0))
+    reserved = _reserved(client, SCARCE_SKU)
     # Units already held by earlier runs stay held; SCARCE units are what this run competes for.
     _set_stock(client, SCARCE_SKU, reserved + scarce, admin_token)
     contenders = sum(order.scarce for order in plan)
@@ -1014,8 +1021,7 @@ def _check_scarce(
         if order.scarce and status == "paid"
     )
     try:
-        level = client.stock([SCARCE_SKU]).get(SCARCE_SKU) or {}
-        reserved_by_run: int | None = int(level.get("reserved", 0)) - reserved_before
+        reserved_by_run: int | None = _reserved(client, SCARCE_SKU) - reserved_before
     except ClientError as e:
         print(f"loadtest.py: reading {SCARCE_SKU} stock failed: {e}", file=sys.stderr)
         reserved_by_run = None

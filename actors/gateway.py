@@ -23,13 +23,13 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from thespian.actors import ActorSystem, PoisonMessage
-from thespian.system.transport import MultiprocessQueueTransport as queue_transport  # noqa: N813
 
 from actors.audit import audit
 from actors.manager import OrderManager
 from actors.views import decode_stream, event_view, order_view
 from messages.commands import (
     ActorMessage,
+    Batch,
     Configure,
     Configured,
     Drain,
@@ -133,8 +133,6 @@ class ActorBridge:
             self._thread.join(30)
 
     def _run(self) -> None:
-        if self.base == "queue":
-            _deepen_queue_base_mailboxes()
         try:
             system = ActorSystem(self._system_base, self._capabilities, logDefs=self._log_defs)
             manager = system.createActor(OrderManager)
@@ -165,8 +163,10 @@ class ActorBridge:
             batch.append(self._outbox.get(timeout=0.002 if simple else 0))
             while len(batch) < 256:
                 batch.append(self._outbox.get_nowait())
-        for _, message in batch:
-            system.tell(manager, message)
+        if len(batch) == 1:
+            system.tell(manager, batch[0][1])
+        elif batch:
+            system.tell(manager, Batch(messages=tuple(message for _, message in batch)))
         wait = timedelta(milliseconds=0.5 if simple else 2)
         while True:
             reply = system.listen(wait)
@@ -191,17 +191,6 @@ class ActorBridge:
             return
         if not future.done():
             future.set_result(failure or reply)
-
-
-def _deepen_queue_base_mailboxes(depth: int = 2000) -> None:
-    """Thespian's queue base gives each actor a mailbox of 10 messages (the admin 40) and blocks
-    a sender for up to 20 s when one is full; a burst, or a killed actor whose mailbox nobody
-    drains any more, then stalls every process that routes through it (Thespian issues #76,
-    #91). The depths are module globals read when each queue is made (child processes inherit
-    them through fork), so raising them here, before the system starts, takes effect everywhere.
-    """
-    queue_transport.MAX_ACTOR_QUEUESIZE = max(queue_transport.MAX_ACTOR_QUEUESIZE, depth)
-    queue_transport.MAX_ADMIN_QUEUESIZE = max(queue_transport.MAX_ADMIN_QUEUESIZE, depth)
 
 
 # --- the server -------------------------------------------------------------------------------

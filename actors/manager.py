@@ -38,6 +38,7 @@ from messages.base import order_total, utcnow
 from messages.commands import (
     AppendDone,
     AppendRejected,
+    Batch,
     Configure,
     Configured,
     Drain,
@@ -147,6 +148,11 @@ class OrderManager(BaseActor):
         self._stopping = False
 
     # --- boot -------------------------------------------------------------------------------
+
+    def receiveMsg_Batch(self, msg: Batch, sender: Any) -> None:
+        """Handle each request of the batch as if it had come alone."""
+        for message in msg.messages:
+            self.receiveMessage(message, sender)
 
     def receiveMsg_Configure(self, msg: Configure, sender: Any) -> None:
         """Start the store first (it creates the schema), then the services that read it."""

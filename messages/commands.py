@@ -36,6 +36,17 @@ class PlaceOrder(ActorMessage):
     wait: bool
 
 
+class Batch(ActorMessage):
+    """Requests that reached the gateway together, handed over in one message.
+
+    On the simple base each external ``tell`` runs the actors until they are idle, so requests
+    told one by one would each travel alone through the saga (one commit each); handed over
+    together they move through the actors side by side and share group commits.
+    """
+
+    messages: tuple[ActorMessage, ...]
+
+
 class OrderReply(ActorMessage):
     """The order's status (terminal when the request asked to wait)."""
 
