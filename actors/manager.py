@@ -392,9 +392,8 @@ class OrderManager(BaseActor):
             return
         self._forget_saga(live)
         self._drain_backlog()
-        view = order_view(msg.order_id, self._read(msg.order_id))
         for gateway, req_id in live.waiters + live.acks:
-            self.send(gateway, OrderReply(req_id=req_id, order=view))
+            self.send(gateway, OrderReply(req_id=req_id, order=msg.order))
 
     def receiveMsg_SagaAborted(self, msg: SagaAborted, sender: Any) -> None:
         """The saga gave up (it raised, or its stream moved): recover and compensate."""

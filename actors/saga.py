@@ -16,6 +16,7 @@ from thespian.actors import ActorExitRequest, PoisonMessage, WakeupMessage
 
 from actors import saga_machine as sm
 from actors.base import Appender, BaseActor, log
+from actors.views import order_view
 from messages.base import utcnow
 from messages.commands import (
     AppendDone,
@@ -121,7 +122,12 @@ class OrderSaga(BaseActor):
         elif isinstance(command, sm.Finish):
             self.send(
                 self._manager,
-                SagaFinished(order_id=order_id, status=command.status, reason=command.reason),
+                SagaFinished(
+                    order_id=order_id,
+                    status=command.status,
+                    reason=command.reason,
+                    order=order_view(order_id, state.recorded),
+                ),
             )
             self._state = None
             self.send(self.myAddress, ActorExitRequest())
@@ -165,7 +171,12 @@ class OrderSaga(BaseActor):
                 self._state = None
                 self.send(
                     sender,
-                    SagaFinished(order_id=msg.order_id, status=status, reason="already terminal"),
+                    SagaFinished(
+                        order_id=msg.order_id,
+                        status=status,
+                        reason="already terminal",
+                        order=order_view(msg.order_id, msg.events),
+                    ),
                 )
                 self.send(self.myAddress, ActorExitRequest())
                 return

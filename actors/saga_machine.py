@@ -289,6 +289,7 @@ class SagaState:
     refund_recorded: bool = False
     pending: Pending | None = None
     final_status: str | None = None
+    recorded: tuple[Event, ...] = ()  # the order stream as far as it is committed
 
 
 @dataclass(frozen=True)
@@ -301,7 +302,7 @@ class Env:
 
 def start(order: OrderPlaced, version: int) -> SagaState:
     """The state of a freshly placed order (OrderPlaced committed at `version`)."""
-    return SagaState(order=order, version=version)
+    return SagaState(order=order, version=version, recorded=(order,))
 
 
 def recover(events: Sequence[Event], *, compensate: bool) -> SagaState:
@@ -313,7 +314,7 @@ def recover(events: Sequence[Event], *, compensate: bool) -> SagaState:
     if not events or not isinstance(events[0], OrderPlaced):
         raise ValueError("an order stream starts with OrderPlaced")
     order = events[0]
-    state = SagaState(order=order, version=len(events) - 1)
+    state = SagaState(order=order, version=len(events) - 1, recorded=tuple(events))
     for event in events[1:]:
         if status_of_terminal(event) is not None:
             return replace(state, phase=Phase.DONE, final_status=status_of_terminal(event))
@@ -552,14 +553,25 @@ def _record_compensation(state: SagaState, env: Env) -> tuple[SagaState, list[Co
 def _while_recording(state: SagaState, msg: SagaInput) -> tuple[SagaState, list[Command]]:
     pending = state.pending
     assert pending is not None
-    if isinstance(msg, Appended):
-        state = replace(state, version=msg.version, pending=None)
+    if isinstance(msg, Appended) and msg.version == pending.append.expected_version + len(
+        pending.append.events
+    ):
+        state = replace(
+            state,
+            version=msg.version,
+            pending=None,
+            recorded=state.recorded + pending.append.events,
+        )
         if pending.after == "charge":
             return _send_charge(state)
         if pending.after == "compensate":
             return _begin_compensation(state, state.outcome or Outcome.FAILED, state.reason)
         status = state.final_status or "failed"
         return replace(state, phase=Phase.DONE), [Finish(status=status, reason=state.reason)]
+    if isinstance(msg, Appended):
+        # The reply to an earlier send of an earlier append (re-sent after a timeout): the store
+        # answers a replay with the version that append reached, never the pending one's.
+        return state, []
     if isinstance(msg, AppendFailed):
         return replace(state, phase=Phase.DONE), [Abort(reason=msg.reason)]
     if isinstance(msg, TimedOut) or (

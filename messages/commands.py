@@ -185,11 +185,12 @@ class ServiceMoved(ActorMessage):
 
 
 class SagaFinished(ActorMessage):
-    """The order is terminal; its terminal event is committed."""
+    """The order is terminal; its terminal event is committed. `order` is its client view."""
 
     order_id: str
     status: str
     reason: str
+    order: dict[str, Any]
 
 
 class SagaAborted(ActorMessage):

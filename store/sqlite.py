@@ -230,12 +230,16 @@ class SqliteEventStore(EventStore):
         now: float,
     ) -> int:
         validate_append(stream, events, expected_version)
-        found = self._find_event_ids(conn, [e.event_id for e in events])
-        replayed = replayed_version(stream, events, found)
-        if replayed is not None:
-            return replayed
         current = self._head_version(conn, stream)
-        check_expected(stream, expected_version, current)
+        if expected_version != current:
+            # Only a stale writer can be re-sending an append that already committed (a
+            # committed append moved the stream past its expected version): look for that
+            # replay only here, keeping the common path to one lookup and one insert.
+            found = self._find_event_ids(conn, [e.event_id for e in events])
+            replayed = replayed_version(stream, events, found)
+            if replayed is not None:
+                return replayed
+            check_expected(stream, expected_version, current)
         if not events:
             return current
         try:
@@ -247,12 +251,21 @@ class SqliteEventStore(EventStore):
                 ],
             )
         except sqlite3.IntegrityError as e:
-            # The unique keys are the final word: this only happens if the streams table lied
-            # or someone wrote around this store. The caller rolls back the partial insert.
             if "event_id" in str(e):
+                # Ids already stored: drop what this insert added (we hold the write lock, so
+                # only it wrote versions past `current`) and see whether it is a replay.
+                conn.execute(
+                    "DELETE FROM events WHERE stream = ? AND version > ?", (stream, current)
+                )
+                found = self._find_event_ids(conn, [ev.event_id for ev in events])
+                replayed = replayed_version(stream, events, found)
+                if replayed is not None:
+                    return replayed
                 raise DuplicateEventError(
                     stream, tuple(ev.event_id for ev in events), "event id already stored"
                 ) from e
+            # The unique keys are the final word: this only happens if the streams table lied
+            # or someone wrote around this store. The caller rolls back the partial insert.
             actual = conn.execute(
                 "SELECT MAX(version) FROM events WHERE stream = ?", (stream,)
             ).fetchone()[0]

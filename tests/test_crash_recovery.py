@@ -7,6 +7,7 @@ whole-system kill runs on both bases.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -31,10 +32,8 @@ def pids(client: Client) -> dict[str, int]:
 
 def kill9(pid: int) -> None:
     """SIGKILL, ignoring a process that is already gone."""
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def processes_of(db: Path) -> list[int]:
@@ -215,7 +214,9 @@ def crash_cycles(
             )
         # Kill at a random point once at least a third of the orders are acknowledged.
         kill_after = rng.randint(orders // 3, orders - 1)
-        wait_until(lambda: sum(f.done() for f in futures.values()) >= kill_after, timeout=120)
+        wait_until(
+            lambda fs=futures, n=kill_after: sum(f.done() for f in fs.values()) >= n, timeout=120
+        )
         totals["killed_processes"] += kill_everything(db)
         server.kill()
         for order_id, future in futures.items():
