@@ -8,6 +8,7 @@ whole-system kill runs on both bases.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import signal
@@ -166,6 +167,11 @@ def test_kill_inventory_process_mid_order(start_server: Callable[..., Server]) -
     assert_audit_clean(client)
 
 
+def acknowledged_at_least(futures: dict[str, Future[Any]], count: int) -> bool:
+    """Whether at least `count` placements have been answered."""
+    return sum(f.done() for f in futures.values()) >= count
+
+
 def recovering(server: Server) -> int:
     """How many unfinished orders run.py found on start (from its ready line)."""
     return int(server.ready_line.split("recovering=")[1].split()[0])
@@ -214,9 +220,7 @@ def crash_cycles(
             )
         # Kill at a random point once at least a third of the orders are acknowledged.
         kill_after = rng.randint(orders // 3, orders - 1)
-        wait_until(
-            lambda fs=futures, n=kill_after: sum(f.done() for f in fs.values()) >= n, timeout=120
-        )
+        wait_until(functools.partial(acknowledged_at_least, futures, kill_after), timeout=120)
         totals["killed_processes"] += kill_everything(db)
         server.kill()
         for order_id, future in futures.items():
