@@ -8,13 +8,12 @@ memory at once (so the next request sees it) and answered only after its event i
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from actors.base import Appender, BaseActor, CommitGate, log
-from messages.base import Item, UnavailableItem, utcnow
+from messages.base import Item, UnavailableItem, new_id, utcnow
 from messages.commands import (
     AppendDone,
     AppendRejected,
@@ -166,7 +165,7 @@ class InventoryActor(BaseActor):
             return
         event = StockReserved(
             order_id=msg.order_id,
-            reservation_id=f"res-{uuid.uuid4().hex}",
+            reservation_id=f"res-{new_id()}",
             items=msg.items,
             reserved_at=utcnow(),
         )

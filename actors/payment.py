@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import signal
-import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
@@ -24,7 +23,7 @@ from typing import Any
 from thespian.actors import WakeupMessage
 
 from actors.base import Appender, BaseActor, CommitGate, log
-from messages.base import utcnow
+from messages.base import new_id, utcnow
 from messages.commands import (
     AppendDone,
     AppendRejected,
@@ -193,7 +192,7 @@ class PaymentActor(BaseActor):
         if not record.voided:
             self._charge_now(msg, reply_to)
             return
-        payment_id = f"pay-{uuid.uuid4().hex}"
+        payment_id = f"pay-{new_id()}"
         now = utcnow()
         charged = ChargeSucceeded(
             order_id=msg.order_id,
@@ -213,7 +212,7 @@ class PaymentActor(BaseActor):
         self._record(msg.order_id, [charged, refunded], lambda: None)
 
     def _charge_now(self, msg: ChargePayment, sender: Any) -> None:
-        payment_id = f"pay-{uuid.uuid4().hex}"
+        payment_id = f"pay-{new_id()}"
         event = ChargeSucceeded(
             order_id=msg.order_id,
             payment_id=payment_id,

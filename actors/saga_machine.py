@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
 
-from messages.base import Item, UnavailableItem, items_of
+from messages.base import Item, UnavailableItem, items_of, new_id
 from messages.events import (
     Event,
     InventoryReleased,
@@ -254,11 +253,6 @@ Clock = Callable[[], datetime]
 IdFactory = Callable[[], str]
 
 
-def new_event_id() -> str:
-    """A fresh unique event id."""
-    return uuid.uuid4().hex
-
-
 @dataclass(frozen=True)
 class Pending:
     """An append in flight and what the saga does once it is committed."""
@@ -297,7 +291,7 @@ class Env:
     """What the pure machine needs from outside: a clock and an id source (injectable)."""
 
     now: Clock
-    new_id: IdFactory = new_event_id
+    new_id: IdFactory = new_id
 
 
 def start(order: OrderPlaced, version: int) -> SagaState:

@@ -7,18 +7,14 @@ ISO 8601 text: both come back exactly, and no float ever touches an amount.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Mapping
 
 import msgpack
 from pydantic import ValidationError
 
+from messages.base import new_id
 from messages.events import EVENT_TYPES, Event
 from store.records import NewEvent, StoredEvent, StoreError
-
-
-def _new_event_id() -> str:
-    return uuid.uuid4().hex
 
 
 class EventCodec:
@@ -32,7 +28,7 @@ class EventCodec:
     def __init__(
         self,
         types: Mapping[str, type[Event]] = EVENT_TYPES,
-        new_id: Callable[[], str] = _new_event_id,
+        new_id: Callable[[], str] = new_id,
     ) -> None:
         self._types = dict(types)
         self._make_id = new_id

@@ -205,19 +205,15 @@ class SqliteEventStore(EventStore):
         with self._write_transaction() as conn:
             now = self._clock()
             for request in requests:
-                # A savepoint lets a failing request drop its own rows (an executemany may have
-                # inserted some before the collision) without aborting its neighbours.
-                conn.execute("SAVEPOINT request")
+                # A refused request leaves no rows behind (see _append_in_transaction), so it
+                # fails alone without a savepoint per request (two statements fewer each).
                 try:
                     version = self._append_in_transaction(
                         conn, request.stream, request.events, request.expected_version, now
                     )
                 except StoreError as e:
-                    conn.execute("ROLLBACK TO request")
-                    conn.execute("RELEASE request")
                     results.append(e)
                 else:
-                    conn.execute("RELEASE request")
                     results.append(version)
         return results
 
@@ -251,12 +247,18 @@ class SqliteEventStore(EventStore):
                 ],
             )
         except sqlite3.IntegrityError as e:
-            if "event_id" in str(e):
-                # Ids already stored: drop what this insert added (we hold the write lock, so
-                # only it wrote versions past `current`) and see whether it is a replay.
+            # Drop the rows this insert added before the collision (this append's ids at
+            # versions past `current`), so a refused append leaves nothing behind.
+            ids = [ev.event_id for ev in events]
+            for start in range(0, len(ids), _MAX_IDS_PER_QUERY):
+                chunk = ids[start : start + _MAX_IDS_PER_QUERY]
                 conn.execute(
-                    "DELETE FROM events WHERE stream = ? AND version > ?", (stream, current)
+                    f"DELETE FROM events WHERE stream = ? AND version > ?"
+                    f" AND event_id IN ({', '.join('?' * len(chunk))})",
+                    (stream, current, *chunk),
                 )
+            if "event_id" in str(e):
+                # Ids already stored: maybe this very append, committed before (a replay).
                 found = self._find_event_ids(conn, [ev.event_id for ev in events])
                 replayed = replayed_version(stream, events, found)
                 if replayed is not None:
@@ -265,7 +267,7 @@ class SqliteEventStore(EventStore):
                     stream, tuple(ev.event_id for ev in events), "event id already stored"
                 ) from e
             # The unique keys are the final word: this only happens if the streams table lied
-            # or someone wrote around this store. The caller rolls back the partial insert.
+            # or someone wrote around this store.
             actual = conn.execute(
                 "SELECT MAX(version) FROM events WHERE stream = ?", (stream,)
             ).fetchone()[0]
