@@ -1,0 +1,249 @@
+"""Benchmark: the full system through its real client path, per system base, beside a bare
+Thespian reference saga, several repetitions, medians. (`make bench`)
+
+    python bench.py [--bases simple,queue] [--reps 3] [--orders 5000] [--concurrency 100]
+                    [--process-orders 300] [--process-concurrency 24] [--out bench-results]
+
+Each repetition runs, for every base: `loadtest.py --spawn` (a fresh run.py on a fresh SQLite
+file, synchronous=FULL, tok_visa, orders placed with wait=true over the gateway) and the
+reference saga of `benchmarks/reference.py` (reserve, append, charge, append; no gateway) on
+the same base. Bases and kinds are interleaved so machine noise spreads over all of them. The
+medians go to stdout as a markdown table and, with every run's raw figures, to
+`OUT/bench-<timestamp>.json` and `.md`. Exit status 1 if any audit failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.reference import run_reference
+from loadtest import percentile
+
+ROOT = Path(__file__).resolve().parent
+SYSTEM_BASES = {
+    "simple": "simpleSystemBase",
+    "queue": "multiprocQueueBase",
+    "tcp": "multiprocTCPBase",
+}
+
+
+def run_full(base: str, orders: int, concurrency: int, tmp: Path) -> dict[str, Any]:
+    """One loadtest run against a freshly spawned run.py; returns its --json summary."""
+    out = tmp / f"full-{base}-{time.monotonic_ns()}.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "loadtest.py"),
+        "--spawn",
+        "--base",
+        base,
+        "--orders",
+        str(orders),
+        "--concurrency",
+        str(concurrency),
+        "--json",
+        str(out),
+        "--no-progress",
+        "--mix",
+        "tok_visa=1",
+    ]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800, check=False)
+    if not out.exists():
+        raise RuntimeError(f"loadtest failed ({done.returncode}): {done.stderr[-2000:]}")
+    summary: dict[str, Any] = json.loads(out.read_text())
+    summary["exit_status"] = done.returncode
+    return summary
+
+
+def run_reference_child(base: str, orders: int, concurrency: int, tmp: Path) -> dict[str, Any]:
+    """The reference saga, in a child process of its own (a clean interpreter per run)."""
+    out = tmp / f"ref-{base}-{time.monotonic_ns()}.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench.py"),
+        "--reference",
+        base,
+        "--orders",
+        str(orders),
+        "--concurrency",
+        str(concurrency),
+        "--reference-out",
+        str(out),
+    ]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800, check=False)
+    if done.returncode != 0 or not out.exists():
+        raise RuntimeError(f"reference run failed: {done.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+def _reference_main(base: str, orders: int, concurrency: int, out: Path) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ.setdefault("THESPLOG_FILE", str(Path(tmp) / "thespian.log"))
+        done = run_reference(SYSTEM_BASES[base], orders, concurrency, str(Path(tmp) / "r.db"))
+    millis = sorted(x * 1000 for x in done.latencies)
+    out.write_text(
+        json.dumps(
+            {
+                "orders": orders,
+                "throughput_orders_per_s": orders / done.wall,
+                "latency_ms": {
+                    "p50": percentile(millis, 50),
+                    "p90": percentile(millis, 90),
+                    "p99": percentile(millis, 99),
+                    "max": max(millis),
+                },
+            }
+        )
+    )
+    return 0
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    model = ""
+    with open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def median_row(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Medians of throughput and latency percentiles over repetitions."""
+    return {
+        "orders_per_s": statistics.median(r["throughput_orders_per_s"] for r in runs),
+        **{
+            k: statistics.median(r["latency_ms"][k] for r in runs)
+            for k in ("p50", "p90", "p99", "max")
+        },
+    }
+
+
+def render(table: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
+    """The markdown table of medians."""
+    lines = [
+        f"bench {meta['started']}  reps={meta['reps']}  machine: {meta['machine']['cpus']} cpus, "
+        f"{meta['machine']['cpu']}, Python {meta['machine']['python']}",
+        "",
+        "| base | kind | orders | concurrency | orders/s | p50 ms | p90 ms | p99 ms | max ms "
+        "| full/ref | audits |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for key, row in table.items():
+        base, kind = key.split("/")
+        m = row["median"]
+        ratio = ""
+        if kind == "full" and f"{base}/reference" in table:
+            ref = table[f"{base}/reference"]["median"]["orders_per_s"]
+            ratio = f"{m['orders_per_s'] / ref:.0%}"
+        audits = row.get("audits", "")
+        lines.append(
+            f"| {base} | {kind} | {row['orders']} | {row['concurrency']} | "
+            f"{m['orders_per_s']:.0f} | {m['p50']:.1f} | {m['p90']:.1f} | {m['p99']:.1f} | "
+            f"{m['max']:.1f} | {ratio} | {audits} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark (or, with --reference, one reference run in this process)."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--bases", default="simple,queue")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--orders", type=int, default=5000, help="orders per run, simple base")
+    parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument(
+        "--process-orders",
+        type=int,
+        default=300,
+        help="orders per run on the process bases (a process per order)",
+    )
+    parser.add_argument("--process-concurrency", type=int, default=24)
+    parser.add_argument("--out", default=str(ROOT / "bench-results"))
+    parser.add_argument("--reference", choices=sorted(SYSTEM_BASES), help=argparse.SUPPRESS)
+    parser.add_argument("--reference-out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.reference:
+        return _reference_main(
+            args.reference, args.orders, args.concurrency, Path(args.reference_out)
+        )
+
+    bases = [b.strip() for b in args.bases.split(",") if b.strip()]
+    unknown = [b for b in bases if b not in SYSTEM_BASES]
+    if unknown:
+        parser.error(f"unknown bases {unknown}")
+    meta = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "reps": args.reps, "machine": machine()}
+    runs: dict[str, list[dict[str, Any]]] = {}
+    shape: dict[str, tuple[int, int]] = {}
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        for rep in range(args.reps):
+            for base in bases:
+                orders, concurrency = (
+                    (args.orders, args.concurrency)
+                    if base == "simple"
+                    else (args.process_orders, args.process_concurrency)
+                )
+                for kind in ("full", "reference"):
+                    key = f"{base}/{kind}"
+                    shape[key] = (orders, concurrency)
+                    run = (
+                        run_full(base, orders, concurrency, tmp)
+                        if kind == "full"
+                        else run_reference_child(base, orders, concurrency, tmp)
+                    )
+                    runs.setdefault(key, []).append(run)
+                    audit = run.get("audit", {}).get("ok")
+                    print(
+                        f"rep {rep + 1}/{args.reps} {key}: "
+                        f"{run['throughput_orders_per_s']:.0f} orders/s, "
+                        f"p99 {run['latency_ms']['p99']:.1f} ms"
+                        + ("" if audit is None else f", audit {'ok' if audit else 'FAILED'}"),
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    table: dict[str, dict[str, Any]] = {}
+    audits_ok = True
+    for key, key_runs in runs.items():
+        row: dict[str, Any] = {
+            "orders": shape[key][0],
+            "concurrency": shape[key][1],
+            "median": median_row(key_runs),
+            "runs": key_runs,
+        }
+        if key.endswith("/full"):
+            ok = [bool(r["audit"]["ok"]) and r["exit_status"] == 0 for r in key_runs]
+            row["audits"] = f"{sum(ok)}/{len(ok)} ok"
+            audits_ok &= all(ok)
+        table[key] = row
+    text = render(table, meta)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (out / f"bench-{stamp}.md").write_text(text + "\n")
+    (out / f"bench-{stamp}.json").write_text(json.dumps({**meta, "table": table}, indent=1))
+    print(f"\nwritten to {out}/bench-{stamp}.md and .json", file=sys.stderr)
+    return 0 if audits_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

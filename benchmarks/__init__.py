@@ -1,0 +1,1 @@
+"""Benchmarks: the bare-Thespian reference saga the full system is compared against."""
