@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from datetime import timedelta
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from thespian.actors import ActorExitRequest, ActorSystem, ActorTypeDispatcher
