@@ -204,7 +204,7 @@ class GatewayLimits:
     idle_timeout: float = 300.0  # seconds a connection may sit without sending a frame
     frame_timeout: float = 10.0  # seconds to deliver the rest of a frame once it has begun
     max_connections: int = 1024
-    max_pending_per_connection: int = 256
+    max_pending_per_connection: int = 2048
     request_timeout: float = 60.0
     # Requests in the actor system at once; the queue base deadlocks past a few dozen messages
     # in flight (Thespian #76, #91), so run.py lowers this there.

@@ -80,6 +80,7 @@ SERVICES: dict[str, type[Actor]] = {
     "payment": PaymentActor,
 }
 MAX_SAGAS_RECOVERING_PROCESS = 16  # recovery sagas started at once on the process bases
+MAX_FINISHED_REMEMBERED = 100_000
 WATCHDOG_PERIOD = 0.5  # seconds between liveness checks of service processes
 RESTART_WINDOW = 30.0  # seconds over which restarts of one service count towards back-off
 MAX_BACKOFF = 5.0
@@ -140,6 +141,7 @@ class OrderManager(BaseActor):
         self._restarts: dict[str, list[float]] = {}
         self._live: dict[str, LiveOrder] = {}
         self._running = 0  # live orders with a saga actor
+        self._finished_sagas: dict[str, None] = {}  # insertion-ordered set of saga addresses
         self._forwarded: dict[int, Any] = {}  # req_id -> gateway, for stock requests
         # Orders to recover, started a few at a time: on the process bases each saga is a new
         # process, and hundreds at once after a crash would stall the machine.
@@ -387,6 +389,11 @@ class OrderManager(BaseActor):
 
     def receiveMsg_SagaFinished(self, msg: SagaFinished, sender: Any) -> None:
         """The order is terminal: answer everyone waiting for it."""
+        # Its exit comes next as ChildActorExited; remember it by the address string the saga
+        # itself reported, so that exit is recognised without scanning every live order.
+        self._finished_sagas[msg.saga_key] = None
+        while len(self._finished_sagas) > MAX_FINISHED_REMEMBERED:
+            del self._finished_sagas[next(iter(self._finished_sagas))]
         live = self._live.pop(msg.order_id, None)
         if live is None:
             return
@@ -419,19 +426,22 @@ class OrderManager(BaseActor):
 
     def receiveMsg_ChildActorExited(self, msg: ChildActorExited, sender: Any) -> None:
         """A saga or service process ended: recover what it was doing."""
-        log.info("manager: child %s exited", msg.childAddress)
         if self._stopping:
             return
         child = msg.childAddress
-        live = self._order_of_saga(child)
-        if live is not None:
-            log.error("manager: saga for %s died; compensating", live.placed.order_id)
-            self._recover_saga(live)
-            return
+        key = str(child)
+        if key in self._finished_sagas:
+            del self._finished_sagas[key]
+            return  # a saga that reported its order terminal, exiting as it should
         for name, address in list(self._services.items()):
             if address == child:
                 self._service_pids.pop(name, None)
                 self._schedule_restart(name)
+                return
+        live = self._order_of_saga(child)
+        if live is not None:
+            log.error("manager: saga for %s died; compensating", live.placed.order_id)
+            self._recover_saga(live)
 
     def _schedule_restart(self, name: str) -> None:
         """Restart a dead service, backing off when it keeps dying."""

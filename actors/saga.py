@@ -127,6 +127,7 @@ class OrderSaga(BaseActor):
                     status=command.status,
                     reason=command.reason,
                     order=order_view(order_id, state.recorded),
+                    saga_key=str(self.myAddress),
                 ),
             )
             self._state = None
@@ -176,6 +177,7 @@ class OrderSaga(BaseActor):
                         status=status,
                         reason="already terminal",
                         order=order_view(msg.order_id, msg.events),
+                        saga_key=str(self.myAddress),
                     ),
                 )
                 self.send(self.myAddress, ActorExitRequest())

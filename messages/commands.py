@@ -191,6 +191,7 @@ class SagaFinished(ActorMessage):
     status: str
     reason: str
     order: dict[str, Any]
+    saga_key: str  # str() of the saga's own address, as its ChildActorExited will carry it
 
 
 class SagaAborted(ActorMessage):
