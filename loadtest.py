@@ -269,6 +269,8 @@ class SpawnedServer:
             cmd += ["--payment-latency", str(args.payment_latency)]
         if args.synchronous is not None:
             cmd += ["--synchronous", args.synchronous]
+        if args.warm_sagas is not None:
+            cmd += ["--warm-sagas", str(args.warm_sagas)]
         env = {**os.environ, "THESPLOG_FILE": str(self.dir / "thespian.log")}
         self._log: IO[bytes] = self.log_path.open("wb")
         self._lines: queue.Queue[str | None] = queue.Queue()
@@ -778,6 +780,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step-timeout", type=_positive_float, default=None, help="with --spawn")
     p.add_argument("--payment-latency", type=_non_negative_float, default=None, help="with --spawn")
     p.add_argument("--synchronous", choices=("FULL", "NORMAL"), default=None, help="with --spawn")
+    p.add_argument(
+        "--warm-sagas",
+        type=int,
+        default=None,
+        help="with --spawn on a process base: saga processes forked ahead of need",
+    )
     p.add_argument(
         "--mix",
         type=_mix_arg,

@@ -63,6 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds the simulated provider takes to approve tok_visa",
     )
     parser.add_argument(
+        "--warm-sagas",
+        type=int,
+        default=8,
+        help="process bases: saga actors forked ahead of need (0: fork one per order on demand)",
+    )
+    parser.add_argument(
         "--drain-timeout",
         type=float,
         default=30.0,
@@ -144,6 +150,7 @@ async def serve(args: argparse.Namespace) -> int:
                     synchronous=args.synchronous,
                     step_timeout=args.step_timeout,
                     crash_exits_process=args.base != "simple",
+                    warm_sagas=args.warm_sagas if args.base != "simple" else 0,
                     payment_latency=args.payment_latency,
                 ),
                 120.0,

@@ -122,6 +122,7 @@ class Configure(ActorMessage):
     step_timeout: float
     crash_exits_process: bool
     payment_latency: float = 0.0
+    warm_sagas: int = 0  # saga actors created ahead of need (process bases)
 
 
 class Configured(ActorMessage):
