@@ -32,7 +32,10 @@ bench: $(STAMP)
 	$(BIN)/python bench.py $(ARGS)
 
 soak: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -s -m slow tests/test_crash_recovery.py $(PYTEST_ARGS)
+
+fuzz: $(STAMP)
+	FUZZ_FRAMES=$${FUZZ_FRAMES:-100000} $(BIN)/python -m pytest -q -m slow tests/test_hostile_input.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

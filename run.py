@@ -185,6 +185,10 @@ async def serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     args = parse_args(argv)
+    if args.base == "tcp":
+        # Thespian's TCP transport unpickles what reaches it: keep it on loopback unless the
+        # operator names a private-network address (actors.thespian_fixes binds to it).
+        os.environ.setdefault("THESPIAN_BASE_IPADDR", "127.0.0.1")
     # Thespian logs to $TMPDIR/thespian.log by default, shared by everything on the machine.
     os.environ.setdefault("THESPLOG_FILE", str(Path(args.db).resolve().parent / "thespian.log"))
     logging.basicConfig(

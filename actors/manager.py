@@ -87,6 +87,14 @@ MAX_BACKOFF = 5.0
 
 WATCHDOG = "watchdog"
 
+
+@dataclass(frozen=True)
+class RetryOrder:
+    """Wakeup payload: try the order's saga again after a back-off."""
+
+    order_id: str
+
+
 Waiter = tuple[Any, int]  # (gateway address, req_id)
 
 
@@ -114,6 +122,7 @@ class LiveOrder:
     placed: OrderPlaced
     saga: Any = None
     pid: int | None = None  # the saga's process (process bases)
+    failures: int = 0  # sagas of this order that aborted or died
     committed: bool = False
     waiters: list[Waiter] = field(default_factory=list)  # want the terminal status
     acks: list[Waiter] = field(default_factory=list)  # want to know OrderPlaced is durable
@@ -430,11 +439,27 @@ class OrderManager(BaseActor):
             self._recover_saga(live)
 
     def _recover_saga(self, live: LiveOrder) -> None:
-        """Replace the order's saga by one rebuilt from the stream, in compensation mode."""
+        """Replace the order's saga by one rebuilt from the stream, in compensation mode;
+        backing off when its sagas keep failing, so a poisonous order cannot spin the system."""
         if self._stopping:
             return
         if live.saga is not None:
             self.send(live.saga, ActorExitRequest())
+            self._forget_saga(live)
+        live.failures += 1
+        if live.failures == 1:
+            self._respawn(live)
+            return
+        delay = min(MAX_BACKOFF, 0.1 * 2 ** (live.failures - 1))
+        log.error(
+            "manager: order %s failed %d times; next attempt in %.1fs",
+            live.placed.order_id,
+            live.failures,
+            delay,
+        )
+        self.wakeupAfter(timedelta(seconds=delay), payload=RetryOrder(live.placed.order_id))
+
+    def _respawn(self, live: LiveOrder) -> None:
         self._spawn(live, self._read(live.placed.order_id), compensate=True)
 
     def receiveMsg_ChildActorExited(self, msg: ChildActorExited, sender: Any) -> None:
@@ -482,6 +507,10 @@ class OrderManager(BaseActor):
             return
         if msg.payload == WATCHDOG:
             self._watchdog()
+        elif isinstance(msg.payload, RetryOrder):
+            live = self._live.get(msg.payload.order_id)
+            if live is not None and live.saga is None:
+                self._respawn(live)
         elif isinstance(msg.payload, str) and msg.payload in SERVICES:
             self._restart(msg.payload)
 

@@ -37,7 +37,7 @@ from messages.commands import (
     StockRefused,
     VoidPayment,
 )
-from messages.events import OrderPlaced, order_stream
+from messages.events import order_stream
 
 ENV = sm.Env(now=utcnow)
 
@@ -163,25 +163,22 @@ class OrderSaga(BaseActor):
         self._step_timeout = msg.step_timeout
         if msg.report_pid:
             self.send(sender, IAm(name=f"saga:{msg.order_id}", pid=os.getpid()))
-        if len(msg.events) == 1 and isinstance(msg.events[0], OrderPlaced):
-            self._state = sm.start(msg.events[0], version=0)
-        else:
-            self._state = sm.recover(msg.events, compensate=msg.compensate)
-            if self._state.phase == sm.Phase.DONE:
-                status = self._state.final_status or "failed"
-                self._state = None
-                self.send(
-                    sender,
-                    SagaFinished(
-                        order_id=msg.order_id,
-                        status=status,
-                        reason="already terminal",
-                        order=order_view(msg.order_id, msg.events),
-                        saga_key=str(self.myAddress),
-                    ),
-                )
-                self.send(self.myAddress, ActorExitRequest())
-                return
+        self._state = sm.recover(msg.events, compensate=msg.compensate)
+        if self._state.phase == sm.Phase.DONE:
+            status = self._state.final_status or "failed"
+            self._state = None
+            self.send(
+                sender,
+                SagaFinished(
+                    order_id=msg.order_id,
+                    status=status,
+                    reason="already terminal",
+                    order=order_view(msg.order_id, msg.events),
+                    saga_key=str(self.myAddress),
+                ),
+            )
+            self.send(self.myAddress, ActorExitRequest())
+            return
         self._feed(sm.Start())
 
     def receiveMsg_ServiceMoved(self, msg: ServiceMoved, sender: Any) -> None:

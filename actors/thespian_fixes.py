@@ -10,17 +10,23 @@
    blocks up to 20 s on a full one; a burst, or a killed actor nobody drains, then stalls every
    process that routes through it (Thespian issues #76, #91). The depths are module globals read
    when each queue is made, and child processes inherit them through fork.
+3. tcp base sockets: every "external" address binds to all interfaces (``bindname = ('', port)``)
+   whatever address it advertises, and Thespian unpickles whatever reaches those ports. When the
+   advertised address is loopback (run.py sets ``THESPIAN_BASE_IPADDR=127.0.0.1`` unless told
+   to join a private network), the socket now binds to that loopback address only.
 """
 
 from __future__ import annotations
 
+import functools
 import heapq
+import ipaddress
 import itertools
 from typing import Any
 
 from thespian.system import simpleSystemBase
 from thespian.system.timing import ExpirationTimer
-from thespian.system.transport import MultiprocessQueueTransport
+from thespian.system.transport import IPBase, MultiprocessQueueTransport
 
 QUEUE_DEPTH = 2000
 _sequence = itertools.count()
@@ -57,13 +63,32 @@ def _add_wakeups_to_status(self: Any, statusmsg: Any) -> Any:
     return statusmsg
 
 
+def _bind_loopback_when_advertised(init: Any) -> Any:
+    @functools.wraps(init)
+    def wrapped(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        host = self.sockname[0] if self.sockname else ""
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if loopback:
+            self.bindname = self.sockname
+
+    wrapped.__loopback_fix__ = True  # type: ignore[attr-defined]
+    return wrapped
+
+
 def apply() -> None:
-    """Install both fixes (idempotent)."""
+    """Install the fixes (idempotent)."""
     manager = simpleSystemBase.WakeupManager
     manager._add_wakeup = _add_wakeup
     manager._pop_expired_wakeups = _pop_expired_wakeups
     manager._next_wakeup = _next_wakeup
     manager.add_wakeups_to_status = _add_wakeups_to_status
+    address: Any = IPBase.IPActorAddress
+    if not getattr(address.__init__, "__loopback_fix__", False):
+        address.__init__ = _bind_loopback_when_advertised(address.__init__)
     transport: Any = MultiprocessQueueTransport
     transport.MAX_ACTOR_QUEUESIZE = max(transport.MAX_ACTOR_QUEUESIZE, QUEUE_DEPTH)
     transport.MAX_ADMIN_QUEUESIZE = max(transport.MAX_ADMIN_QUEUESIZE, QUEUE_DEPTH)

@@ -22,7 +22,8 @@ ProductId = Annotated[
 OrderId = Annotated[
     str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
 ]
-Quantity = Annotated[StrictInt, Field(ge=1, le=1_000_000)]
+MAX_QUANTITY = 1_000_000
+Quantity = Annotated[StrictInt, Field(ge=1, le=MAX_QUANTITY)]
 
 
 def new_id() -> str:

@@ -5,16 +5,27 @@ A refusal names the field (``lines.0.quantity: …``) and never costs the connec
 
 from __future__ import annotations
 
-from typing import Annotated
+from decimal import Decimal
+from typing import Annotated, Any
 
-from pydantic import Field, StrictBool, StrictInt, StringConstraints
+from pydantic import Field, StrictBool, StrictInt, StringConstraints, field_validator
 
-from messages.base import Frozen, OrderId, OrderLine, ProductId
+from messages.base import (
+    MAX_QUANTITY,
+    Frozen,
+    OrderId,
+    OrderLine,
+    ProductId,
+    items_of,
+    order_total,
+)
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 Token = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_]+$")]
 StreamName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 MAX_LINES = 100
+MAX_TOTAL = Decimal("9999999999.9999")  # what an amount field (14 digits, 4 decimals) holds
+MAX_VERSION = 2**62
 
 
 class NoArgs(Frozen):
@@ -36,6 +47,29 @@ class PlaceOrderArgs(Frozen):
     payment_method: Token = "tok_visa"
     wait: StrictBool = True
 
+    @field_validator("lines", mode="before")
+    @classmethod
+    def _few_enough_lines(cls, lines: Any) -> Any:
+        # Checked before the lines themselves: a 1 MiB frame of half a million lines would
+        # otherwise be validated line by line on the event loop before the length check.
+        if isinstance(lines, list | tuple) and len(lines) > MAX_LINES:
+            raise ValueError(f"at most {MAX_LINES} lines per order, got {len(lines)}")
+        return lines
+
+    @field_validator("lines")
+    @classmethod
+    def _order_fits_its_fields(cls, lines: tuple[OrderLine, ...]) -> tuple[OrderLine, ...]:
+        # Lines of the same product are reserved together, and the total is an amount field:
+        # both must stay within what the events can hold.
+        for item in items_of(lines):
+            if item.quantity > MAX_QUANTITY:
+                raise ValueError(
+                    f"{item.product_id}: {item.quantity} units in all, at most {MAX_QUANTITY}"
+                )
+        if order_total(lines) > MAX_TOTAL:
+            raise ValueError(f"order total {order_total(lines)} exceeds {MAX_TOTAL}")
+        return lines
+
 
 class GetOrderArgs(Frozen):
     """`get_order`."""
@@ -47,7 +81,7 @@ class ReadStreamArgs(Frozen):
     """`read_stream`: a stream's events from a version on."""
 
     stream: StreamName
-    from_version: Annotated[StrictInt, Field(ge=0)] = 0
+    from_version: Annotated[StrictInt, Field(ge=0, le=MAX_VERSION)] = 0
 
 
 class StockArgs(Frozen):
