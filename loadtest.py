@@ -646,6 +646,11 @@ def render_report(summary: Mapping[str, Any], audit: Mapping[str, Any]) -> str:
                 f"process tree peak {_fmt_kib(server['peak_tree_rss_kib'])} over "
                 f"{server['peak_tree_procs']} processes (sampled 1/s)"
             )
+        if server.get("kib_per_in_flight_order") is not None:
+            parts.append(
+                f"{server['kib_per_in_flight_order']:.1f} KiB per in-flight order "
+                f"(peak - {_fmt_kib(server['rss_before_kib'])} before, / concurrency)"
+            )
         out.append("server          " + "; ".join(parts))
     scarce = summary.get("scarce")
     if scarce:
@@ -974,6 +979,8 @@ def _drive(
             + ",".join(f"{k}={v:g}" for k, v in args.mix.items())
         )
         server_cpu0 = server.cpu_seconds() if server is not None else None
+        # The server's RSS before the orders arrive: the base that in-flight orders add to.
+        rss_before = _proc_status_kib(server.proc.pid, "VmRSS") if server is not None else None
         result = LoadRun(
             clients,
             plan,
@@ -995,7 +1002,15 @@ def _drive(
                 "peak_rss_kib": server.own_peak_kib(),
                 "peak_tree_rss_kib": server.peak_tree_kib,
                 "peak_tree_procs": server.peak_tree_procs,
+                "rss_before_kib": rss_before,
             }
+            peak = server.peak_tree_kib or server.own_peak_kib()
+            if peak and rss_before is not None:
+                # Orders in flight at the peak are at most `concurrency`: a lower bound on the
+                # concurrency actually reached would only make this figure larger.
+                summary["server"]["kib_per_in_flight_order"] = round(
+                    (peak - rss_before) / min(args.concurrency, args.orders), 2
+                )
         scarce_ok = True
         if args.scarce > 0:
             summary["scarce"] = _check_scarce(admin, args, plan, result, scarce_reserved_before)
