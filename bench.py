@@ -37,53 +37,58 @@ SYSTEM_BASES = {
 }
 
 
-def run_full(base: str, orders: int, concurrency: int, tmp: Path) -> dict[str, Any]:
-    """One loadtest run against a freshly spawned run.py; returns its --json summary."""
-    out = tmp / f"full-{base}-{time.monotonic_ns()}.json"
-    cmd = [
-        sys.executable,
-        str(ROOT / "loadtest.py"),
-        "--spawn",
-        "--base",
-        base,
-        "--orders",
-        str(orders),
-        "--concurrency",
-        str(concurrency),
-        "--json",
-        str(out),
-        "--no-progress",
-        "--mix",
-        "tok_visa=1",
-    ]
+def _run_json(cmd: list[str], out: Path) -> dict[str, Any]:
+    """Run a child that writes its summary to `out`; the summary, with the exit status."""
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800, check=False)
     if not out.exists():
-        raise RuntimeError(f"loadtest failed ({done.returncode}): {done.stderr[-2000:]}")
+        raise RuntimeError(f"{cmd[1]} failed ({done.returncode}): {done.stderr[-2000:]}")
     summary: dict[str, Any] = json.loads(out.read_text())
     summary["exit_status"] = done.returncode
     return summary
 
 
+def run_full(base: str, orders: int, concurrency: int, tmp: Path) -> dict[str, Any]:
+    """One loadtest run against a freshly spawned run.py; returns its --json summary."""
+    out = tmp / f"full-{base}-{time.monotonic_ns()}.json"
+    return _run_json(
+        [
+            sys.executable,
+            str(ROOT / "loadtest.py"),
+            "--spawn",
+            "--base",
+            base,
+            "--orders",
+            str(orders),
+            "--concurrency",
+            str(concurrency),
+            "--json",
+            str(out),
+            "--no-progress",
+            "--mix",
+            "tok_visa=1",
+        ],
+        out,
+    )
+
+
 def run_reference_child(base: str, orders: int, concurrency: int, tmp: Path) -> dict[str, Any]:
     """The reference saga, in a child process of its own (a clean interpreter per run)."""
     out = tmp / f"ref-{base}-{time.monotonic_ns()}.json"
-    cmd = [
-        sys.executable,
-        str(ROOT / "bench.py"),
-        "--reference",
-        base,
-        "--orders",
-        str(orders),
-        "--concurrency",
-        str(concurrency),
-        "--reference-out",
-        str(out),
-    ]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800, check=False)
-    if done.returncode != 0 or not out.exists():
-        raise RuntimeError(f"reference run failed: {done.stderr[-2000:]}")
-    result: dict[str, Any] = json.loads(out.read_text())
-    return result
+    return _run_json(
+        [
+            sys.executable,
+            str(ROOT / "bench.py"),
+            "--reference",
+            base,
+            "--orders",
+            str(orders),
+            "--concurrency",
+            str(concurrency),
+            "--reference-out",
+            str(out),
+        ],
+        out,
+    )
 
 
 def _reference_main(base: str, orders: int, concurrency: int, out: Path) -> int:

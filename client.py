@@ -337,7 +337,8 @@ def parse_line(text: str) -> dict[str, Any]:
     return {"product_id": sku, "quantity": quantity, "unit_price": str(price)}
 
 
-def _non_negative_int(text: str) -> int:
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
     try:
         value = int(text)
     except ValueError:
@@ -404,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     stock.add_argument("skus", nargs="*", metavar="SKU")
     set_stock = sub.add_parser("set-stock", help="set a product's on-hand quantity")
     set_stock.add_argument("sku", metavar="SKU")
-    set_stock.add_argument("qty", type=_non_negative_int, metavar="QTY")
+    set_stock.add_argument("qty", type=non_negative_int, metavar="QTY")
     sub.add_parser("audit", help="check the store invariants; exit 1 if any fails")
     sub.add_parser("ping", help="check the server answers")
     return parser

@@ -40,7 +40,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from client import DEFAULT_HOST, DEFAULT_PORT, Client, ClientError, ConnectionFailed
+from client import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    Client,
+    ClientError,
+    ConnectionFailed,
+    non_negative_int,
+)
 
 __all__ = ["main", "parse_mix", "percentile"]
 
@@ -728,16 +735,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative integer")
-    return value
-
-
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -799,7 +796,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--scarce",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=0,
         help=f"units of {SCARCE_SKU} that a share of the orders race for (0: off)",
     )
