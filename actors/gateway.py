@@ -215,6 +215,15 @@ class GatewayLimits:
 Handler = Callable[[Any], Awaitable[Any]]
 
 
+@dataclass(frozen=True)
+class ParsedRequest:
+    """A decoded, validated request waiting to run."""
+
+    req_id: Any
+    handler: Handler
+    args: BaseModel
+
+
 class Gateway:
     """The client interface: ops of DESIGN.md section 6 over length-prefixed msgpack frames."""
 
@@ -302,8 +311,10 @@ class Gateway:
                 body = await asyncio.wait_for(
                     reader.readexactly(length), self._limits.frame_timeout
                 )
+                request = self.parse_frame(body)
+                del body  # a waiting request keeps only its validated arguments
                 await pending.acquire()
-                task = asyncio.create_task(self._answer(body, writer, write_lock))
+                task = asyncio.create_task(self._answer(request, writer, write_lock))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
                 task.add_done_callback(lambda _: pending.release())
@@ -326,9 +337,12 @@ class Gateway:
             await writer.wait_closed()
 
     async def _answer(
-        self, body: bytes, writer: asyncio.StreamWriter, write_lock: asyncio.Lock
+        self,
+        request: ParsedRequest | dict[str, Any],
+        writer: asyncio.StreamWriter,
+        write_lock: asyncio.Lock,
     ) -> None:
-        reply = await self.handle_frame(body)
+        reply = request if isinstance(request, dict) else await self._execute(request)
         frame = encode_frame(reply)
         async with write_lock:
             writer.write(frame)
@@ -339,6 +353,16 @@ class Gateway:
 
     async def handle_frame(self, body: bytes) -> dict[str, Any]:
         """One request frame in, one reply map out; nothing a client sends can raise past here."""
+        request = self.parse_frame(body)
+        return request if isinstance(request, dict) else await self._execute(request)
+
+    def parse_frame(self, body: bytes) -> ParsedRequest | dict[str, Any]:
+        """Decode and validate a frame: the request to run, or the error reply to send.
+
+        Runs before the request waits for anything, so a pending request holds only its small
+        validated arguments, never the (up to 1 MiB) frame: that is what bounds the memory a
+        connection with many requests in flight can pin.
+        """
         req_id: Any = None
         try:
             request = decode_body(body)
@@ -346,6 +370,9 @@ class Gateway:
             if not isinstance(req_id, int | str | None) or isinstance(req_id, bool):
                 req_id = None
                 raise OpError("invalid", "id must be an integer or a string")
+            extra = set(request) - {"id", "op", "args"}
+            if extra:
+                raise OpError("invalid", f"unknown request keys: {sorted(map(str, extra))[:5]}")
             op, args = request.get("op"), request.get("args", {})
             if not isinstance(op, str):
                 raise OpError("invalid", "op must be a string")
@@ -359,17 +386,23 @@ class Gateway:
                 raise OpError("invalid", "args must be a map")
             model, handler = self._ops[op]
             try:
-                parsed = model.model_validate(args)
+                return ParsedRequest(req_id, handler, model.model_validate(args))
             except ValidationError as e:
                 raise OpError("invalid", _describe(e)) from None
-            return ok_frame(req_id, await handler(parsed))
-        except FrameError as e:
-            return error_reply(req_id, e.code, e.message)
-        except OpError as e:
+        except (FrameError, OpError) as e:
             return error_reply(req_id, e.code, e.message)
         except Exception:
             log.exception("gateway: request failed")
             return error_reply(req_id, "internal", "internal error")
+
+    async def _execute(self, request: ParsedRequest) -> dict[str, Any]:
+        try:
+            return ok_frame(request.req_id, await request.handler(request.args))
+        except OpError as e:
+            return error_reply(request.req_id, e.code, e.message)
+        except Exception:
+            log.exception("gateway: request failed")
+            return error_reply(request.req_id, "internal", "internal error")
 
     async def _ask(self, make: Callable[[int], ActorMessage]) -> ActorMessage:
         assert self._slots is not None

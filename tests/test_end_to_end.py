@@ -338,6 +338,9 @@ def test_garbage_frames_get_an_error_and_the_connection_survives(server: Server)
             exchange(msgpack.packb({"id": 7, "op": "ping", "args": []}))["error"]["code"]
             == "invalid"
         )
+        # Unknown top-level keys are refused, so a waiting request cannot pin a padded frame.
+        padded = exchange(msgpack.packb({"id": 9, "op": "ping", "args": {}, "pad": b"x" * 9000}))
+        assert padded["error"]["code"] == "invalid"
         assert exchange(msgpack.packb({"id": 8, "op": "ping", "args": {}})) == {
             "id": 8,
             "ok": True,
