@@ -567,6 +567,7 @@ class OrderManager(BaseActor):
     def receiveMsg_Drain(self, msg: Drain, sender: Any) -> None:
         """Stop taking new orders; report how many are still running."""
         self._draining = True
+        self._stopping = self._stopping or msg.final
         self.send(sender, DrainStatus(req_id=msg.req_id, in_flight=len(self._live)))
 
     def receiveMsg_Identify(self, msg: Identify, sender: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -26,12 +27,27 @@ MAX_QUANTITY = 1_000_000
 Quantity = Annotated[StrictInt, Field(ge=1, le=MAX_QUANTITY)]
 
 
-def new_id() -> str:
-    """A fresh random 128-bit id as 32 hex digits (event, reservation and payment ids).
+class _IdSource:
+    """Unique ids without a system call each: a random 96-bit prefix per process and a counter.
 
-    os.urandom directly: uuid4() builds a UUID object first, which showed up in the profile.
+    os.urandom per id (one getrandom call) took 4 % of the CPU under load, uuid4 more. A forked
+    child (the process bases) draws a new prefix, so parent and child never share a sequence.
     """
-    return os.urandom(16).hex()
+
+    def __init__(self) -> None:
+        self.reseed()
+
+    def reseed(self) -> None:
+        self._prefix = os.urandom(12).hex()
+        self._counter = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._counter):08x}"
+
+
+new_id = _IdSource()
+"""A fresh unique id (event, reservation and payment ids): 32+ hex digits."""
+os.register_at_fork(after_in_child=new_id.reseed)
 
 
 def utcnow() -> datetime:

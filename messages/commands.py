@@ -85,9 +85,11 @@ class StockReport(ActorMessage):
 
 
 class Drain(ActorMessage):
-    """Stop accepting orders; reply how many sagas are still running."""
+    """Stop accepting orders; reply how many sagas are still running. `final`: the system is
+    about to shut down, so stop supervising too (no restarts of actors Thespian is stopping)."""
 
     req_id: int
+    final: bool = False
 
 
 class DrainStatus(ActorMessage):
