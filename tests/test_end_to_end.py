@@ -72,6 +72,7 @@ PATHS: dict[str, tuple[str, list[str]]] = {
 BASES = [
     pytest.param("simple", id="simple"),
     pytest.param("queue", id="queue", marks=pytest.mark.process),
+    pytest.param("tcp", id="tcp", marks=pytest.mark.process),
 ]
 
 
@@ -81,10 +82,13 @@ def server(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Server]:
     """One run.py per base for the whole module (starting one costs about a second)."""
+    # The tcp base's admin listens on a port of its own (Thespian's default 1900 may be taken).
+    extra = ("--admin-port", str(free_port())) if request.param == "tcp" else ()
     srv = Server(
         tmp_path_factory.mktemp(f"e2e-{request.param}"),
         base=request.param,
         step_timeout=0.5 if request.param == "simple" else 1.0,
+        extra=extra,
     )
     yield srv
     assert srv.stop() == 0, srv.log()[-3000:]
@@ -94,6 +98,14 @@ def server(
 def client(server: Server) -> Client:
     """A fresh connection to the module's server."""
     return server.client()
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def event_types(client: Client, order_id: str) -> list[str]:
