@@ -1,0 +1,52 @@
+"""The benchmark's own parts: the bare reference saga really runs orders, and the table adds up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench import median_row, render
+from benchmarks.reference import run_reference
+
+
+@pytest.mark.parametrize(
+    "system_base",
+    ["simpleSystemBase", pytest.param("multiprocQueueBase", marks=pytest.mark.process)],
+)
+def test_reference_saga_runs_every_order(tmp_path: Path, system_base: str) -> None:
+    done = run_reference(system_base, orders=40, concurrency=8, db=str(tmp_path / "r.db"))
+    assert len(done.latencies) == 40
+    assert all(latency > 0 for latency in done.latencies)
+    assert done.wall > 0
+
+
+def test_median_row_and_table() -> None:
+    runs = [
+        {"throughput_orders_per_s": t, "latency_ms": {"p50": t, "p90": t, "p99": t, "max": t}}
+        for t in (10.0, 30.0, 20.0)
+    ]
+    assert median_row(runs) == {
+        "orders_per_s": 20.0,
+        "p50": 20.0,
+        "p90": 20.0,
+        "p99": 20.0,
+        "max": 20.0,
+    }
+    table = {
+        "simple/full": {
+            "orders": 5,
+            "concurrency": 2,
+            "median": median_row(runs),
+            "audits": "3/3 ok",
+        },
+        "simple/reference": {
+            "orders": 5,
+            "concurrency": 2,
+            "median": median_row([{**runs[0], "throughput_orders_per_s": 40.0}]),
+        },
+    }
+    meta = {"started": "now", "reps": 3, "machine": {"cpus": 2, "cpu": "x", "python": "3.11"}}
+    text = render(table, meta)
+    assert "| simple | full | 5 | 2 | 20 |" in text
+    assert "| 50% | 3/3 ok |" in text  # 20 of the reference's 40 orders/s
