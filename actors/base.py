@@ -77,7 +77,7 @@ class Appender:
         self._actor = actor
         self._prefix = prefix
         self._counter = itertools.count()
-        self._callbacks: dict[str, AppendCallback] = {}
+        self._pending: dict[str, tuple[AppendToStream, AppendCallback]] = {}
         self.store: Any = None
 
     def append(
@@ -90,35 +90,34 @@ class Appender:
     ) -> str:
         """Send one append; `callback` runs with the store's reply."""
         ref = f"{self._prefix}:{next(self._counter)}"
-        self._callbacks[ref] = callback
-        self._actor.send(
-            self.store,
-            AppendToStream(
-                ref=ref,
-                stream=stream,
-                events=tuple(events),
-                event_ids=tuple(event_ids),
-                expected_version=expected_version,
-            ),
+        request = AppendToStream(
+            ref=ref,
+            stream=stream,
+            events=tuple(events),
+            event_ids=tuple(event_ids),
+            expected_version=expected_version,
         )
+        self._pending[ref] = (request, callback)
+        self._actor.send(self.store, request)
         return ref
+
+    def resend(self) -> None:
+        """Send every unanswered append again (to a restarted store): same ref, same event
+        ids, so one that did commit before the crash is a no-op the second time."""
+        for request, _ in self._pending.values():
+            self._actor.send(self.store, request)
 
     def settle(self, reply: AppendDone | AppendRejected) -> None:
         """Deliver a store reply to whoever asked; replies nobody waits for are dropped."""
-        callback = self._callbacks.pop(reply.ref, None)
-        if callback is None:
+        pending = self._pending.pop(reply.ref, None)
+        if pending is None:
             log.info("%s: reply for a forgotten append %s", self._prefix, reply.ref)
             return
-        callback(reply)
+        pending[1](reply)
 
     def forget_all(self) -> None:
-        """Drop every pending callback (the state they would update was rebuilt)."""
-        self._callbacks.clear()
-
-    @property
-    def in_flight(self) -> int:
-        """How many appends wait for the store."""
-        return len(self._callbacks)
+        """Drop every pending append (the state they would update was rebuilt)."""
+        self._pending.clear()
 
 
 class CommitGate:

@@ -211,8 +211,9 @@ class OrderManager(BaseActor):
                 msg.pid,
                 self._running,
             )
-            if msg.name == "store":  # the services append through the store too
-                for other in ("inventory", "payment"):
+            if msg.name == "store":
+                self._appender.resend()  # placements not yet acknowledged
+                for other in ("inventory", "payment"):  # they append through the store too
                     self._restart(other)
             moved = ServiceMoved(service=msg.name, address=sender)
             for live in self._live.values():

@@ -177,6 +177,31 @@ def recovering(server: Server) -> int:
     return int(server.ready_line.split("recovering=")[1].split()[0])
 
 
+@pytest.mark.process
+def test_kill_store_process_while_orders_flow(start_server: Callable[..., Server]) -> None:
+    server = start_server(base="queue", step_timeout=2.0)
+    client = server.client()
+    old = pids(client)["store"]
+    futures = {
+        order_id: client.submit(
+            "place_order",
+            {"order_id": order_id, "customer_id": "c", "lines": LINE, "wait": False},
+        )
+        for order_id in (new_id("store") for _ in range(40))
+    }
+    wait_until(functools.partial(acknowledged_at_least, futures, 5))
+    kill9(old)
+    # Placements the dead store never answered are sent again to its successor (same event
+    # ids): every one is acknowledged, none waits for the gateway's request timeout.
+    acked = [order_id for order_id, future in futures.items() if future.result(20)]
+    assert len(acked) == len(futures)
+    assert pids(client)["store"] != old
+    for order_id in acked:  # every acknowledged order ends, one way or the other
+        assert terminal(client, order_id, timeout=60)["status"] in {"paid", "cancelled", "failed"}
+    assert client.place_order(new_id("next"), "c", LINE)["status"] == "paid"
+    assert_audit_clean(client)
+
+
 # --- the whole system ---------------------------------------------------------------------------
 
 MIX = ["tok_visa"] * 8 + ["tok_chargeDeclined", "tok_timeout"]
