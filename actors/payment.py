@@ -13,8 +13,10 @@ simple base, where killing the process would kill the whole system).
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
@@ -47,6 +49,7 @@ from messages.events import (
 from store import CODEC, NO_STREAM, SqliteEventStore
 
 DECLINE_MESSAGE = "Your card was declined."
+MAX_CACHED_RECORDS = 50_000
 
 
 class PaymentProviderError(RuntimeError):
@@ -88,7 +91,10 @@ class PaymentActor(BaseActor):
         super().__init__()
         self._config: ServiceConfig | None = None
         self._reader: SqliteEventStore | None = None
-        self._records: dict[str, PaymentRecord] = {}
+        # A cache of what the payment streams say, least recently used first; every record is
+        # durable, so one evicted is simply read again (only records with nothing uncommitted
+        # and no slow charge pending are evicted).
+        self._records: OrderedDict[str, PaymentRecord] = OrderedDict()
         self._slow: set[str] = set()  # orders whose charge completes on a timer
         self._appender = Appender(self, "payment")
         self._gate = CommitGate()
@@ -103,13 +109,28 @@ class PaymentActor(BaseActor):
 
     def _record_of(self, order_id: str) -> PaymentRecord:
         record = self._records.get(order_id)
-        if record is None:
-            assert self._reader is not None
-            record = PaymentRecord()
-            for stored in self._reader.read_stream(payment_stream(order_id)):
-                record.apply(CODEC.decode(stored))
-            self._records[order_id] = record
+        if record is not None:
+            self._records.move_to_end(order_id)
+            return record
+        assert self._reader is not None
+        record = PaymentRecord()
+        for stored in self._reader.read_stream(payment_stream(order_id)):
+            record.apply(CODEC.decode(stored))
+        self._records[order_id] = record
+        self._evict()
         return record
+
+    def _evict(self) -> None:
+        excess = len(self._records) - MAX_CACHED_RECORDS
+        if excess <= 0:
+            return
+        # The oldest few (busy ones are skipped, so look a little further than needed).
+        for order_id in list(itertools.islice(self._records, excess + 32)):
+            if excess <= 0:
+                return
+            if not self._gate.busy(order_id) and order_id not in self._slow:
+                del self._records[order_id]
+                excess -= 1
 
     # --- charge -----------------------------------------------------------------------------
 

@@ -248,3 +248,34 @@ def test_manager_runs_orders_through_sagas(system: Any, tmp_path: Path) -> None:
         events = decode_stream(reader.read_stream("inventory"))
     assert sum(type(e).__name__ == "StockReserved" for e in events) == 4
     assert sum(type(e).__name__ == "StockReleased" for e in events) == 3
+
+
+def test_payment_forgets_old_records_but_not_their_facts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("actors.payment.MAX_CACHED_RECORDS", 2)
+    asys = ActorSystem("simpleSystemBase", transientUnique=True)
+    try:
+        payment = services(asys, tmp_path / "o.db")["payment"]
+        orders = [new_id() for _ in range(5)]
+        first = {
+            order: ask(
+                asys,
+                payment,
+                ChargePayment(order_id=order, amount=Decimal(2), payment_method="tok_visa"),
+            )
+            for order in orders
+        }
+        # The first orders were evicted from the cache: asked again, the provider reads its
+        # stream and gives the same answer, never a second charge.
+        for order in orders:
+            again = ask(
+                asys,
+                payment,
+                ChargePayment(order_id=order, amount=Decimal(2), payment_method="tok_visa"),
+            )
+            assert again == first[order]
+    finally:
+        asys.shutdown()
+    for order in orders:
+        assert stream_types(tmp_path / "o.db", f"payment-{order}") == ["ChargeSucceeded"]
