@@ -152,7 +152,13 @@ class CommitGate:
             return
         self._uncommitted.pop(key, None)
         for again in self._deferred.pop(key, []):
-            again()
+            try:
+                again()
+            except Exception:
+                # Re-handled inside another message's handler: raising here would poison that
+                # message's sender and drop the rest of the list. The requester times out and
+                # retries (or compensates).
+                log.exception("a deferred request for %s failed", key)
 
     def clear(self) -> None:
         """Forget everything (the owner rebuilt its state; requesters will retry)."""

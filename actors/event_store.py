@@ -60,6 +60,17 @@ class EventStoreActor(BaseActor):
                     ),
                 )
             return
+        try:
+            results = self._commit(batch)
+        except Exception as e:
+            # Whatever failed (encoding, I/O), nobody's events are durable: tell each requester,
+            # so none waits for an answer that would never come.
+            log.exception("store: group commit of %d appends failed", len(batch))
+            results = [StoreError(f"{type(e).__name__}: {e}")] * len(batch)
+        self._answer(batch, results)
+
+    def _commit(self, batch: list[tuple[AppendToStream, Any]]) -> list[int | StoreError]:
+        assert self._store is not None
         requests = [
             AppendRequest(
                 stream=request.stream,
@@ -71,12 +82,11 @@ class EventStoreActor(BaseActor):
             )
             for request, _ in batch
         ]
-        try:
-            results = self._store.append_batch(requests)
-        except StoreError as e:
-            # The whole transaction failed (disk full, I/O error): nobody's events are durable.
-            log.exception("store: group commit of %d appends failed", len(batch))
-            results = [e] * len(batch)
+        return self._store.append_batch(requests)
+
+    def _answer(
+        self, batch: list[tuple[AppendToStream, Any]], results: list[int | StoreError]
+    ) -> None:
         for (request, requester), result in zip(batch, results, strict=True):
             if isinstance(result, int):
                 self.send(requester, AppendDone(ref=request.ref, version=result))

@@ -24,7 +24,7 @@ from datetime import timedelta
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
-from thespian.actors import ActorSystem, PoisonMessage
+from thespian.actors import ActorSystem, ActorSystemException, PoisonMessage
 
 from actors.audit import audit
 from actors.manager import OrderManager
@@ -112,21 +112,19 @@ class ActorBridge:
 
     def submit(
         self, make: Callable[[int], ActorMessage]
-    ) -> concurrent.futures.Future[ActorMessage]:
+    ) -> tuple[int, concurrent.futures.Future[ActorMessage]]:
         """Send the message `make(req_id)` to the OrderManager; the future gets its reply."""
         req_id = next(self._ids)
         future: concurrent.futures.Future[ActorMessage] = concurrent.futures.Future()
         with self._lock:
             self._futures[req_id] = future
         self._outbox.put((req_id, make(req_id)))
-        return future
+        return req_id, future
 
-    def forget(self, future: concurrent.futures.Future[ActorMessage]) -> None:
+    def forget(self, req_id: int) -> None:
         """Stop waiting for a reply (the caller gave up); a late reply is dropped."""
         with self._lock:
-            for req_id, pending in list(self._futures.items()):
-                if pending is future:
-                    del self._futures[req_id]
+            self._futures.pop(req_id, None)
 
     def stop(self) -> None:
         """Shut the actor system down (actors get ActorExitRequest) and end the thread."""
@@ -147,7 +145,13 @@ class ActorBridge:
         simple = self.base == "simple"
         try:
             while not self._stop.is_set():
-                self._pump(system, manager, simple)
+                try:
+                    self._pump(system, manager, simple)
+                except ActorSystemException:
+                    raise
+                except Exception:
+                    # One bad delivery must not end the bridge (and with it every order).
+                    log.exception("bridge: a hand-over failed; going on")
         except Exception:
             log.exception("bridge: the actor system failed")
         finally:
@@ -181,20 +185,37 @@ class ActorBridge:
 
     def _deliver(self, reply: Any) -> None:
         if isinstance(reply, PoisonMessage):
-            req_id = getattr(reply.poisonMessage, "req_id", None)
-            failure: ActorMessage | None = Refused(
-                req_id=req_id or 0, code="internal", message="the system failed on this request"
-            )
-        else:
-            req_id = getattr(reply, "req_id", None)
-            failure = None
-        with self._lock:
-            future = self._futures.pop(req_id, None) if req_id is not None else None
-        if future is None:
+            # The manager raised on a request (or on a batch of them): fail each one now
+            # rather than let its caller wait out the request timeout.
+            poisoned = reply.poisonMessage
+            inner = poisoned.messages if isinstance(poisoned, Batch) else (poisoned,)
+            for request in inner:
+                req_id = getattr(request, "req_id", None)
+                if req_id is not None:
+                    self._resolve(
+                        req_id,
+                        Refused(
+                            req_id=req_id,
+                            code="internal",
+                            message="the system failed on this request",
+                        ),
+                    )
+            return
+        req_id = getattr(reply, "req_id", None)
+        if req_id is None:
             log.debug("bridge: unmatched reply %r", reply)
             return
-        if not future.done():
-            future.set_result(failure or reply)
+        self._resolve(req_id, reply)
+
+    def _resolve(self, req_id: int, reply: ActorMessage) -> None:
+        with self._lock:
+            future = self._futures.pop(req_id, None)
+        if future is None:
+            return
+        # The caller may cancel the future (timeout, disconnect) at any moment from the event
+        # loop's thread: a cancelled future refuses its result, and that is fine.
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
+            future.set_result(reply)
 
 
 def _kill_leftover_children(grace: float = 5.0) -> None:
@@ -476,13 +497,13 @@ class Gateway:
             log.warning("gateway: actor system saturated (%d stalls so far)", self.stalls)
             raise OpError("unavailable", "the system is saturated; retry later") from None
         try:
-            future = self._bridge.submit(make)
+            req_id, future = self._bridge.submit(make)
             try:
                 reply = await asyncio.wait_for(
                     asyncio.wrap_future(future), self._limits.request_timeout
                 )
             except TimeoutError:
-                self._bridge.forget(future)
+                self._bridge.forget(req_id)
                 raise OpError(
                     "unavailable",
                     "no answer in time; the request may still complete "
@@ -592,7 +613,7 @@ class Gateway:
 
 def configure(bridge: ActorBridge, message: Callable[[int], Configure], timeout: float) -> int:
     """Boot the OrderManager (services, recovery); returns how many orders it is recovering."""
-    reply = bridge.submit(message).result(timeout)
+    reply = bridge.submit(message)[1].result(timeout)
     if isinstance(reply, Refused):
         raise OpError(reply.code, reply.message)
     assert isinstance(reply, Configured)

@@ -146,6 +146,7 @@ class OrderManager(BaseActor):
         self._appender = Appender(self, "manager")
         self._services: dict[str, Any] = {}
         self._service_pids: dict[str, int] = {}
+        self._restarting: set[str] = set()  # services between death and the new one's ready
         self._ready: set[str] = set()
         self._restarts: dict[str, list[float]] = {}
         self._live: dict[str, LiveOrder] = {}
@@ -162,9 +163,15 @@ class OrderManager(BaseActor):
     # --- boot -------------------------------------------------------------------------------
 
     def receiveMsg_Batch(self, msg: Batch, sender: Any) -> None:
-        """Handle each request of the batch as if it had come alone."""
+        """Handle each request of the batch as if it had come alone (and fail alone)."""
         for message in msg.messages:
-            self.receiveMessage(message, sender)
+            try:
+                self.receiveMessage(message, sender)
+            except Exception:
+                log.exception("manager: %s failed", type(message).__name__)
+                req_id = getattr(message, "req_id", None)
+                if req_id is not None:
+                    self._refuse((sender, req_id), "internal", "the system failed on this request")
 
     def receiveMsg_Configure(self, msg: Configure, sender: Any) -> None:
         """Start the store first (it creates the schema), then the services that read it."""
@@ -196,6 +203,12 @@ class OrderManager(BaseActor):
 
     def receiveMsg_ServiceReady(self, msg: ServiceReady, sender: Any) -> None:
         """A service is up: continue the boot, or tell the sagas where a restarted one is."""
+        if sender != self._services.get(msg.name):
+            # An instance that was replaced before it got ready (a second restart overtook it).
+            log.warning("manager: ignoring ready from a replaced %s (pid %d)", msg.name, msg.pid)
+            self.send(sender, ActorExitRequest())
+            return
+        self._restarting.discard(msg.name)
         self._service_pids[msg.name] = msg.pid
         first_time = msg.name not in self._ready
         self._ready.add(msg.name)
@@ -429,7 +442,8 @@ class OrderManager(BaseActor):
         """The saga gave up (it raised, or its stream moved): recover and compensate."""
         log.error("manager: saga for %s aborted: %s", msg.order_id, msg.reason)
         live = self._live.get(msg.order_id)
-        if live is not None:
+        # A late abort of a saga already replaced (its exit overtook it) changes nothing.
+        if live is not None and live.saga is not None and live.saga == sender:
             self._recover_saga(live)
 
     def receiveMsg_PoisonMessage(self, msg: PoisonMessage, sender: Any) -> None:
@@ -474,7 +488,6 @@ class OrderManager(BaseActor):
             return  # a saga that reported its order terminal, exiting as it should
         for name, address in list(self._services.items()):
             if address == child:
-                self._service_pids.pop(name, None)
                 self._schedule_restart(name)
                 return
         live = self._order_of_saga(child)
@@ -483,23 +496,30 @@ class OrderManager(BaseActor):
             self._recover_saga(live)
 
     def _schedule_restart(self, name: str) -> None:
-        """Restart a dead service, backing off when it keeps dying."""
+        """Restart a dead service, backing off when it keeps dying. Its old address stays in
+        place meanwhile (sagas learn the new one from ServiceMoved when it is ready)."""
+        if name in self._restarting:
+            return  # the watchdog and ChildActorExited both saw the same death
+        self._restarting.add(name)
+        self._service_pids.pop(name, None)
         now = time.monotonic()
         recent = [t for t in self._restarts.get(name, []) if now - t < RESTART_WINDOW]
         recent.append(now)
         self._restarts[name] = recent
         delay = 0.0 if len(recent) == 1 else min(MAX_BACKOFF, 0.1 * 2 ** (len(recent) - 1))
         log.error("manager: service %s died; restart #%d in %.1fs", name, len(recent), delay)
-        self._services.pop(name, None)
         if delay == 0:
             self._restart(name)
         else:
             self.wakeupAfter(timedelta(seconds=delay), payload=name)
 
     def _restart(self, name: str) -> None:
+        """Replace a service instance (dead or not) by a new one that loads its durable state."""
         old = self._services.get(name)
         if old is not None:
             self.send(old, ActorExitRequest())
+        self._service_pids.pop(name, None)
+        self._restarting.add(name)
         self._start_service(name)
 
     def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender: Any) -> None:
@@ -521,9 +541,8 @@ class OrderManager(BaseActor):
         also checks its services' processes itself."""
         for name in SERVICES:
             pid = self._service_pids.get(name)
-            if name in self._services and pid is not None and not process_alive(pid):
+            if pid is not None and not process_alive(pid):
                 log.error("manager: watchdog found %s (pid %d) dead", name, pid)
-                self._service_pids.pop(name, None)
                 self._schedule_restart(name)
         for live in list(self._live.values()):
             if live.pid is not None and not process_alive(live.pid):
@@ -547,7 +566,7 @@ class OrderManager(BaseActor):
 
     def _forward(self, msg: GetStock | SetStock, sender: Any) -> None:
         inventory = self._services.get("inventory")
-        if inventory is None or "inventory" not in self._ready:
+        if inventory is None or "inventory" not in self._ready or "inventory" in self._restarting:
             self._refuse((sender, msg.req_id), "unavailable", "inventory is restarting")
             return
         self._forwarded[msg.req_id] = sender

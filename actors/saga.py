@@ -63,10 +63,11 @@ class OrderSaga(BaseActor):
             return super().receiveMessage(message, sender)
         except Exception as e:
             log.exception("saga %s failed handling %s", self._order_id, type(message).__name__)
-            if self._manager is not None and self._state is not None:
+            order_id = message.order_id if isinstance(message, StartSaga) else self._order_id
+            manager = sender if isinstance(message, StartSaga) else self._manager
+            if manager is not None and (self._state is not None or isinstance(message, StartSaga)):
                 self.send(
-                    self._manager,
-                    SagaAborted(order_id=self._order_id, reason=f"{type(e).__name__}: {e}"),
+                    manager, SagaAborted(order_id=order_id, reason=f"{type(e).__name__}: {e}")
                 )
                 self._state = None
                 self.send(self.myAddress, ActorExitRequest())

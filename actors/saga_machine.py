@@ -284,6 +284,10 @@ class SagaState:
     pending: Pending | None = None
     final_status: str | None = None
     recorded: tuple[Event, ...] = ()  # the order stream as far as it is committed
+    # Recovered mid-charge from a dead saga: record PaymentFailed before compensating, so an
+    # append the dead saga left in flight (PaymentProcessed + OrderPaid) and ours cannot both
+    # land: whichever commits second conflicts, and a paid order is never refunded.
+    fence_first: bool = False
 
 
 @dataclass(frozen=True)
@@ -330,7 +334,12 @@ def recover(events: Sequence[Event], *, compensate: bool) -> SagaState:
         elif isinstance(event, PaymentRefunded):
             state = replace(state, refund_recorded=True)
     if compensate and state.outcome is None:
-        state = replace(state, outcome=Outcome.FAILED, reason="saga crashed; recovered")
+        state = replace(
+            state,
+            outcome=Outcome.FAILED,
+            reason="saga crashed; recovered",
+            fence_first=state.phase == Phase.CHARGING,
+        )
     # A charge may have been sent before the crash with its outcome unrecorded: compensation
     # voids it, so a charge that went through (or completes later) is refunded.
     return replace(state, need_void=state.need_void or state.phase == Phase.CHARGING)
@@ -368,6 +377,13 @@ def _on_start(state: SagaState, env: Env) -> tuple[SagaState, list[Command]]:
             paid_at=env.now(),
         )
         return _record(state, (paid,), "finish", env, final="paid")
+    if state.fence_first:
+        failed = PaymentFailed(
+            order_id=order.order_id,
+            reason="saga crashed; payment outcome unknown",
+            failed_at=env.now(),
+        )
+        return _record(replace(state, fence_first=False), (failed,), "compensate", env)
     if state.outcome is not None:
         return _begin_compensation(state, state.outcome, state.reason)
     if state.phase == Phase.CHARGING:

@@ -112,9 +112,11 @@ def test_kill_saga_process_mid_order_compensates(start_server: Callable[..., Ser
     kill9(saga_pid)
     order = terminal(client, order_id, timeout=20)  # long before the 30 s step timeout
     assert order["status"] == "failed"
+    # Recovered mid-charge: PaymentFailed fences out anything the dead saga left in flight.
     assert stream_types(client, f"order-{order_id}") == [
         "OrderPlaced",
         "InventoryReserved",
+        "PaymentFailed",
         "InventoryReleased",
         "OrderFulfillmentFailed",
     ]

@@ -750,15 +750,27 @@ def test_recover_after_reserve_resumes_with_a_charge() -> None:
     ]
 
 
-def test_recover_after_reserve_compensating_releases_voids_and_fails() -> None:
+def test_recover_after_reserve_compensating_fences_then_releases_voids_and_fails() -> None:
     saga = recovered([make_order(), reserved_event()], compensate=True)
     reason = "saga crashed; recovered"
-    # A charge may have been in flight when the saga died: it is voided.
+    # The dead saga may have left PaymentProcessed + OrderPaid in flight: PaymentFailed is
+    # recorded first, at the version that append would take, before anything is given back.
     assert saga.feed(Start()) == [
-        RequestRelease(reason=reason),
-        RequestVoid(reason=reason),
+        AppendEvents(
+            events=(
+                PaymentFailed(
+                    order_id=ORDER_ID,
+                    reason="saga crashed; payment outcome unknown",
+                    failed_at=FIXED,
+                ),
+            ),
+            event_ids=("evt-1",),
+            expected_version=1,
+        ),
         StartTimer(token=1),
     ]
+    # A charge may have been in flight when the saga died: it is voided.
+    assert requests(saga.commit()) == [RequestRelease(reason=reason), RequestVoid(reason=reason)]
     saga.feed(Released(reservation_id=RES_ID), Voided(refunded_payment_id=None, amount=None))
     assert saga.last_append == AppendEvents(
         events=(
@@ -767,10 +779,22 @@ def test_recover_after_reserve_compensating_releases_voids_and_fails() -> None:
             ),
             OrderFulfillmentFailed(order_id=ORDER_ID, error_message=reason, failed_at=FIXED),
         ),
-        event_ids=("evt-1", "evt-2"),
-        expected_version=1,
+        event_ids=("evt-2", "evt-3"),
+        expected_version=2,
     )
     assert finish_of(saga.commit()).status == "failed"
+
+
+def test_recover_mid_charge_never_refunds_an_order_the_dead_saga_paid() -> None:
+    # The dead saga's PaymentProcessed + OrderPaid commits before the fence: the fence
+    # conflicts and the saga aborts (the supervisor re-reads a paid order), with nothing given
+    # back in between.
+    saga = recovered([make_order(), reserved_event()], compensate=True)
+    commands = saga.feed(Start())
+    assert isinstance(commands[0], AppendEvents)
+    assert requests(saga.feed(AppendFailed(reason="stream moved"))) == [
+        Abort(reason="stream moved")
+    ]
 
 
 @pytest.mark.parametrize("compensate", [False, True])
