@@ -333,6 +333,7 @@ class Gateway:
         self._connections: set[asyncio.StreamWriter] = set()
         self._server: asyncio.base_events.Server | None = None
         self._slots: asyncio.Semaphore | None = None
+        self._audit_lock = asyncio.Lock()
         self.accepting_orders = True
         self.stalls = 0  # requests refused because the actor system was saturated
         self._ops: dict[str, tuple[type[BaseModel], Handler]] = {
@@ -548,10 +549,19 @@ class Gateway:
         return order_view(args.order_id, events)
 
     async def _read_stream(self, args: ReadStreamArgs) -> Any:
-        stored = await self._read(lambda r: r.read_stream(args.stream, args.from_version))
-        if not stored and args.from_version == 0:
+        # One page per request, decoded in the read thread: a long stream (`inventory`) can
+        # neither block the event loop nor make a reply of tens of megabytes.
+        views = await self._read(
+            lambda r: [
+                event_view(s) for s in r.read_stream(args.stream, args.from_version, args.limit)
+            ]
+        )
+        if not views and args.from_version == 0:
             raise OpError("not_found", f"no stream {args.stream}")
-        return {"stream": args.stream, "events": [event_view(s) for s in stored]}
+        page: dict[str, Any] = {"stream": args.stream, "events": views}
+        if len(views) == args.limit:
+            page["next_version"] = views[-1]["version"] + 1
+        return page
 
     async def _stock(self, args: StockArgs) -> Any:
         reply = await self._ask(
@@ -585,7 +595,9 @@ class Gateway:
         return reply.stock
 
     async def _audit(self, args: NoArgs) -> Any:
-        return await self._read(audit)
+        # A full scan of the store: one at a time, so audits cannot crowd out the other reads.
+        async with self._audit_lock:
+            return await self._read(audit)
 
     # --- operator side --------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ StreamName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 MAX_LINES = 100
 MAX_TOTAL = Decimal("9999999999.9999")  # what an amount field (14 digits, 4 decimals) holds
 MAX_VERSION = 2**62
+MAX_PAGE = 1000  # events per read_stream reply; page on with from_version = next_version
 
 
 class NoArgs(Frozen):
@@ -82,6 +83,7 @@ class ReadStreamArgs(Frozen):
 
     stream: StreamName
     from_version: Annotated[StrictInt, Field(ge=0, le=MAX_VERSION)] = 0
+    limit: Annotated[StrictInt, Field(ge=1, le=MAX_PAGE)] = MAX_PAGE
 
 
 class StockArgs(Frozen):

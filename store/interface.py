@@ -56,9 +56,11 @@ class EventStore(ABC):
         """
 
     @abstractmethod
-    def read_stream(self, stream: str, from_version: int = 0) -> list[StoredEvent]:
+    def read_stream(
+        self, stream: str, from_version: int = 0, limit: int | None = None
+    ) -> list[StoredEvent]:
         """The events of ``stream`` with version >= ``from_version``, ordered by version
-        (empty for an unknown stream)."""
+        (empty for an unknown stream); at most ``limit`` of them when it is given."""
 
     @abstractmethod
     def read_all(self, from_position: int = 0, limit: int = 1000) -> list[StoredEvent]:

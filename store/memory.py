@@ -88,11 +88,15 @@ class InMemoryEventStore(EventStore):
             self._by_id[stored.event_id] = stored
         return history[-1].version
 
-    def read_stream(self, stream: str, from_version: int = 0) -> list[StoredEvent]:
+    def read_stream(
+        self, stream: str, from_version: int = 0, limit: int | None = None
+    ) -> list[StoredEvent]:
         """See ``EventStore.read_stream``."""
         with self._lock:
             self._check_open()
-            return list(self._streams.get(stream, [])[max(from_version, 0) :])
+            start = max(from_version, 0)
+            end = None if limit is None else start + max(limit, 0)
+            return list(self._streams.get(stream, [])[start:end])
 
     def read_all(self, from_position: int = 0, limit: int = 1000) -> list[StoredEvent]:
         """See ``EventStore.read_all``."""

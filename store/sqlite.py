@@ -298,14 +298,16 @@ class SqliteEventStore(EventStore):
 
     # --- reading ------------------------------------------------------------------------------
 
-    def read_stream(self, stream: str, from_version: int = 0) -> list[StoredEvent]:
+    def read_stream(
+        self, stream: str, from_version: int = 0, limit: int | None = None
+    ) -> list[StoredEvent]:
         """See ``EventStore.read_stream``."""
         with self._connection() as conn:
             return _stored(
                 conn.execute(
                     f"SELECT {_COLUMNS} FROM events WHERE stream = ? AND version >= ?"
-                    " ORDER BY version",
-                    (stream, from_version),
+                    " ORDER BY version LIMIT ?",
+                    (stream, from_version, -1 if limit is None else max(limit, 0)),
                 )
             )
 

@@ -274,6 +274,15 @@ def test_invalid_orders_are_refused_naming_the_field(
     assert client.ping()["pong"] is True  # the connection survives
 
 
+def test_read_stream_pages(client: Client) -> None:
+    first = client.call("read_stream", {"stream": "inventory", "limit": 3})
+    assert [e["version"] for e in first["events"]] == [0, 1, 2]
+    second = client.call(
+        "read_stream", {"stream": "inventory", "from_version": first["next_version"], "limit": 3}
+    )
+    assert [e["version"] for e in second["events"]] == [3, 4, 5]
+
+
 def test_unknown_order_and_stream_are_not_found(client: Client) -> None:
     for op, args in [
         ("get_order", {"order_id": new_id("ghost")}),

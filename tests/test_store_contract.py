@@ -165,6 +165,13 @@ def test_read_stream_from_version(store: EventStore) -> None:
     assert store.read_stream("unknown") == []
 
 
+def test_read_stream_pages_with_a_limit(store: EventStore) -> None:
+    store.append("order-1", new_events(5), NO_STREAM)
+    assert versions(store.read_stream("order-1", limit=2)) == [0, 1]
+    assert versions(store.read_stream("order-1", from_version=2, limit=2)) == [2, 3]
+    assert versions(store.read_stream("order-1", from_version=4, limit=2)) == [4]
+
+
 def test_read_all_in_commit_order_across_streams_with_paging(store: EventStore) -> None:
     store.append("b", new_events(2), NO_STREAM)
     store.append("a", new_events(1), NO_STREAM)
