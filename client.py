@@ -298,9 +298,12 @@ class Client:
         """Stock levels for `product_ids` (all products when empty)."""
         return self.call("stock", {"product_ids": list(product_ids)})
 
-    def set_stock(self, product_id: str, on_hand: int) -> Any:
-        """Set a product's on-hand quantity."""
-        return self.call("set_stock", {"product_id": product_id, "on_hand": on_hand})
+    def set_stock(self, product_id: str, on_hand: int, admin_token: str | None = None) -> Any:
+        """Set a product's on-hand quantity (with the admin token when the server has one)."""
+        args: dict[str, Any] = {"product_id": product_id, "on_hand": on_hand}
+        if admin_token is not None:
+            args["admin_token"] = admin_token
+        return self.call("set_stock", args)
 
     def audit(self) -> Any:
         """Run the store invariant checks (DESIGN.md section 7)."""
@@ -379,6 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to connect and per reply"
     )
+    parser.add_argument(
+        "--admin-token",
+        default=os.environ.get("ORDER_ADMIN_TOKEN"),
+        help="for set-stock when the server requires one (env ORDER_ADMIN_TOKEN)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     place = sub.add_parser("place", help="place an order (waits for its terminal status)")
@@ -424,7 +432,7 @@ def _run(client: Client, args: argparse.Namespace) -> Any:
     if command == "stock":
         return client.stock(args.skus)
     if command == "set-stock":
-        return client.set_stock(args.sku, args.qty)
+        return client.set_stock(args.sku, args.qty, args.admin_token)
     if command == "audit":
         return client.audit()
     if command == "ping":

@@ -1033,6 +1033,29 @@ def test_admin_ops_need_the_token(start_server: Callable[..., Server]) -> None:
         assert info["gateway_pid"] == server.proc.pid
         # Ordinary ops need no token.
         assert client.ping()["pong"] is True
+    # The command line passes it too (--admin-token or ORDER_ADMIN_TOKEN).
+    cli = [sys.executable, str(ROOT / "client.py"), "--port", str(server.port)]
+    env = {k: v for k, v in os.environ.items() if k != "ORDER_ADMIN_TOKEN"}
+    refused_cli = subprocess.run(
+        [*cli, "set-stock", "SKU-006", "7"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert refused_cli.returncode == 1
+    assert "forbidden" in refused_cli.stderr
+    allowed = subprocess.run(
+        [*cli, "--admin-token", "s3cret", "set-stock", "SKU-006", "7"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert allowed.returncode == 0, allowed.stderr
+    assert '"on_hand": 7' in allowed.stdout
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", ""])
