@@ -298,13 +298,9 @@ class Env:
     new_id: IdFactory = new_id
 
 
-def start(order: OrderPlaced, version: int) -> SagaState:
-    """The state of a freshly placed order (OrderPlaced committed at `version`)."""
-    return SagaState(order=order, version=version, recorded=(order,))
-
-
 def recover(events: Sequence[Event], *, compensate: bool) -> SagaState:
-    """Rebuild a saga's state from its stream.
+    """A saga's state from its stream: ``[OrderPlaced]`` for a new order, or everything
+    recorded so far when a saga is rebuilt (one way in for both).
 
     With ``compensate`` (the saga crashed or raised: the supervisor's choice) the rebuilt saga
     compensates on Start; without it (start-up recovery) it re-drives the next idempotent step.

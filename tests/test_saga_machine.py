@@ -45,7 +45,6 @@ from actors.saga_machine import (
     Voided,
     decide,
     recover,
-    start,
 )
 from messages.base import Item, OrderLine, UnavailableItem, items_of, order_total
 from messages.events import (
@@ -147,7 +146,7 @@ class Saga:
 def new_saga(payment_method: str = "tok_visa") -> Saga:
     """A freshly placed order (OrderPlaced committed at version 0)."""
     order = make_order(payment_method)
-    return Saga(start(order, version=0), [order])
+    return Saga(recover([order], compensate=False), [order])
 
 
 def recovered(events: Sequence[Event], *, compensate: bool) -> Saga:
@@ -1181,7 +1180,7 @@ def run_world(
 ) -> World:
     """Start a saga, play the actions, let it finish; check the end state."""
     order = make_order()
-    world = World(state=start(order, version=0), stream=[order], ack_resends=ack_resends)
+    world = World(state=recover([order], compensate=False), stream=[order], ack_resends=ack_resends)
     world.feed(Start())
     for kind, n in actions:
         world.act(kind, n)
