@@ -19,7 +19,6 @@ actually gave back, and the terminal event.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -415,7 +414,7 @@ def _while_reserving(state: SagaState, msg: SagaInput, env: Env) -> tuple[SagaSt
         return _record(state, (unavailable, cancelled), "finish", env, final="cancelled")
     if isinstance(msg, TimedOut):
         return _begin_compensation(state, Outcome.FAILED, "inventory reservation timed out")
-    if isinstance(msg, StepFailed | ServiceRestarted) and _service_of(msg) == Service.INVENTORY:
+    if isinstance(msg, StepFailed | ServiceRestarted) and msg.service == Service.INVENTORY:
         return _begin_compensation(state, Outcome.FAILED, f"inventory failed: {_why(msg)}")
     return state, []
 
@@ -447,7 +446,7 @@ def _while_charging(state: SagaState, msg: SagaInput, env: Env) -> tuple[SagaSta
         return _fail_payment(state, msg.reason, need_void=False, env=env)
     if isinstance(msg, TimedOut):
         return _fail_payment(state, "payment timed out", need_void=True, env=env)
-    if isinstance(msg, StepFailed | ServiceRestarted) and _service_of(msg) == Service.PAYMENT:
+    if isinstance(msg, StepFailed | ServiceRestarted) and msg.service == Service.PAYMENT:
         return _begin_compensation(
             replace(state, need_void=True), Outcome.FAILED, f"payment failed: {_why(msg)}"
         )
@@ -620,11 +619,7 @@ def _record(
 def _arm(state: SagaState, commands: list[Command]) -> tuple[SagaState, list[Command]]:
     """Every wait gets a deadline: a new token makes all earlier timers stale."""
     token = state.token + 1
-    return dataclasses.replace(state, token=token), [*commands, StartTimer(token=token)]
-
-
-def _service_of(msg: StepFailed | ServiceRestarted) -> Service:
-    return msg.service
+    return replace(state, token=token), [*commands, StartTimer(token=token)]
 
 
 def _why(msg: StepFailed | ServiceRestarted) -> str:
