@@ -703,7 +703,10 @@ def write_plot(path: str, result: RunResult) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt  # noqa: PLC0415
     except ImportError:
-        print(f"--plot: matplotlib is not installed; no plot written to {path}")
+        print(
+            f"--plot: matplotlib is not installed (.venv/bin/pip install -e '.[plot]'); "
+            f"no plot written to {path}"
+        )
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     ax1.hist([x * 1000 for x in result.latencies], bins=50)
