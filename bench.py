@@ -113,6 +113,17 @@ def _reference_main(base: str, orders: int, concurrency: int, out: Path) -> int:
     return 0
 
 
+def commit() -> str:
+    """The code being measured (and whether it had uncommitted changes)."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
+        return done.stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def machine() -> dict[str, Any]:
     """What the figures were measured on."""
     model = ""
@@ -143,7 +154,8 @@ def median_row(runs: list[dict[str, Any]]) -> dict[str, float]:
 def render(table: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
     """The markdown table of medians."""
     lines = [
-        f"bench {meta['started']}  reps={meta['reps']}  machine: {meta['machine']['cpus']} cpus, "
+        f"bench {meta['started']}  commit {meta.get('commit', '?')}  reps={meta['reps']}  "
+        f"machine: {meta['machine']['cpus']} cpus, "
         f"{meta['machine']['cpu']}, Python {meta['machine']['python']}",
         "",
         "| base | kind | orders | concurrency | orders/s | p50 ms | p90 ms | p99 ms | max ms "
@@ -195,7 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [b for b in bases if b not in SYSTEM_BASES]
     if unknown:
         parser.error(f"unknown bases {unknown}")
-    meta = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "reps": args.reps, "machine": machine()}
+    meta = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "reps": args.reps,
+        "machine": machine(),
+        "commit": commit(),
+    }
     runs: dict[str, list[dict[str, Any]]] = {}
     shape: dict[str, tuple[int, int]] = {}
     with tempfile.TemporaryDirectory() as tmp_dir:
