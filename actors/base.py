@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from thespian.actors import ActorTypeDispatcher, PoisonMessage
 
-from messages.commands import AppendDone, AppendRejected, AppendToStream, IAm, WhoAreYou
+from messages.commands import AppendDone, AppendRejected, AppendToStream
 from messages.events import Event
 
 log = logging.getLogger("orders")
@@ -48,10 +47,6 @@ class BaseActor(ActorTypeDispatcher):
         if handler is None:
             return self.receiveUnrecognizedMessage(message, sender)
         return handler(self, message, sender)
-
-    def receiveMsg_WhoAreYou(self, msg: WhoAreYou, sender: Any) -> None:
-        """Report the OS process id (used by crash tests to kill -9 a chosen actor)."""
-        self.send(sender, IAm(name=self.actor_name, pid=os.getpid()))
 
     def receiveMsg_PoisonMessage(self, msg: PoisonMessage, sender: Any) -> None:
         """A message we sent made its receiver raise (Thespian gave up retrying)."""

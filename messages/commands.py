@@ -153,12 +153,8 @@ class ServiceReady(ActorMessage):
     pid: int
 
 
-class WhoAreYou(ActorMessage):
-    """Ask an actor for its OS process id."""
-
-
 class IAm(ActorMessage):
-    """An actor's name and OS process id."""
+    """A saga (process bases) tells the manager its OS process id, for the watchdog."""
 
     name: str
     pid: int
