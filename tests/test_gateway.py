@@ -1,0 +1,247 @@
+"""The gateway's connection handling with small limits: a real Gateway and ActorBridge (simple
+base, real SQLite file) on a real loopback socket, in this process so the limits can be tiny.
+
+What a client sees: frames cut out of any chunking, pipelined requests all answered, a
+half-closed connection still answered, idle and half-sent frames cut off, oversized frames
+refused, the connection cap, the per-connection pending cap (delays, never drops), a client that
+does not read its replies not slowing others down, and the request deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+from actors.gateway import ActorBridge, Gateway, GatewayLimits, configure
+from messages.commands import Configure
+from messages.wire import MAX_FRAME
+from tests.conftest import new_id
+
+IO = 10.0
+
+
+class LiveGateway:
+    """A Gateway on its own event-loop thread."""
+
+    def __init__(self, db: Path, limits: GatewayLimits, payment_latency: float = 0.0) -> None:
+        self.bridge = ActorBridge("simple")
+        self.bridge.start()
+        configure(
+            self.bridge,
+            lambda req_id: Configure(
+                req_id=req_id,
+                db_path=str(db),
+                synchronous="NORMAL",
+                step_timeout=5.0,
+                crash_exits_process=False,
+                payment_latency=payment_latency,
+            ),
+            60,
+        )
+        self.gateway = Gateway(self.bridge, str(db), limits=limits)
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+        self.address: tuple[str, int] = ("", 0)
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.address = self.loop.run_until_complete(self.gateway.start("127.0.0.1", 0))
+            started.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert started.wait(IO)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.gateway.close(), self.loop).result(IO)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(IO)
+        self.loop.close()
+        self.bridge.stop()
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection(self.address, timeout=IO)
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> Iterator[Any]:
+    made: list[LiveGateway] = []
+
+    def make(payment_latency: float = 0.0, **limits: Any) -> LiveGateway:
+        gateway = LiveGateway(tmp_path / "g.db", GatewayLimits(**limits), payment_latency)
+        made.append(gateway)
+        return gateway
+
+    yield make
+    for gateway in made:
+        gateway.close()
+
+
+def frame(request: dict[str, Any]) -> bytes:
+    body = msgpack.packb(request, use_bin_type=True)
+    return struct.pack(">I", len(body)) + body
+
+
+def ping(n: int) -> bytes:
+    return frame({"id": n, "op": "ping"})
+
+
+def order(n: int) -> bytes:
+    line = {"product_id": "SKU-001", "quantity": 1, "unit_price": "1.00"}
+    args = {"order_id": new_id(), "customer_id": "c", "lines": [line], "payment_method": "tok_visa"}
+    return frame({"id": n, "op": "place_order", "args": args})
+
+
+def read_reply(sock: socket.socket) -> dict[str, Any] | None:
+    """The next reply, or None if the server closed the connection."""
+    header = recv_exact(sock, 4)
+    if header is None:
+        return None
+    body = recv_exact(sock, struct.unpack(">I", header)[0])
+    assert body is not None, "closed mid-frame"
+    reply: dict[str, Any] = msgpack.unpackb(body, raw=False)
+    return reply
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            assert not data, "closed mid-frame"
+            return None
+        data += chunk
+    return data
+
+
+def fill(sock: socket.socket, blob: bytes) -> None:
+    """Send `blob` over and over until the socket blocks (its timeout raises)."""
+    while True:
+        sock.sendall(blob)
+
+
+def closed_within(sock: socket.socket, seconds: float) -> float:
+    """Seconds until the server closed `sock` (fails after `seconds`)."""
+    started = time.monotonic()
+    sock.settimeout(seconds)
+    assert sock.recv(1) == b"", "expected the server to close the connection"
+    return time.monotonic() - started
+
+
+def test_frames_split_and_pipelined_are_all_answered(live: Any) -> None:
+    gw = live()
+    with gw.connect() as sock:
+        data = b"".join(ping(n) for n in range(200)) + order(200)
+        # Odd chunk sizes: headers and bodies split anywhere.
+        for start in range(0, len(data), 7):
+            sock.sendall(data[start : start + 7])
+        replies = [read_reply(sock) for _ in range(201)]
+    assert sorted(r["id"] for r in replies if r) == list(range(201))
+    assert all(r and r["ok"] for r in replies)
+    paid = next(r for r in replies if r and r["id"] == 200)
+    assert paid["result"]["status"] == "paid"
+
+
+def test_half_closed_connection_gets_its_answers(live: Any) -> None:
+    gw = live()
+    with gw.connect() as sock:
+        sock.sendall(ping(1) + order(2) + ping(3))
+        sock.shutdown(socket.SHUT_WR)
+        replies = [read_reply(sock) for _ in range(3)]
+        assert {r["id"] for r in replies if r} == {1, 2, 3}
+        assert read_reply(sock) is None  # then the server closes
+
+
+def test_idle_connection_and_half_sent_frame_are_cut_off(live: Any) -> None:
+    gw = live(idle_timeout=0.4, frame_timeout=0.4)
+    with gw.connect() as idle, gw.connect() as partial, gw.connect() as busy:
+        partial.sendall(ping(1)[:6])  # header and part of the body, then silence
+        for n in range(6):  # a client that keeps talking is never idle
+            busy.sendall(ping(n))
+            assert read_reply(busy) is not None
+            time.sleep(0.1)
+        assert closed_within(idle, 3.0) < 3.0
+        assert closed_within(partial, 3.0) < 3.0
+        busy.sendall(ping(99))
+        reply = read_reply(busy)
+        assert reply is not None
+        assert reply["result"]["pong"] is True
+
+
+def test_oversized_frame_is_refused_and_closed(live: Any) -> None:
+    gw = live()
+    with gw.connect() as sock:
+        sock.sendall(struct.pack(">I", MAX_FRAME + 1) + b"x" * 100)
+        reply = read_reply(sock)
+        assert reply is not None
+        assert reply["error"]["code"] == "too_large"
+        assert read_reply(sock) is None
+
+
+def test_connection_cap(live: Any) -> None:
+    gw = live(max_connections=3)
+    socks = [gw.connect() for _ in range(3)]
+    try:
+        for n, sock in enumerate(socks):  # all three are served
+            sock.sendall(ping(n))
+            assert read_reply(sock) is not None
+        with gw.connect() as extra:
+            reply = read_reply(extra)
+            assert reply is not None
+            assert reply["error"]["code"] == "unavailable"
+            assert read_reply(extra) is None
+        socks.pop().close()
+        time.sleep(0.2)
+        with gw.connect() as again:  # a slot freed up
+            again.sendall(ping(7))
+            assert read_reply(again) is not None
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_pending_cap_delays_but_answers_everything(live: Any) -> None:
+    gw = live(max_pending_per_connection=2)
+    with gw.connect() as sock:
+        sock.sendall(b"".join(order(n) for n in range(12)))
+        replies = [read_reply(sock) for _ in range(12)]
+    assert sorted(r["id"] for r in replies if r) == list(range(12))
+    assert all(r and r["result"]["status"] == "paid" for r in replies)
+
+
+def test_a_client_that_does_not_read_does_not_stall_others(live: Any) -> None:
+    gw = live()
+    with gw.connect() as hog, gw.connect() as other:
+        hog.settimeout(0.5)
+        blob = b"".join(ping(n) for n in range(5000))
+        with pytest.raises(TimeoutError):
+            fill(hog, blob)  # until the server stops reading from it
+        started = time.monotonic()
+        for n in range(20):
+            other.sendall(ping(n))
+            assert read_reply(other) is not None
+        assert time.monotonic() - started < 5.0
+
+
+def test_request_deadline_answers_unavailable(live: Any) -> None:
+    gw = live(payment_latency=3.0, request_timeout=0.3)
+    with gw.connect() as sock:
+        started = time.monotonic()
+        sock.sendall(order(1))
+        reply = read_reply(sock)
+        assert reply is not None
+        assert reply["error"]["code"] == "unavailable"
+        assert "no answer in time" in reply["error"]["message"]
+        assert time.monotonic() - started < 2.5
+        sock.sendall(ping(2))  # the connection is still fine
+        assert read_reply(sock) is not None
