@@ -5,7 +5,9 @@
    cannot be cancelled, so at 1,000 orders/s with 5 s step timeouts some 25,000 stale timers were
    scanned per message: 75% of the CPU went there and throughput collapsed to ~50 orders/s
    (py-spy profile in docs/performance.md). A heap ordered by expiry makes each operation
-   O(log n) with the same semantics (expired timers are returned oldest first).
+   O(log n) with the same semantics (expired timers are returned oldest first). A timer whose
+   actor has exited is dropped when it expires instead of becoming a dead letter (unless a
+   dead-letter handler is registered): every finished saga leaves three or four of them.
 2. queue base mailboxes: each actor's queue holds 10 messages (the admin's 40) and a sender
    blocks up to 20 s on a full one; a burst, or a killed actor nobody drains, then stalls every
    process that routes through it (Thespian issues #76, #91). The depths are module globals read
@@ -69,8 +71,16 @@ def _add_wakeup(self: Any, from_actor: Any, time_period: Any, payload: Any) -> N
 
 def _pop_expired_wakeups(self: Any, ct: float) -> list[tuple[Any, ExpirationTimer, Any]]:
     heap, expired = _heap(self), []
+    registry = getattr(self, "actorRegistry", None)
+    if registry is not None and registry.get("DeadLetterBox") is not None:
+        registry = None  # someone handles dead letters: deliver every wakeup, as Thespian does
     while heap and heap[0][0] <= ct:
-        expired.append(heapq.heappop(heap)[2])
+        entry = heapq.heappop(heap)[2]
+        if registry is not None:
+            target = registry.get(entry[0].actorAddressString)
+            if target is None or target._inst is None:
+                continue  # its actor has exited (a finished saga's stale step timer)
+        expired.append(entry)
     return expired
 
 

@@ -16,6 +16,7 @@ from thespian.actors import (
     ActorExitRequest,
     ActorSystem,
     ChildActorExited,
+    DeadEnvelope,
     PoisonMessage,
     WakeupMessage,
 )
@@ -102,6 +103,43 @@ def test_children_exit_and_init_arguments(simple: Any) -> None:
     echo = simple.createActor(Echo)
     assert simple.ask(echo, ("child",), ASK) == "child exited"
     assert simple.ask(simple.createActor(WithCapabilities), "name?", ASK) == "simpleSystem"
+
+
+class DeadLetters(Actor):
+    """Registers for dead letters and reports each one to whoever asked last."""
+
+    def receiveMessage(self, msg: Any, sender: Any) -> None:
+        if msg == "register":
+            self.handleDeadLetters()
+            self.requester = sender
+            self.send(sender, "registered")
+        elif isinstance(msg, DeadEnvelope):
+            self.send(self.requester, ("dead letter", type(msg.deadMessage).__name__))
+
+
+class ArmsAndExits(Actor):
+    """Arms a timer, then exits before it fires."""
+
+    def receiveMessage(self, msg: Any, sender: Any) -> None:
+        if msg == "arm":
+            self.wakeupAfter(timedelta(seconds=0.05), payload="late")
+            self.send(sender, "armed")
+
+
+def test_a_timer_outliving_its_actor_is_a_dead_letter_only_if_someone_listens(
+    simple: Any,
+) -> None:
+    quiet = simple.createActor(ArmsAndExits)
+    assert simple.ask(quiet, "arm", ASK) == "armed"
+    simple.tell(quiet, ActorExitRequest())
+    assert simple.listen(timedelta(seconds=0.3)) is None  # dropped: nobody handles dead letters
+
+    dead_letters = simple.createActor(DeadLetters)
+    assert simple.ask(dead_letters, "register", ASK) == "registered"
+    loud = simple.createActor(ArmsAndExits)
+    assert simple.ask(loud, "arm", ASK) == "armed"
+    simple.tell(loud, ActorExitRequest())
+    assert simple.listen(timedelta(seconds=2)) == ("dead letter", "WakeupMessage")
 
 
 def test_finished_sagas_leave_nothing_in_the_registry(simple: Any, tmp_path: Path) -> None:
