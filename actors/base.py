@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -69,7 +70,9 @@ class Appender:
     """Sends appends to the EventStore actor and routes each reply to its callback by ref."""
 
     def __init__(self, actor: ActorTypeDispatcher, prefix: str) -> None:
-        self._actor = actor
+        # Held weakly: an actor owns its Appender, and a cycle between them would leave every
+        # finished saga to the garbage collector (whose pauses were the latency tail).
+        self._actor: Any = weakref.proxy(actor)
         self._prefix = prefix
         self._counter = itertools.count()
         self._pending: dict[str, tuple[AppendToStream, AppendCallback]] = {}

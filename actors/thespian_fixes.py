@@ -39,7 +39,7 @@ import time
 import traceback
 from typing import Any
 
-from thespian.actors import ActorExitRequest, ChildActorExited, ValidatedSource
+from thespian.actors import ActorExitRequest, ChildActorExited, ValidatedSource, WakeupMessage
 from thespian.system import isInternalActorSystemMessage, simpleSystemBase, utilis
 from thespian.system.messages.status import Thespian_StatusReq
 from thespian.system.timing import (
@@ -55,29 +55,39 @@ QUEUE_DEPTH = 2000
 _sequence = itertools.count()
 
 
-def _heap(manager: Any) -> list[tuple[float, int, tuple[Any, ExpirationTimer, Any]]]:
-    heap: list[tuple[float, int, tuple[Any, ExpirationTimer, Any]]] = manager.__dict__.setdefault(
-        "_wakeup_heap", []
-    )
+# One tuple per timer: (deadline, sequence, actor address, payload, period). Thespian kept an
+# ExpirationTimer object (and its __dict__) per timer; with four step timers per order alive for
+# the step timeout, they were most of the young objects the garbage collector had to walk.
+Wakeup = tuple[float, int, Any, Any, Any]
+
+
+def _heap(manager: Any) -> list[Wakeup]:
+    heap: list[Wakeup] = manager.__dict__.setdefault("_wakeup_heap", [])
     return heap
 
 
 def _add_wakeup(self: Any, from_actor: Any, time_period: Any, payload: Any) -> None:
-    timer = ExpirationTimer(time_period)
-    heapq.heappush(
-        _heap(self), (timer._time_to_quit, next(_sequence), (from_actor, timer, payload))
-    )
+    deadline = currentTime() + timePeriodSeconds(time_period)
+    heapq.heappush(_heap(self), (deadline, next(_sequence), from_actor, payload, time_period))
 
 
-def _pop_expired_wakeups(self: Any, ct: float) -> list[tuple[Any, ExpirationTimer, Any]]:
+def _timer(entry: Wakeup) -> ExpirationTimer:
+    """The ExpirationTimer Thespian's callers expect, made when one is asked for."""
+    timer = ExpirationTimer(None)
+    timer.duration = entry[4]
+    timer._time_to_quit = entry[0]
+    return timer
+
+
+def _pop_expired_wakeups(self: Any, ct: float) -> list[Wakeup]:
     heap, expired = _heap(self), []
     registry = getattr(self, "actorRegistry", None)
     if registry is not None and registry.get("DeadLetterBox") is not None:
         registry = None  # someone handles dead letters: deliver every wakeup, as Thespian does
     while heap and heap[0][0] <= ct:
-        entry = heapq.heappop(heap)[2]
+        entry = heapq.heappop(heap)
         if registry is not None:
-            target = registry.get(entry[0].actorAddressString)
+            target = registry.get(entry[2].actorAddressString)
             if target is None or target._inst is None:
                 continue  # its actor has exited (a finished saga's stale step timer)
         expired.append(entry)
@@ -86,11 +96,11 @@ def _pop_expired_wakeups(self: Any, ct: float) -> list[tuple[Any, ExpirationTime
 
 def _next_wakeup(self: Any) -> ExpirationTimer | None:
     heap = _heap(self)
-    return heap[0][2][1] if heap else None
+    return _timer(heap[0]) if heap else None
 
 
 def _add_wakeups_to_status(self: Any, statusmsg: Any) -> Any:
-    statusmsg.addWakeups([(entry[2][0], entry[2][1]) for entry in _heap(self)])
+    statusmsg.addWakeups([(entry[2], _timer(entry)) for entry in _heap(self)])
     return statusmsg
 
 
@@ -98,7 +108,6 @@ def _add_wakeups_to_status(self: Any, statusmsg: Any) -> Any:
 
 _SystemBase: Any = simpleSystemBase.ActorSystemBase
 _thespian_run_single_send = _SystemBase._runSingleSend
-_thespian_realize_wakeups = _SystemBase._realizeWakeups
 _thespian_create = utilis.withPossibleInitArgs.create
 # Messages Thespian itself must see on their way (exits, child exits, status, actor sources).
 _SPECIAL = (ActorExitRequest, ChildActorExited, Thespian_StatusReq, ValidatedSource)
@@ -106,10 +115,18 @@ _init_params: dict[Any, list[str]] = {}
 
 
 def _realize_wakeups(self: Any) -> None:
-    """Thespian's, but only when the earliest timer is due (the heap's top says so in O(1))."""
+    """Queue a WakeupMessage for each due timer; the heap's top says in O(1) if any is due."""
     heap = self.__dict__.get("_wakeup_heap")
-    if heap and heap[0][0] <= currentTime():
-        _thespian_realize_wakeups(self)
+    if not heap:
+        return
+    now = currentTime()
+    if heap[0][0] > now:
+        return
+    for _deadline, _seq, target, payload, period in self._pop_expired_wakeups(now):
+        with self._private_lock:
+            self._pendingSends.append(
+                simpleSystemBase.PendingSend(target, WakeupMessage(period, payload), target)
+            )
 
 
 def _run_single_send(self: Any, ps: Any) -> None:
@@ -133,7 +150,15 @@ def _run_single_send(self: Any, ps: Any) -> None:
                 with self._private_lock:
                     self._pendingSends.append(ps)
             return
+    exiting = None
+    if isinstance(msg, ActorExitRequest):
+        target = self.actorRegistry.get(ps.toActor.actorAddressString)
+        exiting = target._inst if target is not None else None
     _thespian_run_single_send(self, ps)
+    if exiting is not None and target._inst is None:
+        # Thespian bound `_receive` to the instance (a reference cycle per actor): without it
+        # an exited saga is freed by reference counting instead of waiting for the collector.
+        exiting.__dict__.pop("_receive", None)
     if isinstance(msg, ChildActorExited):
         dead = msg.childAddress.actorAddressString
         if dead in self.actorRegistry and self.actorRegistry[dead] is None:
