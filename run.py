@@ -187,8 +187,10 @@ def _tune_gc() -> None:
     """Collect young garbage less often. Every order allocates thousands of short-lived objects
     (messages, events, saga states); at the default threshold (700) the collector ran hundreds
     of times a second and its pauses were the latency tail: paired runs at 100 in flight,
-    ~960 -> ~1,150-1,300 orders/s and p99 ~200 -> ~110-135 ms (docs/performance.md). Exited
-    sagas leave reference cycles (actors and their callbacks), so collection stays on."""
+    ~960 -> ~1,150-1,300 orders/s and p99 ~200 -> ~110-135 ms (docs/performance.md). Orders
+    leave no reference cycles now (tests/test_thespian_fixes.py), so what remains is walking
+    the objects that are still alive; collection stays on for the cycles of rarer paths
+    (exceptions, failures)."""
     gc.set_threshold(100_000, 20, 20)
 
 
