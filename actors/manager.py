@@ -48,8 +48,10 @@ from messages.commands import (
     Identify,
     Identities,
     OrderReply,
+    PaymentVoidedReply,
     PlaceOrder,
     Refused,
+    ReleaseStock,
     SagaAborted,
     SagaFinished,
     ServiceConfig,
@@ -57,9 +59,17 @@ from messages.commands import (
     ServiceReady,
     SetStock,
     StartSaga,
+    StockGivenBack,
     StockReport,
+    VoidPayment,
 )
-from messages.events import TERMINAL_TYPE_NAMES, Event, OrderPlaced, order_stream
+from messages.events import (
+    TERMINAL_TYPE_NAMES,
+    Event,
+    OrderFulfillmentFailed,
+    OrderPlaced,
+    order_stream,
+)
 from store import CODEC, NO_STREAM, SqliteEventStore
 
 # --- the workflow registry --------------------------------------------------------------------
@@ -84,6 +94,9 @@ MAX_FINISHED_REMEMBERED = 100_000
 WATCHDOG_PERIOD = 0.5  # seconds between liveness checks of service processes
 RESTART_WINDOW = 30.0  # seconds over which restarts of one service count towards back-off
 MAX_BACKOFF = 5.0
+# Sagas of one order that may fail (raise, abort, die) before the supervisor ends the order
+# itself; with the back-off above that is about 16 s of retrying.
+MAX_SAGA_FAILURES = 8
 
 WATCHDOG = "watchdog"
 
@@ -91,6 +104,13 @@ WATCHDOG = "watchdog"
 @dataclass(frozen=True)
 class RetryOrder:
     """Wakeup payload: try the order's saga again after a back-off."""
+
+    order_id: str
+
+
+@dataclass(frozen=True)
+class RetryGiveUp:
+    """Wakeup payload: the last resort for an order is not done yet; ask again."""
 
     order_id: str
 
@@ -126,6 +146,11 @@ class LiveOrder:
     committed: bool = False
     waiters: list[Waiter] = field(default_factory=list)  # want the terminal status
     acks: list[Waiter] = field(default_factory=list)  # want to know OrderPlaced is durable
+    # The supervisor's last resort (its sagas kept failing): why, and what the services said.
+    giving_up: str | None = None
+    released: StockGivenBack | None = None
+    voided: PaymentVoidedReply | None = None
+    recording: bool = False  # OrderFulfillmentFailed is being appended
 
 
 def same_order(a: OrderPlaced, b: OrderPlaced) -> bool:
@@ -430,13 +455,9 @@ class OrderManager(BaseActor):
         self._finished_sagas[msg.saga_key] = None
         while len(self._finished_sagas) > MAX_FINISHED_REMEMBERED:
             del self._finished_sagas[next(iter(self._finished_sagas))]
-        live = self._live.pop(msg.order_id, None)
-        if live is None:
-            return
-        self._forget_saga(live)
-        self._drain_backlog()
-        for gateway, req_id in live.waiters + live.acks:
-            self.send(gateway, OrderReply(req_id=req_id, order=msg.order))
+        live = self._live.get(msg.order_id)
+        if live is not None:
+            self._end(live, msg.order)
 
     def receiveMsg_SagaAborted(self, msg: SagaAborted, sender: Any) -> None:
         """The saga gave up (it raised, or its stream moved): recover and compensate."""
@@ -444,24 +465,30 @@ class OrderManager(BaseActor):
         live = self._live.get(msg.order_id)
         # A late abort of a saga already replaced (its exit overtook it) changes nothing.
         if live is not None and live.saga is not None and live.saga == sender:
-            self._recover_saga(live)
+            self._recover_saga(live, msg.reason)
 
     def receiveMsg_PoisonMessage(self, msg: PoisonMessage, sender: Any) -> None:
         """A saga raised on its start: recover and compensate."""
         log.error("manager: %s poisoned by %s", sender, type(msg.poisonMessage).__name__)
         live = self._order_of_saga(sender)
         if live is not None:
-            self._recover_saga(live)
+            self._recover_saga(live, f"raised on {type(msg.poisonMessage).__name__}")
 
-    def _recover_saga(self, live: LiveOrder) -> None:
+    def _recover_saga(self, live: LiveOrder, reason: str) -> None:
         """Replace the order's saga by one rebuilt from the stream, in compensation mode;
-        backing off when its sagas keep failing, so a poisonous order cannot spin the system."""
+        backing off when its sagas keep failing, so a poisonous order cannot spin the system,
+        and ending the order without a saga when they fail MAX_SAGA_FAILURES times."""
         if self._stopping:
             return
         if live.saga is not None:
             self.send(live.saga, ActorExitRequest())
             self._forget_saga(live)
+        if live.giving_up is not None:
+            return
         live.failures += 1
+        if live.failures >= MAX_SAGA_FAILURES:
+            self._give_up(live, reason)
+            return
         if live.failures == 1:
             self._respawn(live)
             return
@@ -476,6 +503,105 @@ class OrderManager(BaseActor):
 
     def _respawn(self, live: LiveOrder) -> None:
         self._spawn(live, self._read(live.placed.order_id), compensate=True)
+
+    # --- the last resort ----------------------------------------------------------------------
+
+    def _give_up(self, live: LiveOrder, reason: str) -> None:
+        """End an order whose sagas keep failing without running any saga code: release its
+        stock and void its payment (both idempotent, keyed by the order id, and fencing any
+        later reserve or charge), then record OrderFulfillmentFailed at the stream's head (a
+        saga append still in flight then conflicts). Every accepted order still ends, and ends
+        compensated; the reason is in the terminal event for an operator to look at."""
+        order_id = live.placed.order_id
+        live.giving_up = f"{live.failures} sagas failed (last: {reason})"
+        log.error("manager: order %s: %s; ending it without a saga", order_id, live.giving_up)
+        self._ask_give_up(live)
+
+    def _ask_give_up(self, live: LiveOrder) -> None:
+        order_id = live.placed.order_id
+        why = "the supervisor ended the order: its sagas kept failing"
+        if live.released is None:
+            self.send(self._services["inventory"], ReleaseStock(order_id=order_id, reason=why))
+        if live.voided is None:
+            self.send(self._services["payment"], VoidPayment(order_id=order_id, reason=why))
+        # Services restart and requests get lost: ask again until both have answered.
+        self.wakeupAfter(timedelta(seconds=self._cfg.step_timeout), payload=RetryGiveUp(order_id))
+
+    def receiveMsg_StockGivenBack(self, msg: StockGivenBack, sender: Any) -> None:
+        """Inventory released an order the supervisor is ending."""
+        live = self._live.get(msg.order_id)
+        if live is not None and live.giving_up is not None and live.released is None:
+            live.released = msg
+            self._record_give_up(live)
+
+    def receiveMsg_PaymentVoidedReply(self, msg: PaymentVoidedReply, sender: Any) -> None:
+        """Payment voided an order the supervisor is ending."""
+        live = self._live.get(msg.order_id)
+        if live is not None and live.giving_up is not None and live.voided is None:
+            live.voided = msg
+            self._record_give_up(live)
+
+    def _record_give_up(self, live: LiveOrder) -> None:
+        if live.released is None or live.voided is None or live.recording:
+            return
+        assert self._reader is not None
+        assert live.giving_up is not None
+        order_id = live.placed.order_id
+        given_back = []
+        if live.released.reservation_id:
+            given_back.append(f"reservation {live.released.reservation_id} released")
+        if live.voided.refunded_payment_id:
+            given_back.append(
+                f"charge {live.voided.refunded_payment_id} ({live.voided.amount}) refunded"
+            )
+        failed = OrderFulfillmentFailed(
+            order_id=order_id,
+            error_message=f"{live.giving_up}; ended by the supervisor: "
+            + ("; ".join(given_back) or "nothing was held or charged"),
+            failed_at=utcnow(),
+        )
+        live.recording = True
+        self._appender.append(
+            order_stream(order_id),
+            [failed],
+            [CODEC.new_id()],
+            self._reader.stream_version(order_stream(order_id)),
+            self._gave_up_callback(live, failed),
+        )
+
+    def _gave_up_callback(
+        self, live: LiveOrder, failed: OrderFulfillmentFailed
+    ) -> Callable[[AppendDone | AppendRejected], None]:
+        def recorded(reply: AppendDone | AppendRejected) -> None:
+            live.recording = False
+            order_id = live.placed.order_id
+            if isinstance(reply, AppendDone):
+                try:
+                    view = order_view(order_id, self._read(order_id))
+                except Exception:  # the stream does not read back (maybe what failed the sagas)
+                    view = {**order_view(order_id, [live.placed, failed]), "version": reply.version}
+                self._end(live, view)
+                return
+            events = self._read(order_id)
+            view = order_view(order_id, events)
+            if view["status"] != "pending":
+                self._end(live, view)  # a saga's terminal append landed first: it stands
+            elif reply.error == "conflict":
+                self._record_give_up(live)  # something appended meanwhile: at the new head
+            # else: a store failure; the RetryGiveUp timer tries again
+
+        return recorded
+
+    def _end(self, live: LiveOrder, view: dict[str, Any]) -> None:
+        """The order is terminal: answer everyone waiting for it (once)."""
+        order_id = live.placed.order_id
+        if self._live.get(order_id) is not live:
+            return  # ended already
+        del self._live[order_id]
+        self._forget_saga(live)
+        self._drain_backlog()
+        for gateway, req_id in live.waiters + live.acks:
+            self.send(gateway, OrderReply(req_id=req_id, order=view))
 
     def receiveMsg_ChildActorExited(self, msg: ChildActorExited, sender: Any) -> None:
         """A saga or service process ended: recover what it was doing."""
@@ -493,7 +619,7 @@ class OrderManager(BaseActor):
         live = self._order_of_saga(child)
         if live is not None:
             log.error("manager: saga for %s died; compensating", live.placed.order_id)
-            self._recover_saga(live)
+            self._recover_saga(live, "its process died")
 
     def _schedule_restart(self, name: str) -> None:
         """Restart a dead service, backing off when it keeps dying. Its old address stays in
@@ -530,8 +656,16 @@ class OrderManager(BaseActor):
             self._watchdog()
         elif isinstance(msg.payload, RetryOrder):
             live = self._live.get(msg.payload.order_id)
-            if live is not None and live.saga is None:
+            if live is not None and live.saga is None and live.giving_up is None:
                 self._respawn(live)
+        elif isinstance(msg.payload, RetryGiveUp):
+            live = self._live.get(msg.payload.order_id)
+            if live is not None and live.giving_up is not None and not live.recording:
+                if live.released is None or live.voided is None:
+                    self._ask_give_up(live)
+                else:
+                    self._record_give_up(live)
+                    self.wakeupAfter(timedelta(seconds=self._cfg.step_timeout), payload=msg.payload)
         elif isinstance(msg.payload, str) and msg.payload in SERVICES:
             self._restart(msg.payload)
 
@@ -551,7 +685,7 @@ class OrderManager(BaseActor):
                     live.placed.order_id,
                     live.pid,
                 )
-                self._recover_saga(live)
+                self._recover_saga(live, "its process died")
         self.wakeupAfter(timedelta(seconds=WATCHDOG_PERIOD), payload=WATCHDOG)
 
     # --- stock, drain, identity --------------------------------------------------------------

@@ -13,10 +13,13 @@ from typing import Any
 import pytest
 from thespian.actors import ActorSystem
 
+from actors import manager as manager_module
+from actors.audit import audit
 from actors.event_store import EventStoreActor
 from actors.inventory import InventoryActor
 from actors.manager import OrderManager
 from actors.payment import PaymentActor
+from actors.saga import OrderSaga
 from actors.views import decode_stream
 from messages.base import Item, OrderLine
 from messages.commands import (
@@ -33,12 +36,14 @@ from messages.commands import (
     ReserveStock,
     ServiceConfig,
     ServiceReady,
+    StartSaga,
     StockGivenBack,
     StockHeld,
     StockRefused,
     StockReport,
     VoidPayment,
 )
+from messages.events import OrderPlaced
 from store import SqliteEventStore
 from tests.conftest import new_id, wait_until
 
@@ -279,3 +284,71 @@ def test_payment_forgets_old_records_but_not_their_facts(
         asys.shutdown()
     for order in orders:
         assert stream_types(tmp_path / "o.db", f"payment-{order}") == ["ChargeSucceeded"]
+
+
+class PoisonSaga(OrderSaga):
+    """A saga with a bug: it raises on the payment's answer (after the charge went through)
+    and on every recovery, so no saga of its order can ever finish it."""
+
+    def receiveMsg_PaymentApproved(self, msg: PaymentApproved, sender: Any) -> None:
+        raise RuntimeError("poisoned after the charge")
+
+    def receiveMsg_StartSaga(self, msg: StartSaga, sender: Any) -> None:
+        if msg.compensate:
+            raise RuntimeError("poisoned recovery")
+        super().receiveMsg_StartSaga(msg, sender)
+
+
+def test_an_order_whose_sagas_keep_failing_still_ends_compensated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The supervisor's last resort: after MAX_SAGA_FAILURES it releases, voids and records
+    OrderFulfillmentFailed itself; the order is terminal, stock is back, the charge refunded."""
+    workflows: dict[Any, Any] = manager_module.WORKFLOWS
+    monkeypatch.setitem(workflows, OrderPlaced, PoisonSaga)
+    monkeypatch.setattr(manager_module, "MAX_SAGA_FAILURES", 3)
+    db = tmp_path / "o.db"
+    asys = ActorSystem("simpleSystemBase", transientUnique=True)
+    try:
+        manager = asys.createActor(OrderManager)
+        configure = Configure(
+            req_id=1,
+            db_path=str(db),
+            synchronous="FULL",
+            step_timeout=0.5,
+            crash_exits_process=False,
+        )
+        assert ask(asys, manager, configure) == Configured(req_id=1, recovered=0)
+        before = ask(asys, manager, GetStock(req_id=2, product_ids=("SKU-003",)))
+        order = f"p-{uuid.uuid4().hex[:8]}"
+        lines = (OrderLine(product_id="SKU-003", quantity=4, unit_price=Decimal("2.5")),)
+        place = PlaceOrder(
+            req_id=3,
+            order_id=order,
+            customer_id="c",
+            lines=lines,
+            payment_method="tok_visa",
+            wait=True,
+        )
+        reply = ask(asys, manager, place)
+        assert isinstance(reply, OrderReply)
+        assert reply.order["status"] == "failed"
+        assert "3 sagas failed" in reply.order["reason"]
+        assert "refunded" in reply.order["reason"]
+        assert "released" in reply.order["reason"]
+        after = ask(asys, manager, GetStock(req_id=4, product_ids=("SKU-003",)))
+        assert isinstance(before, StockReport)
+        assert isinstance(after, StockReport)
+        assert after.stock == before.stock  # the 4 units are back
+    finally:
+        asys.shutdown()
+    assert stream_types(db, f"order-{order}")[-1] == "OrderFulfillmentFailed"
+    assert stream_types(db, f"payment-{order}") == [
+        "ChargeSucceeded",
+        "ChargeRefunded",
+        "PaymentVoided",
+    ]
+    with SqliteEventStore(db, readonly=True) as reader:
+        report = audit(reader)
+    assert report["ok"], report["checks"]
+    assert report["status_counts"] == {"failed": 1}
