@@ -324,6 +324,7 @@ Handler = Callable[[Any], Awaitable[Any]]
 
 
 WRITE_HIGH_WATER = 1 << 20  # bytes of unsent replies before a connection stops being read
+EVICT_IDLE_AFTER = 1.0  # seconds of silence after which a full gateway may close a connection
 
 
 class _Connection(asyncio.Protocol):
@@ -346,7 +347,7 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._frame_started: float | None = None  # when the header of a partial frame arrived
-        self._last_activity = self._loop.time()
+        self.last_activity = self._loop.time()
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._out: list[bytes] = []
@@ -360,9 +361,19 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        if len(self._gateway._connections) >= self._limits.max_connections:
-            self._refuse(error_reply(None, "unavailable", "too many connections"))
-            return
+        connections = self._gateway._connections
+        if len(connections) >= self._limits.max_connections:
+            # Make room by closing the connection idle the longest (nothing in flight, no
+            # partial frame, silent for EVICT_IDLE_AFTER): idle sockets cannot hold every
+            # slot for the whole idle timeout. With none, the newcomer is refused.
+            now = self._loop.time()
+            idle = [c for c in connections if c.evictable(now)]
+            if not idle:
+                self._refuse(error_reply(None, "unavailable", "too many connections"))
+                return
+            victim = min(idle, key=lambda c: c.last_activity)
+            log.info("gateway: at %d connections; closing the idlest", len(connections))
+            victim.close()
         self._gateway._connections.add(self)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self._arm_timer(self._limits.idle_timeout)
@@ -371,7 +382,7 @@ class _Connection(asyncio.Protocol):
         if self._closing:
             return
         self._buffer += data
-        self._last_activity = self._loop.time()
+        self.last_activity = self._loop.time()
         self._cut_frames()
 
     def eof_received(self) -> bool | None:
@@ -476,9 +487,9 @@ class _Connection(asyncio.Protocol):
             left = self._frame_started + self._limits.frame_timeout - now
         elif self._tasks or self._writing_paused or not transport.is_reading():
             left = self._limits.idle_timeout  # waiting on us, not on the client
-            self._last_activity = now
+            self.last_activity = now
         else:
-            left = self._last_activity + self._limits.idle_timeout - now
+            left = self.last_activity + self._limits.idle_timeout - now
         if left <= 0:
             self._closing = True
             transport.close()
@@ -512,8 +523,17 @@ class _Connection(asyncio.Protocol):
         transport.close()
         self._loop.call_later(5.0, transport.abort)
 
+    def evictable(self, now: float) -> bool:
+        """Idle: nothing in flight, no partial frame, silent for EVICT_IDLE_AFTER seconds."""
+        return (
+            not self._closing
+            and not self._tasks
+            and not self._buffer
+            and now - self.last_activity >= EVICT_IDLE_AFTER
+        )
+
     def close(self) -> None:
-        """Drop the connection (the gateway is closing)."""
+        """Drop the connection (the gateway is closing, or it made room for a newcomer)."""
         self._closing = True
         if self._transport is not None:
             self._transport.close()

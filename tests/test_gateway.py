@@ -3,7 +3,8 @@ base, real SQLite file) on a real loopback socket, in this process so the limits
 
 What a client sees: frames cut out of any chunking, pipelined requests all answered, a
 half-closed connection still answered, idle and half-sent frames cut off, oversized frames
-refused, the connection cap, the per-connection pending cap (delays, never drops), a client that
+refused, the connection cap (and the idlest connection making room), the per-connection pending
+cap (delays, never drops), a client that
 does not read its replies not slowing others down, and the request deadline.
 """
 
@@ -207,6 +208,34 @@ def test_connection_cap(live: Any) -> None:
             assert read_reply(again) is not None
     finally:
         for sock in socks:
+            sock.close()
+
+
+def test_a_full_gateway_closes_its_idlest_connection_for_a_newcomer(live: Any) -> None:
+    """Idle sockets cannot hold every slot for the idle timeout (300 s by default)."""
+    gw = live(max_connections=3)
+    oldest, idle, busy = gw.connect(), gw.connect(), gw.connect()
+    try:
+        for n, sock in enumerate((oldest, idle, busy)):
+            sock.sendall(ping(n))
+            assert read_reply(sock) is not None
+        time.sleep(0.3)
+        idle.sendall(ping(5))  # idle, but less long than `oldest`
+        assert read_reply(idle) is not None
+        busy.sendall(order(6)[:-1])  # a partial frame: never evicted
+        time.sleep(1.0)  # past EVICT_IDLE_AFTER for oldest and idle
+        with gw.connect() as newcomer:
+            newcomer.sendall(ping(7))
+            assert read_reply(newcomer) is not None
+            assert closed_within(oldest, 3.0) < 3.0  # the one silent the longest
+            idle.sendall(ping(8))
+            assert read_reply(idle) is not None
+            busy.sendall(order(6)[-1:])
+            reply = read_reply(busy)
+            assert reply is not None
+            assert reply["result"]["status"] == "paid"
+    finally:
+        for sock in (oldest, idle, busy):
             sock.close()
 
 
