@@ -49,4 +49,13 @@ def test_median_row_and_table() -> None:
     meta = {"started": "now", "reps": 3, "machine": {"cpus": 2, "cpu": "x", "python": "3.11"}}
     text = render(table, meta)
     assert "| simple | full | 5 | 2 | 20 |" in text
-    assert "| 50% | 3/3 ok |" in text  # 20 of the reference's 40 orders/s
+    assert "| 50% |  | 3/3 ok |" in text  # 20 of the reference's 40 orders/s
+    table["simple/in-flight"] = {
+        "orders": 9,
+        "concurrency": 9,
+        "median": median_row(runs),
+        "runs": [{"server": {"kib_per_in_flight_order": k}} for k in (12.0, 14.0, 13.0)],
+        "audits": "3/3 ok",
+    }
+    assert "| simple | in-flight | 9 | 9 | 20 |" in render(table, meta)
+    assert "|  | 13.0 | 3/3 ok |" in render(table, meta)  # median KiB per order in flight
