@@ -9,6 +9,7 @@ half-applied step.
 from __future__ import annotations
 
 import os
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -40,6 +41,7 @@ from messages.commands import (
 from messages.events import order_stream
 
 ENV = sm.Env(now=utcnow)
+STEP_TIMER = "step"  # the payload of the saga's one pending wakeup
 
 
 class OrderSaga(BaseActor):
@@ -54,6 +56,8 @@ class OrderSaga(BaseActor):
         self._services: dict[sm.Service, Any] = {}
         self._step_timeout = 5.0
         self._appender = Appender(self, "saga")
+        self._deadline: tuple[int, float] | None = None  # (token, monotonic time) of the step
+        self._timer_pending = False
 
     # --- plumbing -------------------------------------------------------------------------
 
@@ -119,7 +123,7 @@ class OrderSaga(BaseActor):
                 VoidPayment(order_id=order_id, reason=command.reason),
             )
         elif isinstance(command, sm.StartTimer):
-            self.wakeupAfter(timedelta(seconds=self._step_timeout), payload=command.token)
+            self._arm(command.token)
         elif isinstance(command, sm.Finish):
             self.send(
                 self._manager,
@@ -222,10 +226,32 @@ class OrderSaga(BaseActor):
         """An append of ours was refused."""
         self._appender.settle(msg)
 
+    def _arm(self, token: int) -> None:
+        """The step deadline for `token`, on at most one pending Thespian timer per saga.
+
+        Thespian timers cannot be cancelled, and each step arms a new deadline: one timer per
+        step left four per order alive for the step timeout (heap work, and young objects for
+        the garbage collector to walk). A new deadline is always later than the pending
+        timer's, so that timer fires first and is moved on to the latest deadline."""
+        self._deadline = (token, time.monotonic() + self._step_timeout)
+        if not self._timer_pending:
+            self._timer_pending = True
+            self.wakeupAfter(timedelta(seconds=self._step_timeout), payload=STEP_TIMER)
+
     def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender: Any) -> None:
-        """A step timer fired (stale ones are ignored by token)."""
-        if isinstance(msg.payload, int):
-            self._feed(sm.TimedOut(token=msg.payload))
+        """The step timer fired: the latest step's deadline passed, or it moved on."""
+        if msg.payload != STEP_TIMER:
+            return
+        self._timer_pending = False
+        if self._deadline is None or self._state is None:
+            return
+        token, due = self._deadline
+        left = due - time.monotonic()
+        if left > 0.001:
+            self._timer_pending = True
+            self.wakeupAfter(timedelta(seconds=left), payload=STEP_TIMER)
+            return
+        self._feed(sm.TimedOut(token=token))
 
     def receiveMsg_PoisonMessage(self, msg: PoisonMessage, sender: Any) -> None:
         """A service raised on our request: that step failed."""
