@@ -359,7 +359,8 @@ class _Connection(asyncio.Protocol):
         self._flush_scheduled = False
         self._writing_paused = False
         self._closing = False
-        self._eof = False
+        self._eof = False  # the client sent its last frame (EOF, or one that cannot be framed)
+        self._last_word: dict[str, Any] | None = None  # a reply to send just before closing
 
     # --- asyncio.Protocol -----------------------------------------------------------------
 
@@ -384,7 +385,7 @@ class _Connection(asyncio.Protocol):
         self._arm_timer(self._limits.idle_timeout)
 
     def data_received(self, data: bytes) -> None:
-        if self._closing:
+        if self._closing or self._eof:
             return
         self._buffer += data
         self.last_activity = self._loop.time()
@@ -422,13 +423,17 @@ class _Connection(asyncio.Protocol):
                 break
             (length,) = HEADER.unpack_from(buffer)
             if length > self._limits.max_frame:
-                self._refuse(
-                    error_reply(
-                        None,
-                        "too_large",
-                        f"frame of {length} bytes exceeds {self._limits.max_frame}",
-                    )
+                # Nothing after this header can be trusted to be framed: read no more, answer
+                # what came before, then this, then close.
+                self._last_word = error_reply(
+                    None, "too_large", f"frame of {length} bytes exceeds {self._limits.max_frame}"
                 )
+                buffer.clear()
+                self._eof = True
+                if self._transport is not None and self._transport.is_reading():
+                    self._transport.pause_reading()
+                if not self._tasks:
+                    self._finish()
                 return
             if len(buffer) < size + length:
                 if self._frame_started is None:
@@ -460,11 +465,16 @@ class _Connection(asyncio.Protocol):
             self._update_reading()
 
     def _finish(self) -> None:
-        if self._closing or self._transport is None:
+        """Everything asked is answered: write the last replies and close."""
+        transport = self._transport
+        if self._closing or transport is None:
             return
+        if self._last_word is not None:
+            self._out.append(encode_frame(self._last_word))
         self._flush()
         self._closing = True
-        self._transport.close()  # after what is buffered has been written
+        transport.close()  # after what is buffered has been written
+        self._loop.call_later(5.0, transport.abort)  # a client that never reads is cut off
 
     def _update_reading(self) -> None:
         transport = self._transport
@@ -523,6 +533,7 @@ class _Connection(asyncio.Protocol):
         """Answer once and close; a client that will not take the answer is cut off."""
         transport = self._transport
         assert transport is not None
+        self._flush()  # replies already made go out first
         self._closing = True
         transport.write(encode_frame(reply))
         transport.close()

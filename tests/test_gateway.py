@@ -187,6 +187,13 @@ def test_oversized_frame_is_refused_and_closed(live: Any) -> None:
         assert reply is not None
         assert reply["error"]["code"] == "too_large"
         assert read_reply(sock) is None
+    with gw.connect() as sock:  # what came before the bad frame is still answered, first
+        sock.sendall(ping(1) + struct.pack(">I", MAX_FRAME + 1))
+        replies = [read_reply(sock), read_reply(sock), read_reply(sock)]
+        assert replies[0] == {"id": 1, "ok": True, "result": {"pong": True, "base": "simple"}}
+        assert replies[1] is not None
+        assert replies[1]["error"]["code"] == "too_large"
+        assert replies[2] is None
 
 
 def test_connection_cap(live: Any) -> None:
