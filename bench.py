@@ -1,7 +1,7 @@
 """Benchmark: the full system through its real client path, per system base, beside a bare
 Thespian reference saga, several repetitions, medians. (`make bench`)
 
-    python bench.py [--bases simple,queue] [--reps 3] [--orders 5000] [--concurrency 100]
+    python bench.py [--bases simple,queue,tcp] [--reps 3] [--orders 5000] [--concurrency 100]
                     [--process-orders 300] [--process-concurrency 24] [--in-flight 10000]
                     [--out bench-results]
 
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--bases", default="simple,queue")
+    parser.add_argument("--bases", default="simple,queue,tcp")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--orders", type=int, default=5000, help="orders per run, simple base")
     parser.add_argument("--concurrency", type=int, default=100)
