@@ -8,6 +8,7 @@ memory at once (so the next request sees it) and answered only after its event i
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,13 +37,26 @@ SEED_PRODUCTS = tuple(f"SKU-{n:03d}" for n in range(1, 11))
 SEED_ON_HAND = 1000
 
 
-@dataclass
+Units = tuple[tuple[str, int], ...]  # (product id, quantity) per product
+
+
+def units_of(items: Sequence[Item]) -> Units:
+    """Items as plain pairs, product ids interned: Inventory keeps one Reservation per order
+    it ever held, and as pydantic Items with their own strings they took ~870 bytes each."""
+    return tuple((sys.intern(item.product_id), item.quantity) for item in items)
+
+
+@dataclass(slots=True)
 class Reservation:
     """What one order holds (or held)."""
 
     reservation_id: str  # "" for a fence: the order was released before it reserved anything
-    items: tuple[Item, ...]
+    units: Units
     released: bool = False
+
+    def items(self) -> tuple[Item, ...]:
+        """The held units as Items (for the event that releases them)."""
+        return tuple(Item(product_id=p, quantity=q) for p, q in self.units)
 
 
 @dataclass
@@ -59,19 +73,18 @@ class StockBook:
             self.on_hand[event.product_id] = event.on_hand
             self.reserved.setdefault(event.product_id, 0)
         elif isinstance(event, StockReserved):
-            self.reservations[event.order_id] = Reservation(event.reservation_id, event.items)
-            for item in event.items:
-                self.reserved[item.product_id] = (
-                    self.reserved.get(item.product_id, 0) + item.quantity
-                )
+            units = units_of(event.items)
+            self.reservations[event.order_id] = Reservation(event.reservation_id, units)
+            for product_id, quantity in units:
+                self.reserved[product_id] = self.reserved.get(product_id, 0) + quantity
         elif isinstance(event, StockReleased):
             held = self.reservations.get(event.order_id)
             if held is None:
                 self.reservations[event.order_id] = Reservation("", (), released=True)
                 return
             held.released = True
-            for item in held.items:
-                self.reserved[item.product_id] -= item.quantity
+            for product_id, quantity in held.units:
+                self.reserved[product_id] -= quantity
 
     def shortfall(self, items: tuple[Item, ...]) -> tuple[UnavailableItem, ...]:
         """The items that cannot be held now (unknown products have 0 available)."""
@@ -201,7 +214,7 @@ class InventoryActor(BaseActor):
         event = StockReleased(
             order_id=msg.order_id,
             reservation_id=held.reservation_id if held else "",
-            items=held.items if held else (),
+            items=held.items() if held else (),
             reason=msg.reason,
             released_at=utcnow(),
         )
