@@ -151,6 +151,7 @@ class LiveOrder:
     released: StockGivenBack | None = None
     voided: PaymentVoidedReply | None = None
     recording: bool = False  # OrderFulfillmentFailed is being appended
+    give_up_event_id: str = ""
 
 
 def same_order(a: OrderPlaced, b: OrderPlaced) -> bool:
@@ -514,6 +515,7 @@ class OrderManager(BaseActor):
         compensated; the reason is in the terminal event for an operator to look at."""
         order_id = live.placed.order_id
         live.giving_up = f"{live.failures} sagas failed (last: {reason})"
+        live.give_up_event_id = CODEC.new_id()
         log.error("manager: order %s: %s; ending it without a saga", order_id, live.giving_up)
         self._ask_give_up(live)
 
@@ -547,6 +549,17 @@ class OrderManager(BaseActor):
         assert self._reader is not None
         assert live.giving_up is not None
         order_id = live.placed.order_id
+        try:
+            events = self._read(order_id)
+        except Exception:  # the stream does not read back: record at its head all the same
+            log.exception("manager: cannot read %s back; recording its end anyway", order_id)
+        else:
+            view = order_view(order_id, events)
+            if view["status"] != "pending":
+                # Terminal already: a saga's last append landed, or ours committed although
+                # the store reported a failure. One terminal event per order.
+                self._end(live, view)
+                return
         given_back = []
         if live.released.reservation_id:
             given_back.append(f"reservation {live.released.reservation_id} released")
@@ -564,7 +577,7 @@ class OrderManager(BaseActor):
         self._appender.append(
             order_stream(order_id),
             [failed],
-            [CODEC.new_id()],
+            [live.give_up_event_id],  # the same id on every attempt: a replay is a no-op
             self._reader.stream_version(order_stream(order_id)),
             self._gave_up_callback(live, failed),
         )
@@ -582,12 +595,8 @@ class OrderManager(BaseActor):
                     view = {**order_view(order_id, [live.placed, failed]), "version": reply.version}
                 self._end(live, view)
                 return
-            events = self._read(order_id)
-            view = order_view(order_id, events)
-            if view["status"] != "pending":
-                self._end(live, view)  # a saga's terminal append landed first: it stands
-            elif reply.error == "conflict":
-                self._record_give_up(live)  # something appended meanwhile: at the new head
+            if reply.error == "conflict":
+                self._record_give_up(live)  # the stream moved: look again, then at its head
             # else: a store failure; the RetryGiveUp timer tries again
 
         return recorded
@@ -660,12 +669,13 @@ class OrderManager(BaseActor):
                 self._respawn(live)
         elif isinstance(msg.payload, RetryGiveUp):
             live = self._live.get(msg.payload.order_id)
-            if live is not None and live.giving_up is not None and not live.recording:
-                if live.released is None or live.voided is None:
-                    self._ask_give_up(live)
-                else:
-                    self._record_give_up(live)
-                    self.wakeupAfter(timedelta(seconds=self._cfg.step_timeout), payload=msg.payload)
+            if live is None or live.giving_up is None:
+                return  # ended
+            if live.released is None or live.voided is None:
+                self._ask_give_up(live)  # asks again and re-arms this timer
+                return
+            self._record_give_up(live)  # unless an append of it is still out
+            self.wakeupAfter(timedelta(seconds=self._cfg.step_timeout), payload=msg.payload)
         elif isinstance(msg.payload, str) and msg.payload in SERVICES:
             self._restart(msg.payload)
 

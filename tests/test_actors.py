@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from thespian.actors import ActorSystem
+from thespian.actors import ActorSystem, WakeupMessage
 
 from actors import manager as manager_module
 from actors.audit import audit
@@ -23,6 +23,8 @@ from actors.saga import OrderSaga
 from actors.views import decode_stream
 from messages.base import Item, OrderLine
 from messages.commands import (
+    AppendRejected,
+    AppendToStream,
     ChargePayment,
     Configure,
     Configured,
@@ -43,7 +45,7 @@ from messages.commands import (
     StockReport,
     VoidPayment,
 )
-from messages.events import OrderPlaced
+from messages.events import OrderFulfillmentFailed, OrderPlaced
 from store import SqliteEventStore
 from tests.conftest import new_id, wait_until
 
@@ -352,3 +354,64 @@ def test_an_order_whose_sagas_keep_failing_still_ends_compensated(
         report = audit(reader)
     assert report["ok"], report["checks"]
     assert report["status_counts"] == {"failed": 1}
+
+
+class StoreFailingOnce(EventStoreActor):
+    """Answers the supervisor's first OrderFulfillmentFailed append with store_error, late
+    (after 1.5 step timeouts), as a store waiting on a locked database would."""
+
+    failed = False
+
+    def receiveMsg_AppendToStream(self, msg: AppendToStream, sender: Any) -> None:
+        if not StoreFailingOnce.failed and any(
+            isinstance(e, OrderFulfillmentFailed) for e in msg.events
+        ):
+            StoreFailingOnce.failed = True
+            self.wakeupAfter(timedelta(seconds=0.75), payload=(msg.ref, sender))
+            return
+        super().receiveMsg_AppendToStream(msg, sender)
+
+    def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender: Any) -> None:
+        ref, requester = msg.payload
+        self.send(requester, AppendRejected(ref=ref, error="store_error", message="locked"))
+
+
+def test_the_last_resort_survives_a_store_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The supervisor's own terminal append fails late: it tries again and the order ends once."""
+    workflows: dict[Any, Any] = manager_module.WORKFLOWS
+    monkeypatch.setitem(workflows, OrderPlaced, PoisonSaga)
+    monkeypatch.setattr(manager_module, "MAX_SAGA_FAILURES", 3)
+    monkeypatch.setitem(manager_module.SERVICES, "store", StoreFailingOnce)
+    monkeypatch.setattr(StoreFailingOnce, "failed", False)
+    db = tmp_path / "o.db"
+    asys = ActorSystem("simpleSystemBase", transientUnique=True)
+    try:
+        manager = asys.createActor(OrderManager)
+        configure = Configure(
+            req_id=1,
+            db_path=str(db),
+            synchronous="FULL",
+            step_timeout=0.5,
+            crash_exits_process=False,
+        )
+        assert ask(asys, manager, configure) == Configured(req_id=1, recovered=0)
+        order = f"p-{uuid.uuid4().hex[:8]}"
+        lines = (OrderLine(product_id="SKU-003", quantity=1, unit_price=Decimal("2")),)
+        place = PlaceOrder(
+            req_id=3,
+            order_id=order,
+            customer_id="c",
+            lines=lines,
+            payment_method="tok_visa",
+            wait=True,
+        )
+        reply = ask(asys, manager, place)
+        assert isinstance(reply, OrderReply)
+        assert reply.order["status"] == "failed"
+    finally:
+        asys.shutdown()
+    assert StoreFailingOnce.failed
+    types = stream_types(db, f"order-{order}")
+    assert types == ["OrderPlaced", "InventoryReserved", "OrderFulfillmentFailed"]
