@@ -316,6 +316,8 @@ class GatewayLimits:
     max_frame: int = MAX_FRAME
     idle_timeout: float = 300.0  # seconds a connection may sit without sending a frame
     frame_timeout: float = 10.0  # seconds to deliver the rest of a frame once it has begun
+    # Seconds a client with a MiB of replies waiting may go without taking any of them.
+    write_timeout: float = 30.0
     max_connections: int = 1024
     max_pending_per_connection: int = 2048
     request_timeout: float = 60.0
@@ -358,6 +360,8 @@ class _Connection(asyncio.Protocol):
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._writing_paused = False
+        self._stalled_since = 0.0  # writing paused: when the client last took reply bytes
+        self._stalled_size = 0
         self._closing = False
         self._eof = False  # the client sent its last frame (EOF, or one that cannot be framed)
         self._last_word: dict[str, Any] | None = None  # a reply to send just before closing
@@ -369,9 +373,9 @@ class _Connection(asyncio.Protocol):
         self._transport = transport
         connections = self._gateway._connections
         if len(connections) >= self._limits.max_connections:
-            # Make room by closing the connection idle the longest (nothing in flight, no
-            # partial frame, silent for EVICT_IDLE_AFTER): idle sockets cannot hold every
-            # slot for the whole idle timeout. With none, the newcomer is refused.
+            # Make room by closing the connection silent the longest among those idle (nothing
+            # in flight, no partial frame) or not reading their replies: such sockets cannot
+            # hold every slot for the whole idle timeout. With none, the newcomer is refused.
             now = self._loop.time()
             idle = [c for c in connections if c.evictable(now)]
             if not idle:
@@ -382,7 +386,7 @@ class _Connection(asyncio.Protocol):
             victim.close()
         self._gateway._connections.add(self)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        self._arm_timer(self._limits.idle_timeout)
+        self._arm_timer(min(self._limits.idle_timeout, self._limits.frame_timeout))
 
     def data_received(self, data: bytes) -> None:
         if self._closing or self._eof:
@@ -407,18 +411,29 @@ class _Connection(asyncio.Protocol):
             task.cancel()
 
     def pause_writing(self) -> None:
+        """Over a MiB of replies unread: stop reading (and starting) its requests."""
         self._writing_paused = True
+        self._stalled_since = self._loop.time()
+        self._stalled_size = self._transport.get_write_buffer_size() if self._transport else 0
         self._update_reading()
+        self._wake_by(self._stalled_since + self._limits.write_timeout)
 
     def resume_writing(self) -> None:
         self._writing_paused = False
-        self._update_reading()
+        if self._buffer and not self._closing:
+            self._cut_frames()  # frames read before the pause
+        else:
+            self._update_reading()
 
     # --- frames in ------------------------------------------------------------------------
 
     def _cut_frames(self) -> None:
         buffer, size = self._buffer, HEADER.size
-        while not self._closing and len(self._tasks) < self._limits.max_pending_per_connection:
+        while (
+            not self._closing
+            and not self._writing_paused
+            and len(self._tasks) < self._limits.max_pending_per_connection
+        ):
             if len(buffer) < size:
                 break
             (length,) = HEADER.unpack_from(buffer)
@@ -438,6 +453,7 @@ class _Connection(asyncio.Protocol):
             if len(buffer) < size + length:
                 if self._frame_started is None:
                     self._frame_started = self._loop.time()
+                    self._wake_by(self._frame_started + self._limits.frame_timeout)
                 break
             body = bytes(buffer[size : size + length])
             del buffer[: size + length]
@@ -486,30 +502,64 @@ class _Connection(asyncio.Protocol):
                 transport.pause_reading()
         elif not transport.is_reading():
             transport.resume_reading()
+            if self._frame_started is not None:
+                # The frame deadline counts only while we read: restart it.
+                self._frame_started = self._loop.time()
+                self._wake_by(self._frame_started + self._limits.frame_timeout)
 
     # --- deadlines ------------------------------------------------------------------------
 
     def _arm_timer(self, delay: float) -> None:
         self._timer = self._loop.call_later(max(delay, 0.01), self._check_deadlines)
 
+    def _wake_by(self, when: float) -> None:
+        """Make sure the deadline check runs no later than `when`."""
+        if self._timer is not None and self._timer.when() > when:
+            self._timer.cancel()
+            self._arm_timer(when - self._loop.time())
+
     def _check_deadlines(self) -> None:
-        """One timer per connection, re-armed for whichever deadline is next."""
+        """One timer per connection, re-armed for whichever deadline is next (at least every
+        frame_timeout):
+
+        - replies unread (writing paused): the client must take some of them within
+          write_timeout, or it is cut off (it pins a MiB of replies and its slot);
+        - reading paused by us (requests at the pending cap): no deadline for the client;
+        - a partial frame: its rest must arrive within frame_timeout of its header;
+        - nothing in flight: idle_timeout of silence closes the connection.
+        """
         transport = self._transport
         if self._closing or transport is None:
             return
         now = self._loop.time()
-        if self._frame_started is not None:
-            left = self._frame_started + self._limits.frame_timeout - now
-        elif self._tasks or self._writing_paused or not transport.is_reading():
-            left = self._limits.idle_timeout  # waiting on us, not on the client
-            self.last_activity = now
+        limits = self._limits
+        if self._writing_paused:
+            size = transport.get_write_buffer_size()
+            if size < self._stalled_size:
+                self._stalled_since = now  # it is reading, slowly
+            self._stalled_size = size
+            left = self._stalled_since + limits.write_timeout - now
+            if left <= 0:
+                log.info("gateway: dropping a client that does not read its replies")
+                self.close()
+                return
+        elif not transport.is_reading():
+            self.last_activity = now  # we paused it (pending cap): waiting on us
+            left = limits.idle_timeout
+        elif self._frame_started is not None:
+            left = self._frame_started + limits.frame_timeout - now
+            if left <= 0:
+                self.close()  # a frame begun and never finished
+                return
+        elif self._tasks:
+            self.last_activity = now  # requests running: waiting on us
+            left = limits.idle_timeout
         else:
-            left = self.last_activity + self._limits.idle_timeout - now
-        if left <= 0:
-            self._closing = True
-            transport.close()
-            return
-        self._arm_timer(min(left, self._limits.frame_timeout))
+            left = self.last_activity + limits.idle_timeout - now
+            if left <= 0:
+                self.close()
+                return
+        self._arm_timer(min(left, limits.frame_timeout))
 
     # --- replies out ----------------------------------------------------------------------
 
@@ -540,19 +590,27 @@ class _Connection(asyncio.Protocol):
         self._loop.call_later(5.0, transport.abort)
 
     def evictable(self, now: float) -> bool:
-        """Idle: nothing in flight, no partial frame, silent for EVICT_IDLE_AFTER seconds."""
+        """Silent for EVICT_IDLE_AFTER seconds and either idle (nothing in flight, no partial
+        frame) or not reading its replies."""
         return (
             not self._closing
-            and not self._tasks
-            and not self._buffer
+            and (self._writing_paused or (not self._tasks and not self._buffer))
             and now - self.last_activity >= EVICT_IDLE_AFTER
         )
 
     def close(self) -> None:
-        """Drop the connection (the gateway is closing, or it made room for a newcomer)."""
+        """Drop the connection (a deadline passed, the gateway is closing, or it made room for
+        a newcomer). Replies a client has not taken are discarded: ``close`` alone would wait
+        for it to read them, and one that never reads would hold its slot for ever."""
         self._closing = True
-        if self._transport is not None:
-            self._transport.close()
+        self._gateway._connections.discard(self)
+        transport = self._transport
+        if transport is None:
+            return
+        if transport.get_write_buffer_size():
+            transport.abort()
+        else:
+            transport.close()
 
 
 @dataclass(frozen=True)

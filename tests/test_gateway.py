@@ -11,6 +11,7 @@ does not read its replies not slowing others down, and the request deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 import threading
@@ -28,6 +29,7 @@ from messages.wire import MAX_FRAME
 from tests.conftest import new_id
 
 IO = 10.0
+PONG = {"ok": True, "result": {"pong": True, "base": "simple"}}
 
 
 class LiveGateway:
@@ -177,6 +179,77 @@ def test_idle_connection_and_half_sent_frame_are_cut_off(live: Any) -> None:
         reply = read_reply(busy)
         assert reply is not None
         assert reply["result"]["pong"] is True
+
+
+def test_a_half_sent_frame_is_cut_off_at_the_frame_deadline_not_the_idle_one(live: Any) -> None:
+    gw = live(idle_timeout=30.0, frame_timeout=0.5)
+    with gw.connect() as sock:
+        sock.sendall(struct.pack(">I", 1 << 20) + b"x" * 1000)  # a MiB announced, 1,000 sent
+        assert closed_within(sock, 5.0) < 2.0
+
+
+def unread_flood(gw: LiveGateway) -> socket.socket:
+    """A client that sends requests with big replies (an unknown op echoes its 100 KB id) and
+    never reads them."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(gw.address)
+    sock.settimeout(0.5)
+    big = frame({"id": "x" * 100_000, "op": "nope"})
+    with contextlib.suppress(TimeoutError, OSError):
+        for _ in range(60):
+            sock.sendall(big)
+    return sock
+
+
+def test_a_client_that_never_reads_its_replies_is_dropped(live: Any) -> None:
+    gw = live(write_timeout=1.0, max_connections=1)
+    with unread_flood(gw) as hog:
+        time.sleep(2.5)  # past the write deadline
+        with gw.connect() as newcomer:  # its slot is free again
+            newcomer.sendall(ping(1))
+            assert read_reply(newcomer) == PONG | {"id": 1}
+        hog.settimeout(2)
+        with pytest.raises(ConnectionError):
+            fill(hog, ping(2))  # reset: the server dropped what it had not delivered
+
+
+def test_an_evicted_client_that_never_reads_frees_its_slot(live: Any) -> None:
+    gw = live(max_connections=1)
+    with unread_flood(gw):
+        time.sleep(1.2)  # idle past EVICT_IDLE_AFTER, a MiB of replies unread
+        with gw.connect() as newcomer:  # evicts it
+            newcomer.sendall(ping(1))
+            assert read_reply(newcomer) == PONG | {"id": 1}
+        time.sleep(0.3)
+        with gw.connect() as again:  # the hog did not linger in its slot
+            again.sendall(ping(2))
+            assert read_reply(again) == PONG | {"id": 2}
+
+
+def test_a_slow_reader_gets_every_reply(live: Any) -> None:
+    """Backpressure pauses a pipelining client that reads slowly; it is not cut off."""
+    gw = live(payment_latency=1.0, frame_timeout=0.5, write_timeout=5.0)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    sock.connect(gw.address)
+    with sock:
+        # Unknown ops are answered with their (here 100 KB) ids: MiBs of replies to take.
+        data = b"".join(order(n) for n in range(5)) + b"".join(
+            frame({"id": f"{n}-" + "x" * 100_000, "op": "nope"}) for n in range(5, 60)
+        )
+        sender = threading.Thread(target=sock.sendall, args=(data,), daemon=True)
+        sender.start()
+        time.sleep(2.0)  # busy elsewhere: reads nothing for four frame deadlines
+        sock.settimeout(IO)
+        replies = [read_reply(sock) for _ in range(60)]
+        sender.join(IO)
+    ids = [
+        r["id"] if isinstance(r["id"], int) else int(r["id"].split("-")[0]) for r in replies if r
+    ]
+    assert sorted(ids) == list(range(60))
+    paid = [r["result"]["status"] for r in replies if r and isinstance(r["id"], int)]
+    assert paid == ["paid"] * 5
 
 
 def test_oversized_frame_is_refused_and_closed(live: Any) -> None:
