@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import itertools
 import logging
 import os
@@ -18,7 +19,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -332,6 +333,12 @@ Handler = Callable[[Any], Awaitable[Any]]
 
 WRITE_HIGH_WATER = 1 << 20  # bytes of unsent replies before a connection stops being read
 EVICT_IDLE_AFTER = 1.0  # seconds of silence after which a full gateway may close a connection
+MAX_ID_LENGTH = 256  # characters of a string request id
+MAX_ARG_VALUES = 10_000  # values (map keys included) in a request's args; an order needs ~500
+READS_PER_CONNECTION = 2  # store reads one connection may have running or queued at once
+_current_connection: contextvars.ContextVar[_Connection | None] = contextvars.ContextVar(
+    "gateway_connection", default=None
+)
 
 
 class _Connection(asyncio.Protocol):
@@ -360,6 +367,9 @@ class _Connection(asyncio.Protocol):
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._writing_paused = False
+        self._reads = asyncio.Semaphore(READS_PER_CONNECTION)
+        self._writable = asyncio.Event()
+        self._writable.set()
         self._stalled_since = 0.0  # writing paused: when the client last took reply bytes
         self._stalled_size = 0
         self._closing = False
@@ -398,6 +408,7 @@ class _Connection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         """The client finished sending: answer what it sent, then close."""
         self._eof = True
+        self._cut_frames()  # complete frames still held back run; a partial one is dropped
         if not self._tasks:
             self._finish()
         return True  # keep our side open for the replies still to come
@@ -413,6 +424,7 @@ class _Connection(asyncio.Protocol):
     def pause_writing(self) -> None:
         """Over a MiB of replies unread: stop reading (and starting) its requests."""
         self._writing_paused = True
+        self._writable.clear()
         self._stalled_since = self._loop.time()
         self._stalled_size = self._transport.get_write_buffer_size() if self._transport else 0
         self._update_reading()
@@ -420,6 +432,7 @@ class _Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._writing_paused = False
+        self._writable.set()
         if self._buffer and not self._closing:
             self._cut_frames()  # frames read before the pause
         else:
@@ -435,6 +448,7 @@ class _Connection(asyncio.Protocol):
             and len(self._tasks) < self._limits.max_pending_per_connection
         ):
             if len(buffer) < size:
+                self._partial_frame()
                 break
             (length,) = HEADER.unpack_from(buffer)
             if length > self._limits.max_frame:
@@ -451,9 +465,7 @@ class _Connection(asyncio.Protocol):
                     self._finish()
                 return
             if len(buffer) < size + length:
-                if self._frame_started is None:
-                    self._frame_started = self._loop.time()
-                    self._wake_by(self._frame_started + self._limits.frame_timeout)
+                self._partial_frame()
                 break
             body = bytes(buffer[size : size + length])
             del buffer[: size + length]
@@ -463,10 +475,29 @@ class _Connection(asyncio.Protocol):
             if isinstance(request, dict):
                 self.send(request)  # refused at once
                 continue
+            _current_connection.set(self)  # the task's context: reads find their connection
             task = self._loop.create_task(self._answer(request))
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
         self._update_reading()
+
+    @contextlib.asynccontextmanager
+    async def read_slot(self) -> AsyncIterator[None]:
+        """One of this connection's read slots, taken once its replies are being read."""
+        async with self._reads:
+            await self._writable.wait()
+            yield
+
+    def _partial_frame(self) -> None:
+        """Part of a frame (maybe only part of its header) is in: its deadline starts now."""
+        if not self._buffer:
+            self._frame_started = None
+        elif self._eof:
+            self._buffer.clear()  # the client sent its last bytes: this frame never completes
+            self._frame_started = None
+        elif self._frame_started is None:
+            self._frame_started = self._loop.time()
+            self._wake_by(self._frame_started + self._limits.frame_timeout)
 
     async def _answer(self, request: ParsedRequest) -> None:
         self.send(await self._gateway._execute(request))
@@ -701,6 +732,11 @@ class Gateway:
             if not isinstance(req_id, int | str | None) or isinstance(req_id, bool):
                 req_id = None
                 raise OpError("invalid", "id must be an integer or a string")
+            if isinstance(req_id, str) and len(req_id) > MAX_ID_LENGTH:
+                # A pending request keeps its id, and every reply echoes it: bounded, so
+                # 2,048 pending requests cannot pin gigabytes.
+                req_id = None
+                raise OpError("invalid", f"id longer than {MAX_ID_LENGTH} characters")
             extra = set(request) - {"id", "op", "args"}
             if extra:
                 raise OpError("invalid", f"unknown request keys: {sorted(map(str, extra))[:5]}")
@@ -715,6 +751,10 @@ class Gateway:
                 args = {}
             if not isinstance(args, dict):
                 raise OpError("invalid", "args must be a map")
+            if not _within(args, MAX_ARG_VALUES):
+                # Checked before validation: a frame of a million values would otherwise be
+                # validated (and every error described) on the event loop, stalling everyone.
+                raise OpError("invalid", f"args hold more than {MAX_ARG_VALUES} values")
             model, handler = self._ops[op]
             try:
                 return ParsedRequest(req_id, handler, model.model_validate(args))
@@ -777,9 +817,26 @@ class Gateway:
         return reply
 
     async def _read(self, fn: Callable[[SqliteEventStore], Any]) -> Any:
+        """Run `fn` on the read-only store in the read pool. Per connection, at most
+        READS_PER_CONNECTION run or wait in the pool at once, and none starts while that
+        client has a MiB of replies unread, so one connection cannot queue thousands of reads
+        ahead of everyone else's or pile their results up in memory."""
         assert self._reader is not None
         reader = self._reader
-        return await asyncio.get_running_loop().run_in_executor(self._read_pool, fn, reader)
+        connection = _current_connection.get()
+        if connection is None:
+            return await self._read_now(fn, reader)
+        async with connection.read_slot():
+            return await self._read_now(fn, reader)
+
+    async def _read_now(
+        self, fn: Callable[[SqliteEventStore], Any], reader: SqliteEventStore
+    ) -> Any:
+        future = asyncio.get_running_loop().run_in_executor(self._read_pool, fn, reader)
+        try:
+            return await asyncio.wait_for(future, self._limits.request_timeout)
+        except TimeoutError:
+            raise OpError("unavailable", "the read took too long; try again") from None
 
     async def _ping(self, args: NoArgs) -> Any:
         return {"pong": True, "base": self._bridge.base}
@@ -890,6 +947,23 @@ def configure(bridge: ActorBridge, message: Callable[[int], Configure], timeout:
         raise OpError(reply.code, reply.message)
     assert isinstance(reply, Configured)
     return reply.recovered
+
+
+def _within(value: Any, budget: int) -> bool:
+    """Whether `value` (decoded msgpack) holds at most `budget` values, counted without
+    recursion and stopping as soon as the budget is spent."""
+    stack, left = [value], budget
+    while stack:
+        item = stack.pop()
+        left -= 1
+        if left < 0:
+            return False
+        if isinstance(item, dict):
+            left -= len(item)  # keys
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return left >= 0
 
 
 def _describe(error: ValidationError) -> str:
