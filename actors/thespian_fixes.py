@@ -39,7 +39,13 @@ import time
 import traceback
 from typing import Any
 
-from thespian.actors import ActorExitRequest, ChildActorExited, ValidatedSource, WakeupMessage
+from thespian.actors import (
+    ActorAddress,
+    ActorExitRequest,
+    ChildActorExited,
+    ValidatedSource,
+    WakeupMessage,
+)
 from thespian.system import isInternalActorSystemMessage, simpleSystemBase, utilis
 from thespian.system.messages.status import Thespian_StatusReq
 from thespian.system.timing import (
@@ -55,10 +61,13 @@ QUEUE_DEPTH = 2000
 _sequence = itertools.count()
 
 
-# One tuple per timer: (deadline, sequence, actor address, payload, period). Thespian kept an
-# ExpirationTimer object (and its __dict__) per timer; with four step timers per order alive for
-# the step timeout, they were most of the young objects the garbage collector had to walk.
-Wakeup = tuple[float, int, Any, Any, Any]
+# One tuple per timer: (deadline, sequence, actor address string, payload, period). Thespian
+# kept an ExpirationTimer object (and its __dict__) per timer, holding the actor's address: with
+# a timer per saga step alive for the step timeout, those were most of the young objects the
+# garbage collector walked. A tuple of strings and numbers is untracked by the collector after
+# its first pass, and an exited saga's address is not kept alive by its stale timer.
+Wakeup = tuple[float, int, str, Any, Any]
+Due = tuple[Any, Any, Any]  # (actor address, payload, period) of a timer that fired
 
 
 def _heap(manager: Any) -> list[Wakeup]:
@@ -68,7 +77,8 @@ def _heap(manager: Any) -> list[Wakeup]:
 
 def _add_wakeup(self: Any, from_actor: Any, time_period: Any, payload: Any) -> None:
     deadline = currentTime() + timePeriodSeconds(time_period)
-    heapq.heappush(_heap(self), (deadline, next(_sequence), from_actor, payload, time_period))
+    entry = (deadline, next(_sequence), from_actor.actorAddressString, payload, time_period)
+    heapq.heappush(_heap(self), entry)
 
 
 def _timer(entry: Wakeup) -> ExpirationTimer:
@@ -79,19 +89,20 @@ def _timer(entry: Wakeup) -> ExpirationTimer:
     return timer
 
 
-def _pop_expired_wakeups(self: Any, ct: float) -> list[Wakeup]:
-    heap, expired = _heap(self), []
-    registry = getattr(self, "actorRegistry", None)
-    if registry is not None and registry.get("DeadLetterBox") is not None:
-        registry = None  # someone handles dead letters: deliver every wakeup, as Thespian does
+def _pop_expired_wakeups(self: Any, ct: float) -> list[Due]:
+    heap, due = _heap(self), []
+    registry = self.actorRegistry
+    dead_letters = registry.get("DeadLetterBox") is not None
     while heap and heap[0][0] <= ct:
-        entry = heapq.heappop(heap)
-        if registry is not None:
-            target = registry.get(entry[2].actorAddressString)
-            if target is None or target._inst is None:
-                continue  # its actor has exited (a finished saga's stale step timer)
-        expired.append(entry)
-    return expired
+        _deadline, _seq, address, payload, period = heapq.heappop(heap)
+        target = registry.get(address)
+        if target is not None and target._inst is not None:
+            due.append((target.address, payload, period))
+        elif dead_letters:
+            # Someone handles dead letters: deliver it (to nobody), as Thespian does.
+            due.append((ActorAddress(address), payload, period))
+        # else its actor has exited (a finished saga's stale step timer): dropped
+    return due
 
 
 def _next_wakeup(self: Any) -> ExpirationTimer | None:
@@ -100,7 +111,7 @@ def _next_wakeup(self: Any) -> ExpirationTimer | None:
 
 
 def _add_wakeups_to_status(self: Any, statusmsg: Any) -> Any:
-    statusmsg.addWakeups([(entry[2], _timer(entry)) for entry in _heap(self)])
+    statusmsg.addWakeups([(ActorAddress(entry[2]), _timer(entry)) for entry in _heap(self)])
     return statusmsg
 
 
@@ -122,7 +133,7 @@ def _realize_wakeups(self: Any) -> None:
     now = currentTime()
     if heap[0][0] > now:
         return
-    for _deadline, _seq, target, payload, period in self._pop_expired_wakeups(now):
+    for target, payload, period in self._pop_expired_wakeups(now):
         with self._private_lock:
             self._pendingSends.append(
                 simpleSystemBase.PendingSend(target, WakeupMessage(period, payload), target)
