@@ -66,8 +66,12 @@ from messages.commands import (
 from messages.events import (
     TERMINAL_TYPE_NAMES,
     Event,
+    InventoryReleased,
     OrderFulfillmentFailed,
+    OrderPaid,
     OrderPlaced,
+    PaymentProcessed,
+    PaymentRefunded,
     order_stream,
 )
 from store import CODEC, NO_STREAM, SqliteEventStore
@@ -150,8 +154,8 @@ class LiveOrder:
     giving_up: str | None = None
     released: StockGivenBack | None = None
     voided: PaymentVoidedReply | None = None
-    recording: bool = False  # OrderFulfillmentFailed is being appended
-    give_up_event_id: str = ""
+    finish_paid: bool = False  # the charge is recorded: the supervisor records OrderPaid
+    recording: bool = False  # the supervisor's terminal append is out
 
 
 def same_order(a: OrderPlaced, b: OrderPlaced) -> bool:
@@ -508,16 +512,37 @@ class OrderManager(BaseActor):
     # --- the last resort ----------------------------------------------------------------------
 
     def _give_up(self, live: LiveOrder, reason: str) -> None:
-        """End an order whose sagas keep failing without running any saga code: release its
-        stock and void its payment (both idempotent, keyed by the order id, and fencing any
-        later reserve or charge), then record OrderFulfillmentFailed at the stream's head (a
-        saga append still in flight then conflicts). Every accepted order still ends, and ends
-        compensated; the reason is in the terminal event for an operator to look at."""
+        """End an order whose sagas keep failing without running any saga code.
+
+        If its stream is terminal already, that stands. If the charge is recorded, the order is
+        paid: record OrderPaid (as a saga resuming it would). Otherwise release its stock and
+        void its payment (both idempotent, keyed by the order id, fencing any later reserve or
+        charge), then record what was given back and OrderFulfillmentFailed at the head the
+        stream was read at (a saga append still in flight then conflicts). Every accepted order
+        still ends, exactly once, and compensated; the reason is in the terminal event."""
         order_id = live.placed.order_id
         live.giving_up = f"{live.failures} sagas failed (last: {reason})"
-        live.give_up_event_id = CODEC.new_id()
         log.error("manager: order %s: %s; ending it without a saga", order_id, live.giving_up)
+        events = self._read_back(order_id)
+        if events is not None:
+            view = order_view(order_id, events)
+            if view["status"] != "pending":
+                self._end(live, view)
+                return
+            if any(isinstance(e, PaymentProcessed) for e in events):
+                live.finish_paid = True  # charged and recorded: nothing to give back
+                self._record_give_up(live)
+                self._retry_give_up_later(live)
+                return
         self._ask_give_up(live)
+
+    def _read_back(self, order_id: str) -> list[Event] | None:
+        """The order's stream, or None if it does not read back (maybe what failed the sagas)."""
+        try:
+            return self._read(order_id)
+        except Exception:
+            log.exception("manager: cannot read the stream of %s back", order_id)
+            return None
 
     def _ask_give_up(self, live: LiveOrder) -> None:
         order_id = live.placed.order_id
@@ -527,7 +552,12 @@ class OrderManager(BaseActor):
         if live.voided is None:
             self.send(self._services["payment"], VoidPayment(order_id=order_id, reason=why))
         # Services restart and requests get lost: ask again until both have answered.
-        self.wakeupAfter(timedelta(seconds=self._cfg.step_timeout), payload=RetryGiveUp(order_id))
+        self._retry_give_up_later(live)
+
+    def _retry_give_up_later(self, live: LiveOrder) -> None:
+        self.wakeupAfter(
+            timedelta(seconds=self._cfg.step_timeout), payload=RetryGiveUp(live.placed.order_id)
+        )
 
     def receiveMsg_StockGivenBack(self, msg: StockGivenBack, sender: Any) -> None:
         """Inventory released an order the supervisor is ending."""
@@ -544,15 +574,16 @@ class OrderManager(BaseActor):
             self._record_give_up(live)
 
     def _record_give_up(self, live: LiveOrder) -> None:
-        if live.released is None or live.voided is None or live.recording:
+        if live.recording:
+            return
+        if not live.finish_paid and (live.released is None or live.voided is None):
             return
         assert self._reader is not None
-        assert live.giving_up is not None
         order_id = live.placed.order_id
-        try:
-            events = self._read(order_id)
-        except Exception:  # the stream does not read back: record at its head all the same
-            log.exception("manager: cannot read %s back; recording its end anyway", order_id)
+        events = self._read_back(order_id)
+        if events is None:
+            version = self._reader.stream_version(order_stream(order_id))
+            events = []
         else:
             view = order_view(order_id, events)
             if view["status"] != "pending":
@@ -560,40 +591,77 @@ class OrderManager(BaseActor):
                 # the store reported a failure. One terminal event per order.
                 self._end(live, view)
                 return
-        given_back = []
-        if live.released.reservation_id:
-            given_back.append(f"reservation {live.released.reservation_id} released")
-        if live.voided.refunded_payment_id:
-            given_back.append(
-                f"charge {live.voided.refunded_payment_id} ({live.voided.amount}) refunded"
-            )
-        failed = OrderFulfillmentFailed(
-            order_id=order_id,
-            error_message=f"{live.giving_up}; ended by the supervisor: "
-            + ("; ".join(given_back) or "nothing was held or charged"),
-            failed_at=utcnow(),
-        )
+            version = len(events) - 1  # the head this decision was made at
+        ending = self._give_up_events(live, events)
         live.recording = True
         self._appender.append(
             order_stream(order_id),
-            [failed],
-            [live.give_up_event_id],  # the same id on every attempt: a replay is a no-op
-            self._reader.stream_version(order_stream(order_id)),
-            self._gave_up_callback(live, failed),
+            ending,
+            [CODEC.new_id() for _ in ending],
+            version,
+            self._gave_up_callback(live, ending),
         )
 
+    def _give_up_events(self, live: LiveOrder, events: list[Event]) -> list[Event]:
+        """What the supervisor records to end the order (`events`: the stream so far)."""
+        order_id, now = live.placed.order_id, utcnow()
+        processed = next((e for e in events if isinstance(e, PaymentProcessed)), None)
+        if live.finish_paid and processed is not None:
+            return [
+                OrderPaid(
+                    order_id=order_id,
+                    payment_id=processed.payment_id,
+                    payment_method=live.placed.payment_method,
+                    amount=live.placed.total_amount,
+                    paid_at=now,
+                )
+            ]
+        assert live.released is not None
+        assert live.voided is not None
+        why = f"{live.giving_up}; ended by the supervisor"
+        ending: list[Event] = []
+        given_back = []
+        reservation = live.released.reservation_id
+        if reservation:
+            given_back.append(f"reservation {reservation} released")
+            if not any(isinstance(e, InventoryReleased) for e in events):
+                ending.append(
+                    InventoryReleased(
+                        order_id=order_id, reservation_id=reservation, reason=why, released_at=now
+                    )
+                )
+        refunded, amount = live.voided.refunded_payment_id, live.voided.amount
+        if refunded and amount is not None:
+            given_back.append(f"charge {refunded} ({amount}) refunded")
+            if not any(isinstance(e, PaymentRefunded) for e in events):
+                ending.append(
+                    PaymentRefunded(
+                        order_id=order_id,
+                        payment_id=refunded,
+                        amount=amount,
+                        reason=why,
+                        refunded_at=now,
+                    )
+                )
+        ending.append(
+            OrderFulfillmentFailed(
+                order_id=order_id,
+                error_message=f"{why}: " + ("; ".join(given_back) or "nothing held or charged"),
+                failed_at=now,
+            )
+        )
+        return ending
+
     def _gave_up_callback(
-        self, live: LiveOrder, failed: OrderFulfillmentFailed
+        self, live: LiveOrder, ending: list[Event]
     ) -> Callable[[AppendDone | AppendRejected], None]:
         def recorded(reply: AppendDone | AppendRejected) -> None:
             live.recording = False
             order_id = live.placed.order_id
             if isinstance(reply, AppendDone):
-                try:
-                    view = order_view(order_id, self._read(order_id))
-                except Exception:  # the stream does not read back (maybe what failed the sagas)
-                    view = {**order_view(order_id, [live.placed, failed]), "version": reply.version}
-                self._end(live, view)
+                events = self._read_back(order_id)
+                view = order_view(order_id, events or [live.placed, *ending])
+                self._end(live, {**view, "version": reply.version})
                 return
             if reply.error == "conflict":
                 self._record_give_up(live)  # the stream moved: look again, then at its head
@@ -671,7 +739,7 @@ class OrderManager(BaseActor):
             live = self._live.get(msg.payload.order_id)
             if live is None or live.giving_up is None:
                 return  # ended
-            if live.released is None or live.voided is None:
+            if not live.finish_paid and (live.released is None or live.voided is None):
                 self._ask_give_up(live)  # asks again and re-arms this timer
                 return
             self._record_give_up(live)  # unless an append of it is still out

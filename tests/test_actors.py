@@ -14,6 +14,7 @@ import pytest
 from thespian.actors import ActorSystem, WakeupMessage
 
 from actors import manager as manager_module
+from actors import saga_machine as sm
 from actors.audit import audit
 from actors.event_store import EventStoreActor
 from actors.inventory import InventoryActor
@@ -344,7 +345,13 @@ def test_an_order_whose_sagas_keep_failing_still_ends_compensated(
         assert after.stock == before.stock  # the 4 units are back
     finally:
         asys.shutdown()
-    assert stream_types(db, f"order-{order}")[-1] == "OrderFulfillmentFailed"
+    assert stream_types(db, f"order-{order}") == [
+        "OrderPlaced",
+        "InventoryReserved",
+        "InventoryReleased",
+        "PaymentRefunded",
+        "OrderFulfillmentFailed",
+    ]
     assert stream_types(db, f"payment-{order}") == [
         "ChargeSucceeded",
         "ChargeRefunded",
@@ -414,4 +421,71 @@ def test_the_last_resort_survives_a_store_failure(
         asys.shutdown()
     assert StoreFailingOnce.failed
     types = stream_types(db, f"order-{order}")
-    assert types == ["OrderPlaced", "InventoryReserved", "OrderFulfillmentFailed"]
+    assert types == [
+        "OrderPlaced",
+        "InventoryReserved",
+        "InventoryReleased",
+        "PaymentRefunded",
+        "OrderFulfillmentFailed",
+    ]
+
+
+class FailsAfterPaying(OrderSaga):
+    """A saga with a bug after the end: OrderPaid commits, then reporting it raises, in every
+    saga of the order."""
+
+    def _carry_out(self, command: sm.Command) -> None:
+        if isinstance(command, sm.Finish):
+            raise RuntimeError("poisoned after OrderPaid")
+        super()._carry_out(command)
+
+    def receiveMsg_StartSaga(self, msg: StartSaga, sender: Any) -> None:
+        if msg.compensate:
+            raise RuntimeError("poisoned recovery")
+        super().receiveMsg_StartSaga(msg, sender)
+
+
+def test_the_last_resort_never_undoes_a_paid_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding: the supervisor voided and released before looking at the stream."""
+    workflows: dict[Any, Any] = manager_module.WORKFLOWS
+    monkeypatch.setitem(workflows, OrderPlaced, FailsAfterPaying)
+    monkeypatch.setattr(manager_module, "MAX_SAGA_FAILURES", 3)
+    db = tmp_path / "o.db"
+    asys = ActorSystem("simpleSystemBase", transientUnique=True)
+    try:
+        manager = asys.createActor(OrderManager)
+        configure = Configure(
+            req_id=1,
+            db_path=str(db),
+            synchronous="FULL",
+            step_timeout=0.5,
+            crash_exits_process=False,
+        )
+        assert ask(asys, manager, configure) == Configured(req_id=1, recovered=0)
+        before = ask(asys, manager, GetStock(req_id=2, product_ids=("SKU-004",)))
+        order = f"p-{uuid.uuid4().hex[:8]}"
+        lines = (OrderLine(product_id="SKU-004", quantity=3, unit_price=Decimal("2")),)
+        place = PlaceOrder(
+            req_id=3,
+            order_id=order,
+            customer_id="c",
+            lines=lines,
+            payment_method="tok_visa",
+            wait=True,
+        )
+        reply = ask(asys, manager, place)
+        after = ask(asys, manager, GetStock(req_id=4, product_ids=("SKU-004",)))
+    finally:
+        asys.shutdown()
+    assert isinstance(reply, OrderReply)
+    assert reply.order["status"] == "paid"
+    assert isinstance(before, StockReport)
+    assert isinstance(after, StockReport)
+    assert after.stock["SKU-004"]["reserved"] == before.stock["SKU-004"]["reserved"] + 3
+    assert stream_types(db, f"payment-{order}") == ["ChargeSucceeded"]  # no refund, no void
+    assert stream_types(db, f"order-{order}")[-1] == "OrderPaid"
+    with SqliteEventStore(db, readonly=True) as reader:
+        report = audit(reader)
+    assert report["ok"], report["checks"]
