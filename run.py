@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from actors.gateway import ActorBridge, Gateway, GatewayLimits, configure
+from actors.bridge import ActorBridge, configure
+from actors.gateway import Gateway, GatewayLimits
 from messages.commands import Configure
 
 DEFAULT_DB = "orders.db"

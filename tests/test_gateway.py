@@ -23,7 +23,8 @@ from typing import Any
 import msgpack
 import pytest
 
-from actors.gateway import ActorBridge, Gateway, GatewayLimits, configure
+from actors.bridge import ActorBridge, configure
+from actors.gateway import Gateway, GatewayLimits
 from messages.commands import Configure
 from messages.wire import MAX_FRAME
 from tests.conftest import new_id
