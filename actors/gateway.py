@@ -110,7 +110,9 @@ class _Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._out: list[bytes] = []
+        self._out_bytes = 0
         self._flush_scheduled = False
+        self._lost = False  # connection_lost was called
         self._writing_paused = False
         self._reads = asyncio.Semaphore(READS_PER_CONNECTION)
         self._writable = asyncio.Event()
@@ -160,6 +162,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        self._lost = True
         self._gateway._connections.discard(self)
         if self._timer is not None:
             self._timer.cancel()
@@ -264,9 +267,7 @@ class _Connection(asyncio.Protocol):
         if self._last_word is not None:
             self._out.append(encode_frame(self._last_word))
         self._flush()
-        self._closing = True
-        transport.close()  # after what is buffered has been written
-        self._loop.call_later(5.0, transport.abort)  # a client that never reads is cut off
+        self._close_after_writing()
 
     def _update_reading(self) -> None:
         transport = self._transport
@@ -340,30 +341,57 @@ class _Connection(asyncio.Protocol):
     # --- replies out ----------------------------------------------------------------------
 
     def send(self, reply: dict[str, Any]) -> None:
-        """Queue one reply; every reply queued in this loop pass leaves in one write."""
+        """Queue one reply; every reply queued in this loop pass leaves in one write, or at
+        once when a MiB is queued (so the transport's pause applies before more is cut)."""
         if self._closing:
             return
-        self._out.append(encode_frame(reply))
-        if not self._flush_scheduled:
+        frame = encode_frame(reply)
+        self._out.append(frame)
+        self._out_bytes += len(frame)
+        if self._out_bytes >= WRITE_HIGH_WATER:
+            self._flush()  # the transport calls pause_writing() now if it is over the mark
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        frames, self._out = self._out, []
+        frames, self._out, self._out_bytes = self._out, [], 0
         transport = self._transport
         if frames and transport is not None and not transport.is_closing():
             transport.write(b"".join(frames))
 
     def _refuse(self, reply: dict[str, Any]) -> None:
-        """Answer once and close; a client that will not take the answer is cut off."""
+        """Answer once and close."""
         transport = self._transport
         assert transport is not None
         self._flush()  # replies already made go out first
-        self._closing = True
         transport.write(encode_frame(reply))
+        self._close_after_writing()
+
+    def _close_after_writing(self) -> None:
+        """Close once what is buffered is written; a client that takes none of it for
+        write_timeout is cut off (one that keeps reading, however slowly, gets it all)."""
+        transport = self._transport
+        assert transport is not None
+        self._closing = True
         transport.close()
-        self._loop.call_later(5.0, transport.abort)
+        self._stalled_since = self._loop.time()
+        self._stalled_size = transport.get_write_buffer_size()
+        self._watch_close()
+
+    def _watch_close(self) -> None:
+        transport = self._transport
+        if transport is None or self._lost:
+            return
+        now, size = self._loop.time(), transport.get_write_buffer_size()
+        if size < self._stalled_size:
+            self._stalled_since = now
+        self._stalled_size = size
+        if now - self._stalled_since >= self._limits.write_timeout:
+            transport.abort()
+            return
+        self._loop.call_later(min(1.0, self._limits.write_timeout), self._watch_close)
 
     def evictable(self, now: float) -> bool:
         """Silent for EVICT_IDLE_AFTER seconds and either idle (nothing in flight, no partial
@@ -419,7 +447,7 @@ class Gateway:
         self._connections: set[_Connection] = set()
         self._server: asyncio.base_events.Server | None = None
         self._slots: asyncio.Semaphore | None = None
-        self._audit_lock = asyncio.Lock()
+        self._exclusive = asyncio.Lock()  # audits: one full scan at a time
         self.accepting_orders = True
         self.stalls = 0  # requests refused because the actor system was saturated
         self._ops: dict[str, tuple[type[BaseModel], Handler]] = {
@@ -450,7 +478,8 @@ class Gateway:
             for connection in list(self._connections):
                 connection.close()
             await self._server.wait_closed()
-        self._read_pool.shutdown(wait=True)
+        # A read still running finishes in its thread; the loop does not wait on it.
+        await asyncio.to_thread(self._read_pool.shutdown, True)
         if self._reader is not None:
             self._reader.close()
 
@@ -520,7 +549,13 @@ class Gateway:
             log.exception("gateway: request failed")
             return error_reply(request.req_id, "internal", "internal error")
 
-    async def _ask(self, make: Callable[[int], ActorMessage]) -> ActorMessage:
+    async def _ask(
+        self, make: Callable[[int], ActorMessage], *, control: bool = False
+    ) -> ActorMessage:
+        """Send a request to the OrderManager and wait for its reply. Clients' requests take
+        one of the `max_in_flight` slots; the operator's (`control`) never wait for one."""
+        if control:
+            return await self._ask_now(make)
         assert self._slots is not None
         if self._slots.locked():
             try:
@@ -532,54 +567,68 @@ class Gateway:
         else:
             await self._slots.acquire()  # free slot: returns at once, no task, no timer
         try:
-            req_id, future = self._bridge.submit_async(make)
-            expired = False
-
-            def expire() -> None:
-                nonlocal expired
-                expired = True
-                future.cancel()
-
-            # One timer handle per request (asyncio.wait_for would add a waiter and callbacks).
-            timer = asyncio.get_running_loop().call_later(self._limits.request_timeout, expire)
-            try:
-                reply = await future
-            except asyncio.CancelledError:
-                self._bridge.forget(req_id)
-                if expired:
-                    raise OpError(
-                        "unavailable",
-                        "no answer in time; the request may still complete "
-                        "(it is idempotent: send it again)",
-                    ) from None
-                raise  # the caller was cancelled (its connection closed)
-            finally:
-                timer.cancel()
+            return await self._ask_now(make)
         finally:
             self._slots.release()
+
+    async def _ask_now(self, make: Callable[[int], ActorMessage]) -> ActorMessage:
+        req_id, future = self._bridge.submit_async(make)
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            future.cancel()
+
+        # One timer handle per request (asyncio.wait_for would add a waiter and callbacks).
+        timer = asyncio.get_running_loop().call_later(self._limits.request_timeout, expire)
+        try:
+            reply = await future
+        except asyncio.CancelledError:
+            self._bridge.forget(req_id)
+            if expired:
+                raise OpError(
+                    "unavailable",
+                    "no answer in time; the request may still complete "
+                    "(it is idempotent: send it again)",
+                ) from None
+            raise  # the caller was cancelled (its connection closed)
+        finally:
+            timer.cancel()
         if isinstance(reply, Refused):
             raise OpError(reply.code, reply.message)
         return reply
 
-    async def _read(self, fn: Callable[[SqliteEventStore], Any]) -> Any:
+    async def _read(self, fn: Callable[[SqliteEventStore], Any], *, exclusive: bool = False) -> Any:
         """Run `fn` on the read-only store in the read pool. Per connection, at most
         READS_PER_CONNECTION run or wait in the pool at once, and none starts while that
         client has a MiB of replies unread, so one connection cannot queue thousands of reads
-        ahead of everyone else's or pile their results up in memory."""
-        assert self._reader is not None
-        reader = self._reader
+        ahead of everyone else's or pile their results up in memory. `exclusive` reads (the
+        audit) also run one at a time across all connections."""
         connection = _current_connection.get()
-        if connection is None:
-            return await self._read_now(fn, reader)
-        async with connection.read_slot():
-            return await self._read_now(fn, reader)
+        async with connection.read_slot() if connection else contextlib.nullcontext():
+            return await self._read_now(fn, exclusive)
 
-    async def _read_now(
-        self, fn: Callable[[SqliteEventStore], Any], reader: SqliteEventStore
-    ) -> Any:
-        future = asyncio.get_running_loop().run_in_executor(self._read_pool, fn, reader)
+    async def _read_now(self, fn: Callable[[SqliteEventStore], Any], exclusive: bool) -> Any:
+        assert self._reader is not None
+        loop = asyncio.get_running_loop()
+        timeout = self._limits.request_timeout
+        if exclusive:
+            try:
+                await asyncio.wait_for(self._exclusive.acquire(), timeout)
+            except TimeoutError:
+                raise OpError("unavailable", "another audit is running; try later") from None
         try:
-            return await asyncio.wait_for(future, self._limits.request_timeout)
+            future = loop.run_in_executor(self._read_pool, fn, self._reader)
+        except BaseException:
+            if exclusive:
+                self._exclusive.release()
+            raise
+        if exclusive:
+            # Held until the scan ends, even if nobody waits for it any more.
+            future.add_done_callback(lambda _: self._exclusive.release())
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:
             raise OpError("unavailable", "the read took too long; try again") from None
 
@@ -657,9 +706,11 @@ class Gateway:
         return reply.stock
 
     async def _audit(self, args: NoArgs) -> Any:
-        # A full scan of the store: one at a time, so audits cannot crowd out the other reads.
-        async with self._audit_lock:
-            return await self._read(audit)
+        """A full scan of the store, one at a time so audits cannot crowd out the other reads.
+        The lock is taken after this connection's read slot (a client not reading its replies
+        holds only its own slot, never every client's audit), waits at most the request
+        timeout, and is released when the scan ends, not when a caller stops waiting."""
+        return await self._read(audit, exclusive=True)
 
     # --- operator side --------------------------------------------------------------------
 
@@ -668,15 +719,19 @@ class Gateway:
         self.accepting_orders = False
         loop = asyncio.get_running_loop()
         end = loop.time() + deadline
+        in_flight = -1  # unknown until the manager answers
         while True:
-            reply = await self._ask(lambda req_id: Drain(req_id=req_id))
-            assert isinstance(reply, DrainStatus)
-            if reply.in_flight == 0 or loop.time() >= end:
+            with contextlib.suppress(OpError):  # no answer in time: ask again until the end
+                reply = await self._ask(lambda req_id: Drain(req_id=req_id), control=True)
+                assert isinstance(reply, DrainStatus)
+                in_flight = reply.in_flight
+            if in_flight == 0 or loop.time() >= end:
                 break
             await asyncio.sleep(0.05)
         # Thespian stops the services before the manager; it must not restart them.
-        await self._ask(lambda req_id: Drain(req_id=req_id, final=True))
-        return reply.in_flight
+        with contextlib.suppress(OpError):
+            await self._ask(lambda req_id: Drain(req_id=req_id, final=True), control=True)
+        return max(in_flight, 0)
 
     async def identities(self) -> dict[str, int]:
         """The OS pids of the manager, services and live sagas."""

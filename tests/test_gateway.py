@@ -23,6 +23,7 @@ from typing import Any
 import msgpack
 import pytest
 
+from actors import gateway as gateway_module
 from actors.bridge import ActorBridge, configure
 from actors.gateway import Gateway, GatewayLimits
 from messages.commands import Configure
@@ -311,6 +312,75 @@ def test_a_slow_reader_gets_every_reply(live: Any) -> None:
     assert sorted(r["id"] for r in replies if r) == list(range(60))
     assert [r["result"]["status"] for r in replies if r and r["id"] < 5] == ["paid"] * 5
     assert all(len(r["result"]["events"]) > 300 for r in replies if r and r["id"] >= 5)
+
+
+def test_a_half_closed_slow_reader_gets_every_reply(
+    live: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading slowly, for longer than the fixed 5 s the gateway used to allow a closing
+    connection, it still gets every reply: only a client that takes nothing is cut off."""
+    monkeypatch.setattr(gateway_module, "WRITE_HIGH_WATER", 64 * 1024)
+    gw = live(write_timeout=1.0)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(gw.address)
+    with sock:
+        count = 6_000  # ~300 KB of replies
+        sock.sendall(b"".join(ping(n) for n in range(count)))
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(IO)
+        started, got = time.monotonic(), 0
+        while read_reply(sock) is not None:
+            got += 1
+            if got % 100 == 0:
+                time.sleep(0.1)  # ~50 KB/s: slow, but never silent for write_timeout
+        assert got == count
+        assert time.monotonic() - started > 5.5  # slower than the old cut-off
+
+
+def test_requests_refused_at_once_cannot_pile_up_replies(live: Any) -> None:
+    """256 KiB of tiny bad frames, each answered with a reply 16 times its size, never read."""
+    gw = live()
+    with gw.connect() as sock:
+        bad = frame({"op": ""})
+        sock.sendall(bad * (256 * 1024 // len(bad)))
+        time.sleep(0.5)
+        (connection,) = gw.gateway._connections
+        held = connection._out_bytes + connection._transport.get_write_buffer_size()
+        assert held < 2 * 1024 * 1024, f"{held} bytes of replies held for one connection"
+
+
+def test_a_client_not_reading_does_not_hold_up_other_clients_audits(live: Any) -> None:
+    gw = live()
+    grow_inventory(gw)
+    with gw.connect() as hog, gw.connect() as other:
+        hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        hog.settimeout(IO)
+        hog.sendall(
+            b"".join(frame({"id": n, **READ_INVENTORY}) for n in range(300))
+            + frame({"id": 300, "op": "audit"})
+        )
+        time.sleep(1.0)  # its replies pile up unread; its audit waits for its read slots
+        started = time.monotonic()
+        other.settimeout(5.0)
+        other.sendall(frame({"id": 1, "op": "audit"}))
+        reply = read_reply(other)
+        assert reply is not None
+        assert reply["result"]["ok"] is True
+        assert time.monotonic() - started < 2.0
+
+
+def test_drain_works_when_every_slot_is_taken(live: Any) -> None:
+    """Draining is the operator's request: it does not queue behind clients' orders."""
+    gw = live(payment_latency=1.0, max_in_flight=1, saturated_wait=0.2)
+    with gw.connect() as sock:
+        sock.sendall(order(1))  # holds the only slot for a second
+        time.sleep(0.2)
+        drain = asyncio.run_coroutine_threadsafe(gw.gateway.drain(10.0), gw.loop)
+        assert drain.result(IO) == 0  # waited for the order, then stopped the manager
+        reply = read_reply(sock)
+        assert reply is not None
+        assert reply["result"]["status"] == "paid"
 
 
 def test_oversized_frame_is_refused_and_closed(live: Any) -> None:
