@@ -150,15 +150,22 @@ def machine() -> dict[str, Any]:
     }
 
 
-def median_row(runs: list[dict[str, Any]]) -> dict[str, float]:
-    """Medians of throughput and latency percentiles over repetitions."""
+def median_row(runs: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Medians of throughput and latency percentiles over repetitions (a run without a single
+    latency, e.g. one whose every order failed, has none to give; its audit column says so)."""
+
+    def median(values: list[float | None]) -> float | None:
+        known = [v for v in values if v is not None]
+        return statistics.median(known) if known else None
+
     return {
-        "orders_per_s": statistics.median(r["throughput_orders_per_s"] for r in runs),
-        **{
-            k: statistics.median(r["latency_ms"][k] for r in runs)
-            for k in ("p50", "p90", "p99", "max")
-        },
+        "orders_per_s": median([r["throughput_orders_per_s"] for r in runs]),
+        **{k: median([r["latency_ms"][k] for r in runs]) for k in ("p50", "p90", "p99", "max")},
     }
+
+
+def _ms(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def render(table: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -178,7 +185,8 @@ def render(table: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
         ratio = ""
         if kind == "full" and f"{base}/reference" in table:
             ref = table[f"{base}/reference"]["median"]["orders_per_s"]
-            ratio = f"{m['orders_per_s'] / ref:.0%}"
+            if ref and m["orders_per_s"] is not None:
+                ratio = f"{m['orders_per_s'] / ref:.0%}"
         audits = row.get("audits", "")
         memory = ""
         if kind == "in-flight":
@@ -188,8 +196,8 @@ def render(table: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
             memory = f"{per_order:.1f}"
         lines.append(
             f"| {base} | {kind} | {row['orders']} | {row['concurrency']} | "
-            f"{m['orders_per_s']:.0f} | {m['p50']:.1f} | {m['p90']:.1f} | {m['p99']:.1f} | "
-            f"{m['max']:.1f} | {ratio} | {memory} | {audits} |"
+            f"{_ms(m['orders_per_s'], 0)} | {_ms(m['p50'])} | {_ms(m['p90'])} | "
+            f"{_ms(m['p99'])} | {_ms(m['max'])} | {ratio} | {memory} | {audits} |"
         )
     return "\n".join(lines)
 
@@ -266,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(
                         f"rep {rep + 1}/{args.reps} {key}: "
                         f"{run['throughput_orders_per_s']:.0f} orders/s, "
-                        f"p99 {run['latency_ms']['p99']:.1f} ms"
+                        f"p99 {_ms(run['latency_ms']['p99'])} ms"
                         + ("" if audit is None else f", audit {'ok' if audit else 'FAILED'}"),
                         file=sys.stderr,
                         flush=True,

@@ -384,7 +384,10 @@ class RunResult:
     """What the driven orders did."""
 
     statuses: list[str]
-    latencies: list[float]  # seconds, one per reply (errors included), unsorted
+    # seconds, unsorted: one per order that reached a terminal status, and one per order given
+    # up on (counted at the moment it was given up, so a run's tail is never hidden); error
+    # replies are not latencies (they count as not terminal)
+    latencies: list[float]
     finished_at: list[float]  # seconds since the first submit, one per reply
     wall_s: float
     client_cpu_s: float
@@ -487,7 +490,8 @@ class LoadRun:
             if start is None:  # the monitor already gave up on it and freed its slot
                 return
             st.statuses[n] = status
-            st.latencies.append(end - start)
+            if status in TERMINAL:
+                st.latencies.append(end - start)
             st.finished.append(end - self._t0)
             st.completed += 1
             if st.completed == st.total:
@@ -505,6 +509,7 @@ class LoadRun:
                     break
                 del st.in_flight[n]
                 st.statuses[n] = "error:timeout"
+                st.latencies.append(now - start)  # at least the order timeout
                 st.completed += 1
                 expired += 1
             if st.completed == st.total:

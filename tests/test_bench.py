@@ -59,3 +59,17 @@ def test_median_row_and_table() -> None:
     }
     assert "| simple | in-flight | 9 | 9 | 20 |" in render(table, meta)
     assert "|  | 13.0 | 3/3 ok |" in render(table, meta)  # median KiB per order in flight
+
+
+def test_runs_without_latencies_do_not_break_the_table() -> None:
+    """Review finding: a run whose every order failed has no percentiles."""
+    none = {"p50": None, "p90": None, "p99": None, "max": None}
+    runs = [
+        {"throughput_orders_per_s": 0.0, "latency_ms": none},
+        {"throughput_orders_per_s": 10.0, "latency_ms": dict.fromkeys(none, 5.0)},
+    ]
+    assert median_row(runs)["p99"] == 5.0
+    assert median_row(runs[:1])["p99"] is None
+    table = {"simple/full": {"orders": 1, "concurrency": 1, "median": median_row(runs[:1])}}
+    meta = {"started": "now", "reps": 1, "machine": {"cpus": 2, "cpu": "x", "python": "3.11"}}
+    assert "| n/a | n/a |" in render(table, meta)

@@ -170,3 +170,33 @@ def test_spawned_run_reaches_terminal_states_and_passes_audit(
     assert scarce["reserved_by_run"] == scarce["paid_orders"]
     assert scarce["ok"] is True
     assert "✓ stock_consistent" in out
+
+
+def test_orders_given_up_on_count_in_the_latency_figures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Review finding: orders that never answered were left out, and p99 looked fine."""
+    report_path = tmp_path / "r.json"
+    code = loadtest.main(
+        [
+            "--spawn",
+            "--orders",
+            "20",
+            "--concurrency",
+            "20",
+            "--mix",
+            "tok_visa=1,tok_timeout=1",
+            "--step-timeout",
+            "5",
+            "--order-timeout",
+            "1",
+            "--json",
+            str(report_path),
+            "--no-progress",
+        ]
+    )
+    capsys.readouterr()
+    report = json.loads(report_path.read_text())
+    assert code == 1  # orders that never ended fail the run
+    assert report["not_terminal"] > 0
+    assert report["latency_ms"]["max"] >= 1000  # ... and show in the tail
