@@ -137,11 +137,25 @@ async def serve(args: argparse.Namespace) -> int:
         capabilities["Admin Port"] = args.admin_port
     bridge = ActorBridge(args.base, capabilities=capabilities, log_defs=_log_defs(args.log_level))
     loop = asyncio.get_running_loop()
+    # Signals are ours from the start: one arriving during start-up (recovery can take a while)
+    # stops the system in order instead of killing run.py and orphaning its actor processes.
+    # A second one cuts the drain short.
+    stop, hurry = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            hurry.set()
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
     # The actor system (and on the process bases its processes) starts before the gateway
     # socket exists, so no actor process inherits the client-facing socket.
     await loop.run_in_executor(None, bridge.start)
     gateway: Gateway | None = None
     try:
+        if stop.is_set():
+            return 0
         recovered = await loop.run_in_executor(
             None,
             lambda: configure(
@@ -164,15 +178,15 @@ async def serve(args: argparse.Namespace) -> int:
             max_in_flight=20_000 if args.base == "simple" else 24,
         )
         gateway = Gateway(bridge, db_path, limits=limits, admin_token=args.admin_token)
+        if stop.is_set():
+            await gateway.drain(0.0)  # stopped during start-up: tell the manager, then stop
+            return 0  # the orders being recovered resume on the next start
         host, port = await gateway.start(args.host, args.port)
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         print(
             f"ready {host}:{port} base={args.base} db={db_path} recovering={recovered}", flush=True
         )
         await stop.wait()
-        left = await gateway.drain(args.drain_timeout)
+        left = await gateway.drain(args.drain_timeout, hurry)
         if left:
             logging.getLogger("orders").warning(
                 "shutting down with %d orders in flight; they resume on the next start", left

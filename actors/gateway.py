@@ -81,6 +81,7 @@ EVICT_IDLE_AFTER = 1.0  # seconds of silence after which a full gateway may clos
 MAX_ID_LENGTH = 256  # characters of a string request id
 MAX_ARG_VALUES = 10_000  # values (map keys included) in a request's args; an order needs ~500
 READS_PER_CONNECTION = 2  # store reads one connection may have running or queued at once
+DRAIN_ASK_TIMEOUT = 2.0  # seconds a drain waits for the manager's answer before asking again
 _current_connection: contextvars.ContextVar[_Connection | None] = contextvars.ContextVar(
     "gateway_connection", default=None
 )
@@ -550,12 +551,17 @@ class Gateway:
             return error_reply(request.req_id, "internal", "internal error")
 
     async def _ask(
-        self, make: Callable[[int], ActorMessage], *, control: bool = False
+        self,
+        make: Callable[[int], ActorMessage],
+        *,
+        control: bool = False,
+        timeout: float | None = None,
     ) -> ActorMessage:
-        """Send a request to the OrderManager and wait for its reply. Clients' requests take
-        one of the `max_in_flight` slots; the operator's (`control`) never wait for one."""
+        """Send a request to the OrderManager and wait for its reply (at most `timeout`, by
+        default the request timeout). Clients' requests take one of the `max_in_flight`
+        slots; the operator's (`control`) never wait for one."""
         if control:
-            return await self._ask_now(make)
+            return await self._ask_now(make, timeout)
         assert self._slots is not None
         if self._slots.locked():
             try:
@@ -567,11 +573,13 @@ class Gateway:
         else:
             await self._slots.acquire()  # free slot: returns at once, no task, no timer
         try:
-            return await self._ask_now(make)
+            return await self._ask_now(make, timeout)
         finally:
             self._slots.release()
 
-    async def _ask_now(self, make: Callable[[int], ActorMessage]) -> ActorMessage:
+    async def _ask_now(
+        self, make: Callable[[int], ActorMessage], timeout: float | None = None
+    ) -> ActorMessage:
         req_id, future = self._bridge.submit_async(make)
         expired = False
 
@@ -581,7 +589,9 @@ class Gateway:
             future.cancel()
 
         # One timer handle per request (asyncio.wait_for would add a waiter and callbacks).
-        timer = asyncio.get_running_loop().call_later(self._limits.request_timeout, expire)
+        timer = asyncio.get_running_loop().call_later(
+            self._limits.request_timeout if timeout is None else timeout, expire
+        )
         try:
             reply = await future
         except asyncio.CancelledError:
@@ -714,15 +724,21 @@ class Gateway:
 
     # --- operator side --------------------------------------------------------------------
 
-    async def drain(self, deadline: float) -> int:
-        """Refuse new orders and wait (up to `deadline` seconds) for in-flight ones to end."""
+    async def drain(self, deadline: float, hurry: asyncio.Event | None = None) -> int:
+        """Refuse new orders and wait (up to `deadline` seconds, or until `hurry` is set) for
+        in-flight ones to end; returns how many were left (they resume on the next start)."""
         self.accepting_orders = False
         loop = asyncio.get_running_loop()
         end = loop.time() + deadline
         in_flight = -1  # unknown until the manager answers
-        while True:
+        while not (hurry is not None and hurry.is_set()):
+            left = end - loop.time()
             with contextlib.suppress(OpError):  # no answer in time: ask again until the end
-                reply = await self._ask(lambda req_id: Drain(req_id=req_id), control=True)
+                reply = await self._ask(
+                    lambda req_id: Drain(req_id=req_id),
+                    control=True,
+                    timeout=min(max(left, 0.1), DRAIN_ASK_TIMEOUT),
+                )
                 assert isinstance(reply, DrainStatus)
                 in_flight = reply.in_flight
             if in_flight == 0 or loop.time() >= end:
@@ -730,7 +746,11 @@ class Gateway:
             await asyncio.sleep(0.05)
         # Thespian stops the services before the manager; it must not restart them.
         with contextlib.suppress(OpError):
-            await self._ask(lambda req_id: Drain(req_id=req_id, final=True), control=True)
+            await self._ask(
+                lambda req_id: Drain(req_id=req_id, final=True),
+                control=True,
+                timeout=DRAIN_ASK_TIMEOUT,
+            )
         return max(in_flight, 0)
 
     async def identities(self) -> dict[str, int]:

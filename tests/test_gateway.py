@@ -383,6 +383,16 @@ def test_drain_works_when_every_slot_is_taken(live: Any) -> None:
         assert reply["result"]["status"] == "paid"
 
 
+def test_drain_keeps_its_deadline_when_the_actors_do_not_answer(live: Any) -> None:
+    """Review finding: each drain request waited the full request timeout (60 s here)."""
+    gw = live(request_timeout=60.0)
+    gw.bridge.stop()  # the actor system is gone: nothing will answer
+    started = time.monotonic()
+    drain = asyncio.run_coroutine_threadsafe(gw.gateway.drain(1.0), gw.loop)
+    assert drain.result(IO) == 0
+    assert time.monotonic() - started < 5.0
+
+
 def test_oversized_frame_is_refused_and_closed(live: Any) -> None:
     gw = live()
     with gw.connect() as sock:
