@@ -48,6 +48,7 @@ from client import (
     ConnectionFailed,
     non_negative_int,
 )
+from proc_tree import RUN_MARKER, descendants, marked
 
 __all__ = ["main", "parse_mix", "percentile"]
 
@@ -62,7 +63,7 @@ PRODUCTS = tuple(f"SKU-{i:03d}" for i in range(1, 11))
 SCARCE_SKU = "SKU-SCARCE"
 MAX_QUANTITY = 3
 READY_TIMEOUT = 60.0
-STOP_TIMEOUT = 30.0
+STOP_TIMEOUT = 45.0  # run.py drains for up to 30 s (--drain-timeout), then stops its actors
 PROGRESS_INTERVAL = 0.2
 RSS_SAMPLE_INTERVAL = 1.0
 
@@ -208,34 +209,6 @@ def _proc_status_kib(pid: int, key: str) -> int | None:
     return None
 
 
-def _descendants(pid: int) -> list[int]:
-    """Live descendants of `pid` (Linux /proc); empty where /proc is unavailable."""
-    children: dict[int, list[int]] = {}
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return []
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
-                stat = f.read()
-        except OSError:
-            continue  # the process exited while we looked
-        # The command name may contain spaces and parentheses: the ppid follows the last ')'.
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 1 and fields[1].isdigit():
-            children.setdefault(int(fields[1]), []).append(int(entry))
-    found: list[int] = []
-    stack = [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
 def _cpu_seconds(pid: int) -> float | None:
     """utime + stime of `pid` from /proc/PID/stat, in seconds."""
     try:
@@ -278,7 +251,14 @@ class SpawnedServer:
             cmd += ["--synchronous", args.synchronous]
         if args.warm_sagas is not None:
             cmd += ["--warm-sagas", str(args.warm_sagas)]
-        env = {**os.environ, "THESPLOG_FILE": str(self.dir / "thespian.log")}
+        # The run marker lets us find every process of this run (the process bases' actors
+        # are no children of run.py), to measure them and to make sure none outlives the run.
+        self.run_id = uuid.uuid4().hex
+        env = {
+            **os.environ,
+            "THESPLOG_FILE": str(self.dir / "thespian.log"),
+            RUN_MARKER: self.run_id,
+        }
         self._log: IO[bytes] = self.log_path.open("wb")
         self._lines: queue.Queue[str | None] = queue.Queue()
         try:
@@ -338,7 +318,7 @@ class SpawnedServer:
 
     def sample_rss(self) -> None:
         """Record the process tree's current total RSS if it is a new peak."""
-        pids = [self.proc.pid, *_descendants(self.proc.pid)]
+        pids = sorted({self.proc.pid, *descendants(self.proc.pid), *marked(self.run_id)})
         total = sum(_proc_status_kib(pid, "VmRSS") or 0 for pid in pids)
         if total > self.peak_tree_kib:
             self.peak_tree_kib = total
@@ -366,6 +346,9 @@ class SpawnedServer:
             print(f"run.py did not exit within {STOP_TIMEOUT:.0f}s; killing it", file=sys.stderr)
             self.proc.kill()
             code = self.proc.wait()
+        for pid in marked(self.run_id):  # actors run.py could not stop keep its stdout open
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self._stdout_reader.join(5)
         if self.proc.stdout is not None:
             self.proc.stdout.close()

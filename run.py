@@ -17,12 +17,14 @@ import logging
 import os
 import signal
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
 from actors.bridge import ActorBridge, configure
 from actors.gateway import Gateway, GatewayLimits
 from messages.commands import Configure
+from proc_tree import RUN_MARKER
 
 DEFAULT_DB = "orders.db"
 
@@ -212,6 +214,9 @@ def _tune_gc() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     args = parse_args(argv)
+    # Every process of this run (the actors on the process bases) inherits the marker, so the
+    # bridge can find and stop them all at the end, even those not below run.py.
+    os.environ.setdefault(RUN_MARKER, uuid.uuid4().hex)
     _tune_gc()
     if args.base == "tcp":
         # Thespian's TCP transport unpickles what reaches it: keep it on loopback unless the

@@ -27,6 +27,7 @@ from thespian.actors import ActorSystem, ActorSystemException, PoisonMessage
 
 from actors.manager import OrderManager
 from messages.commands import ActorMessage, Batch, Configure, Configured, Refused
+from proc_tree import RUN_MARKER, descendants, marked
 
 log = logging.getLogger("orders.bridge")
 
@@ -122,8 +123,8 @@ class ActorBridge:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(30)
-        if self.base == "queue":
-            _kill_leftover_children()
+        if self.base != "simple":
+            _kill_leftovers()
 
     def _run(self) -> None:
         try:
@@ -237,42 +238,23 @@ def _settle(ready: list[tuple[asyncio.Future[ActorMessage], ActorMessage]]) -> N
             future.set_result(reply)
 
 
-def _kill_leftover_children(grace: float = 5.0) -> None:
-    """After shutdown, make sure no Thespian process of ours outlives run.py (the queue base's
-    admin can be left waiting for an actor that is gone; it keeps run.py's command line)."""
+def _kill_leftovers(grace: float = 5.0) -> None:
+    """After shutdown, make sure no Thespian process of this run outlives run.py: the process
+    bases' admin can be left waiting for an actor that is gone, and it is no child of ours
+    (it runs in a session of its own), so it is found by the run marker it inherited."""
+    run_id = os.environ.get(RUN_MARKER)
     deadline = time.monotonic() + grace
     while True:
-        children = _descendants(os.getpid())
-        if not children:
+        left = sorted(set(descendants(os.getpid())) | set(marked(run_id) if run_id else []))
+        if not left:
             return
         if time.monotonic() > deadline:
-            log.warning("bridge: killing %d leftover actor processes", len(children))
-            for pid in children:
+            log.warning("bridge: killing %d leftover actor processes", len(left))
+            for pid in left:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             return
         time.sleep(0.05)
-
-
-def _descendants(root: int) -> list[int]:
-    """Live (non-zombie) processes below `root`, from /proc."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":
-            parents.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, todo = [], [root]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def configure(bridge: ActorBridge, message: Callable[[int], Configure], timeout: float) -> int:
