@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from client import Client, ClientError
+from proc_tree import RUN_MARKER, descendants, marked
 from tests.conftest import Server, new_id, wait_until
 
 LINE = [{"product_id": "SKU-001", "quantity": 1, "unit_price": "4.00"}]
@@ -313,3 +314,30 @@ def test_soak_random_kills(
     )
     with capsys.disabled():
         print(f"\nsoak base={base} seed={seed} {totals} audit=ok")
+
+
+@pytest.mark.process
+def test_no_process_of_a_run_outlives_it(
+    start_server: Callable[..., Server], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The queue base's Thespian admin runs in a session of its own, no child of run.py; with
+    it killed, run.py's stop used to wait minutes and leave the actors running for ever."""
+    run_id = new_id()
+    monkeypatch.setenv(RUN_MARKER, run_id)  # run.py keeps a marker it inherits
+    server = start_server(base="queue", extra=("--drain-timeout", "2"))
+    with server.client() as client:
+        line = {"product_id": "SKU-001", "quantity": 1, "unit_price": "1.00"}
+        assert client.place_order(new_id(), "c", [line])["status"] == "paid"
+    processes = set(marked(run_id))
+    admin_side = processes - {server.proc.pid} - set(descendants(server.proc.pid))
+    assert admin_side, "expected actor processes outside run.py's own tree"
+    for pid in admin_side:
+        if _ppid(pid) == 1:  # the admin: reparented to init
+            os.kill(pid, signal.SIGKILL)
+    assert server.stop(timeout=60) == 0
+    wait_until(lambda: not marked(run_id), timeout=10)  # every process of the run ended
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[1])
