@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -302,15 +303,27 @@ class PoisonSaga(OrderSaga):
         super().receiveMsg_StartSaga(msg, sender)
 
 
-def test_an_order_whose_sagas_keep_failing_still_ends_compensated(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The supervisor's last resort: after MAX_SAGA_FAILURES it releases, voids and records
-    OrderFulfillmentFailed itself; the order is terminal, stock is back, the charge refunded."""
+@dataclass
+class PoisonRun:
+    """One order placed through a manager whose workflow is a buggy saga class."""
+
+    db: Path
+    order: str
+    reply: Any
+    stock_before: dict[str, int]
+    stock_after: dict[str, int]
+
+
+def place_with_poison(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, saga: type, quantity: int
+) -> PoisonRun:
+    """Place one order of `quantity` SKU-003 with `saga` as the workflow, on the simple base,
+    the supervisor giving up after 3 failed sagas; stock is read before and after."""
     workflows: dict[Any, Any] = manager_module.WORKFLOWS
-    monkeypatch.setitem(workflows, OrderPlaced, PoisonSaga)
+    monkeypatch.setitem(workflows, OrderPlaced, saga)
     monkeypatch.setattr(manager_module, "MAX_SAGA_FAILURES", 3)
     db = tmp_path / "o.db"
+    order = f"p-{uuid.uuid4().hex[:8]}"
     asys = ActorSystem("simpleSystemBase", transientUnique=True)
     try:
         manager = asys.createActor(OrderManager)
@@ -323,8 +336,7 @@ def test_an_order_whose_sagas_keep_failing_still_ends_compensated(
         )
         assert ask(asys, manager, configure) == Configured(req_id=1, recovered=0)
         before = ask(asys, manager, GetStock(req_id=2, product_ids=("SKU-003",)))
-        order = f"p-{uuid.uuid4().hex[:8]}"
-        lines = (OrderLine(product_id="SKU-003", quantity=4, unit_price=Decimal("2.5")),)
+        lines = (OrderLine(product_id="SKU-003", quantity=quantity, unit_price=Decimal("2.5")),)
         place = PlaceOrder(
             req_id=3,
             order_id=order,
@@ -334,31 +346,44 @@ def test_an_order_whose_sagas_keep_failing_still_ends_compensated(
             wait=True,
         )
         reply = ask(asys, manager, place)
-        assert isinstance(reply, OrderReply)
-        assert reply.order["status"] == "failed"
-        assert "3 sagas failed" in reply.order["reason"]
-        assert "refunded" in reply.order["reason"]
-        assert "released" in reply.order["reason"]
         after = ask(asys, manager, GetStock(req_id=4, product_ids=("SKU-003",)))
-        assert isinstance(before, StockReport)
-        assert isinstance(after, StockReport)
-        assert after.stock == before.stock  # the 4 units are back
     finally:
         asys.shutdown()
-    assert stream_types(db, f"order-{order}") == [
+    assert isinstance(before, StockReport)
+    assert isinstance(after, StockReport)
+    return PoisonRun(db, order, reply, before.stock["SKU-003"], after.stock["SKU-003"])
+
+
+def audit_of(db: Path) -> dict[str, Any]:
+    with SqliteEventStore(db, readonly=True) as reader:
+        return audit(reader)
+
+
+def test_an_order_whose_sagas_keep_failing_still_ends_compensated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The supervisor's last resort: after MAX_SAGA_FAILURES it releases, voids and records
+    OrderFulfillmentFailed itself; the order is terminal, stock is back, the charge refunded."""
+    run = place_with_poison(tmp_path, monkeypatch, PoisonSaga, quantity=4)
+    assert isinstance(run.reply, OrderReply)
+    assert run.reply.order["status"] == "failed"
+    assert "3 sagas failed" in run.reply.order["reason"]
+    assert "refunded" in run.reply.order["reason"]
+    assert "released" in run.reply.order["reason"]
+    assert run.stock_after == run.stock_before  # the 4 units are back
+    assert stream_types(run.db, f"order-{run.order}") == [
         "OrderPlaced",
         "InventoryReserved",
         "InventoryReleased",
         "PaymentRefunded",
         "OrderFulfillmentFailed",
     ]
-    assert stream_types(db, f"payment-{order}") == [
+    assert stream_types(run.db, f"payment-{run.order}") == [
         "ChargeSucceeded",
         "ChargeRefunded",
         "PaymentVoided",
     ]
-    with SqliteEventStore(db, readonly=True) as reader:
-        report = audit(reader)
+    report = audit_of(run.db)
     assert report["ok"], report["checks"]
     assert report["status_counts"] == {"failed": 1}
 
@@ -387,41 +412,13 @@ def test_the_last_resort_survives_a_store_failure(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The supervisor's own terminal append fails late: it tries again and the order ends once."""
-    workflows: dict[Any, Any] = manager_module.WORKFLOWS
-    monkeypatch.setitem(workflows, OrderPlaced, PoisonSaga)
-    monkeypatch.setattr(manager_module, "MAX_SAGA_FAILURES", 3)
     monkeypatch.setitem(manager_module.SERVICES, "store", StoreFailingOnce)
     monkeypatch.setattr(StoreFailingOnce, "failed", False)
-    db = tmp_path / "o.db"
-    asys = ActorSystem("simpleSystemBase", transientUnique=True)
-    try:
-        manager = asys.createActor(OrderManager)
-        configure = Configure(
-            req_id=1,
-            db_path=str(db),
-            synchronous="FULL",
-            step_timeout=0.5,
-            crash_exits_process=False,
-        )
-        assert ask(asys, manager, configure) == Configured(req_id=1, recovered=0)
-        order = f"p-{uuid.uuid4().hex[:8]}"
-        lines = (OrderLine(product_id="SKU-003", quantity=1, unit_price=Decimal("2")),)
-        place = PlaceOrder(
-            req_id=3,
-            order_id=order,
-            customer_id="c",
-            lines=lines,
-            payment_method="tok_visa",
-            wait=True,
-        )
-        reply = ask(asys, manager, place)
-        assert isinstance(reply, OrderReply)
-        assert reply.order["status"] == "failed"
-    finally:
-        asys.shutdown()
+    run = place_with_poison(tmp_path, monkeypatch, PoisonSaga, quantity=1)
+    assert isinstance(run.reply, OrderReply)
+    assert run.reply.order["status"] == "failed"
     assert StoreFailingOnce.failed
-    types = stream_types(db, f"order-{order}")
-    assert types == [
+    assert stream_types(run.db, f"order-{run.order}") == [
         "OrderPlaced",
         "InventoryReserved",
         "InventoryReleased",
@@ -449,43 +446,11 @@ def test_the_last_resort_never_undoes_a_paid_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Review finding: the supervisor voided and released before looking at the stream."""
-    workflows: dict[Any, Any] = manager_module.WORKFLOWS
-    monkeypatch.setitem(workflows, OrderPlaced, FailsAfterPaying)
-    monkeypatch.setattr(manager_module, "MAX_SAGA_FAILURES", 3)
-    db = tmp_path / "o.db"
-    asys = ActorSystem("simpleSystemBase", transientUnique=True)
-    try:
-        manager = asys.createActor(OrderManager)
-        configure = Configure(
-            req_id=1,
-            db_path=str(db),
-            synchronous="FULL",
-            step_timeout=0.5,
-            crash_exits_process=False,
-        )
-        assert ask(asys, manager, configure) == Configured(req_id=1, recovered=0)
-        before = ask(asys, manager, GetStock(req_id=2, product_ids=("SKU-004",)))
-        order = f"p-{uuid.uuid4().hex[:8]}"
-        lines = (OrderLine(product_id="SKU-004", quantity=3, unit_price=Decimal("2")),)
-        place = PlaceOrder(
-            req_id=3,
-            order_id=order,
-            customer_id="c",
-            lines=lines,
-            payment_method="tok_visa",
-            wait=True,
-        )
-        reply = ask(asys, manager, place)
-        after = ask(asys, manager, GetStock(req_id=4, product_ids=("SKU-004",)))
-    finally:
-        asys.shutdown()
-    assert isinstance(reply, OrderReply)
-    assert reply.order["status"] == "paid"
-    assert isinstance(before, StockReport)
-    assert isinstance(after, StockReport)
-    assert after.stock["SKU-004"]["reserved"] == before.stock["SKU-004"]["reserved"] + 3
-    assert stream_types(db, f"payment-{order}") == ["ChargeSucceeded"]  # no refund, no void
-    assert stream_types(db, f"order-{order}")[-1] == "OrderPaid"
-    with SqliteEventStore(db, readonly=True) as reader:
-        report = audit(reader)
+    run = place_with_poison(tmp_path, monkeypatch, FailsAfterPaying, quantity=3)
+    assert isinstance(run.reply, OrderReply)
+    assert run.reply.order["status"] == "paid"
+    assert run.stock_after["reserved"] == run.stock_before["reserved"] + 3
+    assert stream_types(run.db, f"payment-{run.order}") == ["ChargeSucceeded"]  # no refund
+    assert stream_types(run.db, f"order-{run.order}")[-1] == "OrderPaid"
+    report = audit_of(run.db)
     assert report["ok"], report["checks"]
