@@ -174,8 +174,7 @@ class _Connection(asyncio.Protocol):
         """Over a MiB of replies unread: stop reading (and starting) its requests."""
         self._writing_paused = True
         self._writable.clear()
-        self._stalled_since = self._loop.time()
-        self._stalled_size = self._transport.get_write_buffer_size() if self._transport else 0
+        self._start_write_clock()
         self._update_reading()
         self._wake_by(self._stalled_since + self._limits.write_timeout)
 
@@ -312,11 +311,7 @@ class _Connection(asyncio.Protocol):
         now = self._loop.time()
         limits = self._limits
         if self._writing_paused:
-            size = transport.get_write_buffer_size()
-            if size < self._stalled_size:
-                self._stalled_since = now  # it is reading, slowly
-            self._stalled_size = size
-            left = self._stalled_since + limits.write_timeout - now
+            left = self._write_time_left(now)
             if left <= 0:
                 log.info("gateway: dropping a client that does not read its replies")
                 self.close()
@@ -370,6 +365,20 @@ class _Connection(asyncio.Protocol):
         transport.write(encode_frame(reply))
         self._close_after_writing()
 
+    def _start_write_clock(self) -> None:
+        """Replies are waiting on the client: the write deadline starts now."""
+        self._stalled_since = self._loop.time()
+        self._stalled_size = self._transport.get_write_buffer_size() if self._transport else 0
+
+    def _write_time_left(self, now: float) -> float:
+        """Seconds the client has left to take some of its replies; any progress (the write
+        buffer shrank) restarts the clock."""
+        size = self._transport.get_write_buffer_size() if self._transport else 0
+        if size < self._stalled_size:
+            self._stalled_since = now  # it is reading, slowly
+        self._stalled_size = size
+        return self._stalled_since + self._limits.write_timeout - now
+
     def _close_after_writing(self) -> None:
         """Close once what is buffered is written; a client that takes none of it for
         write_timeout is cut off (one that keeps reading, however slowly, gets it all)."""
@@ -377,19 +386,14 @@ class _Connection(asyncio.Protocol):
         assert transport is not None
         self._closing = True
         transport.close()
-        self._stalled_since = self._loop.time()
-        self._stalled_size = transport.get_write_buffer_size()
+        self._start_write_clock()
         self._watch_close()
 
     def _watch_close(self) -> None:
         transport = self._transport
         if transport is None or self._lost:
             return
-        now, size = self._loop.time(), transport.get_write_buffer_size()
-        if size < self._stalled_size:
-            self._stalled_since = now
-        self._stalled_size = size
-        if now - self._stalled_since >= self._limits.write_timeout:
+        if self._write_time_left(self._loop.time()) <= 0:
             transport.abort()
             return
         self._loop.call_later(min(1.0, self._limits.write_timeout), self._watch_close)
