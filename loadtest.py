@@ -48,7 +48,7 @@ from client import (
     ConnectionFailed,
     non_negative_int,
 )
-from proc_tree import RUN_MARKER, descendants, marked
+from runtime.proc_tree import RUN_MARKER, descendants, marked
 
 __all__ = ["main", "parse_mix", "percentile"]
 

@@ -21,10 +21,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from actors.bridge import ActorBridge, configure
-from actors.gateway import Gateway, GatewayLimits
+from gateway.server import Gateway, GatewayLimits
 from messages.commands import Configure
-from proc_tree import RUN_MARKER
+from runtime.bridge import ActorBridge, configure
+from runtime.proc_tree import RUN_MARKER
 
 DEFAULT_DB = "orders.db"
 
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     _tune_gc()
     if args.base == "tcp":
         # Thespian's TCP transport unpickles what reaches it: keep it on loopback unless the
-        # operator names a private-network address (actors.thespian_fixes binds to it).
+        # operator names a private-network address (runtime.thespian_fixes binds to it).
         os.environ.setdefault("THESPIAN_BASE_IPADDR", "127.0.0.1")
     # Thespian logs to $TMPDIR/thespian.log by default, shared by everything on the machine.
     os.environ.setdefault("THESPLOG_FILE", str(Path(args.db).resolve().parent / "thespian.log"))

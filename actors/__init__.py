@@ -1,9 +1,5 @@
-"""The actors of the order service.
+"""The actors of the order service: thin shells that carry out what ``saga`` decides.
 
-Importing the package installs the Thespian fixes of ``actors.thespian_fixes`` once, so every
-actor system this code runs in (run.py, tests, benchmarks) gets them.
+Nothing happens on import. The Thespian fixes (``runtime.thespian_fixes``) are applied explicitly
+by whatever starts an actor system (``runtime.bridge``, the benchmark, the tests).
 """
-
-from actors import thespian_fixes
-
-thespian_fixes.apply()

@@ -8,13 +8,11 @@ memory at once (so the next request sees it) and answered only after its event i
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from actors.base import Appender, BaseActor, CommitGate, log
-from messages.base import Item, UnavailableItem, new_id, utcnow
+from messages.base import new_id, utcnow
 from messages.commands import (
     AppendDone,
     AppendRejected,
@@ -31,89 +29,11 @@ from messages.commands import (
     StockReport,
 )
 from messages.events import INVENTORY_STREAM, Event, StockReleased, StockReserved, StockSet
+from saga.stock import StockBook
 from store import CODEC, NO_STREAM, SqliteEventStore
 
 SEED_PRODUCTS = tuple(f"SKU-{n:03d}" for n in range(1, 11))
 SEED_ON_HAND = 1000
-
-
-Units = tuple[tuple[str, int], ...]  # (product id, quantity) per product
-
-
-def units_of(items: Sequence[Item]) -> Units:
-    """Items as plain pairs, product ids interned: Inventory keeps one Reservation per order
-    it ever held, and as pydantic Items with their own strings they took ~870 bytes each."""
-    return tuple((sys.intern(item.product_id), item.quantity) for item in items)
-
-
-@dataclass(slots=True)
-class Reservation:
-    """What one order holds (or held)."""
-
-    reservation_id: str  # "" for a fence: the order was released before it reserved anything
-    units: Units
-    released: bool = False
-
-    def items(self) -> tuple[Item, ...]:
-        """The held units as Items (for the event that releases them)."""
-        return tuple(Item(product_id=p, quantity=q) for p, q in self.units)
-
-
-@dataclass
-class StockBook:
-    """Stock levels and reservations; pure bookkeeping, replayable from the inventory stream."""
-
-    on_hand: dict[str, int] = field(default_factory=dict)
-    reserved: dict[str, int] = field(default_factory=dict)
-    reservations: dict[str, Reservation] = field(default_factory=dict)
-
-    def apply(self, event: Event) -> None:
-        """Apply one inventory event."""
-        if isinstance(event, StockSet):
-            self.on_hand[event.product_id] = event.on_hand
-            self.reserved.setdefault(event.product_id, 0)
-        elif isinstance(event, StockReserved):
-            units = units_of(event.items)
-            self.reservations[event.order_id] = Reservation(event.reservation_id, units)
-            for product_id, quantity in units:
-                self.reserved[product_id] = self.reserved.get(product_id, 0) + quantity
-        elif isinstance(event, StockReleased):
-            held = self.reservations.get(event.order_id)
-            if held is None:
-                self.reservations[event.order_id] = Reservation("", (), released=True)
-                return
-            held.released = True
-            for product_id, quantity in held.units:
-                self.reserved[product_id] -= quantity
-
-    def shortfall(self, items: tuple[Item, ...]) -> tuple[UnavailableItem, ...]:
-        """The items that cannot be held now (unknown products have 0 available)."""
-        return tuple(
-            UnavailableItem(
-                product_id=item.product_id,
-                requested=item.quantity,
-                available=self.available(item.product_id),
-            )
-            for item in items
-            if self.available(item.product_id) < item.quantity
-        )
-
-    def available(self, product_id: str) -> int:
-        """Units that can still be reserved."""
-        return self.on_hand.get(product_id, 0) - self.reserved.get(product_id, 0)
-
-    def report(self, product_ids: tuple[str, ...]) -> dict[str, dict[str, int]]:
-        """on_hand / reserved / available per product (all products when none are named)."""
-        wanted = product_ids or tuple(sorted(self.on_hand))
-        return {
-            p: {
-                "on_hand": self.on_hand.get(p, 0),
-                "reserved": self.reserved.get(p, 0),
-                "available": self.available(p),
-            }
-            for p in wanted
-            if p in self.on_hand
-        }
 
 
 Reply = tuple[Any, Any]  # (recipient, message)

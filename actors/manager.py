@@ -33,7 +33,6 @@ from actors.event_store import EventStoreActor
 from actors.inventory import InventoryActor
 from actors.payment import PaymentActor
 from actors.saga import OrderSaga
-from actors.views import decode_stream, order_view
 from messages.base import order_total, utcnow
 from messages.commands import (
     AppendDone,
@@ -74,6 +73,7 @@ from messages.events import (
     PaymentRefunded,
     order_stream,
 )
+from saga.views import decode_stream, order_view
 from store import CODEC, NO_STREAM, SqliteEventStore
 
 # --- the workflow registry --------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The OrderSaga actor: one per order, a thin shell around ``actors.saga_machine``.
+"""The OrderSaga actor: one per order, a thin shell around ``saga.machine``.
 
 It translates replies into machine inputs and machine commands into messages. Anything that
 raises inside it is reported to the supervising OrderManager (which recovers the order from its
@@ -15,9 +15,7 @@ from typing import Any
 
 from thespian.actors import ActorExitRequest, PoisonMessage, WakeupMessage
 
-from actors import saga_machine as sm
 from actors.base import Appender, BaseActor, log
-from actors.views import order_view
 from messages.base import utcnow
 from messages.commands import (
     AppendDone,
@@ -39,6 +37,8 @@ from messages.commands import (
     VoidPayment,
 )
 from messages.events import order_stream
+from saga import machine as sm
+from saga.views import order_view
 
 ENV = sm.Env(now=utcnow)
 STEP_TIMER = "step"  # the payload of the saga's one pending wakeup

@@ -17,7 +17,7 @@ from typing import Any
 
 from thespian.actors import ActorExitRequest, ActorSystem, ActorTypeDispatcher
 
-import actors  # noqa: F401  (installs the Thespian fixes: the reference gets them too)
+from runtime import thespian_fixes
 
 
 @dataclass(frozen=True)
@@ -246,6 +246,7 @@ def run_reference(
     """Run the reference saga on a fresh actor system of `system_base`."""
     if os.path.exists(db):
         raise FileExistsError(db)
+    thespian_fixes.apply()  # the reference runs on the same patched Thespian as the system
     asys = ActorSystem(system_base, transientUnique=True)
     try:
         driver = asys.createActor(RefDriver)

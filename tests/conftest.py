@@ -16,8 +16,15 @@ from typing import IO, Any
 import pytest
 
 from client import Client
+from runtime import thespian_fixes
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _thespian_fixes() -> None:
+    """Tests that start an actor system themselves get the same patched Thespian as run.py."""
+    thespian_fixes.apply()
 
 
 class Server:

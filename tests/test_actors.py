@@ -15,14 +15,11 @@ import pytest
 from thespian.actors import ActorSystem, WakeupMessage
 
 from actors import manager as manager_module
-from actors import saga_machine as sm
-from actors.audit import audit
 from actors.event_store import EventStoreActor
 from actors.inventory import InventoryActor
 from actors.manager import OrderManager
 from actors.payment import PaymentActor
 from actors.saga import OrderSaga
-from actors.views import decode_stream
 from messages.base import Item, OrderLine
 from messages.commands import (
     AppendRejected,
@@ -48,6 +45,9 @@ from messages.commands import (
     VoidPayment,
 )
 from messages.events import OrderFulfillmentFailed, OrderPlaced
+from saga import machine as sm
+from saga.audit import audit
+from saga.views import decode_stream
 from store import SqliteEventStore
 from tests.conftest import new_id, wait_until
 

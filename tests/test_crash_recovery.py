@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from client import Client, ClientError
-from proc_tree import RUN_MARKER, descendants, marked
+from runtime.proc_tree import RUN_MARKER, descendants, marked
 from tests.conftest import Server, new_id, wait_until
 
 LINE = [{"product_id": "SKU-001", "quantity": 1, "unit_price": "4.00"}]

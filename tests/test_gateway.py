@@ -23,11 +23,11 @@ from typing import Any
 import msgpack
 import pytest
 
-from actors import gateway as gateway_module
-from actors.bridge import ActorBridge, configure
-from actors.gateway import Gateway, GatewayLimits
+from gateway import server as gateway_module
+from gateway.server import Gateway, GatewayLimits
 from messages.commands import Configure
 from messages.wire import MAX_FRAME
+from runtime.bridge import ActorBridge, configure
 from tests.conftest import new_id
 
 IO = 10.0

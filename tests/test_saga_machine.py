@@ -1,4 +1,4 @@
-"""Unit tests of the saga's pure state machine (``actors/saga_machine.py``), no actor system.
+"""Unit tests of the saga's pure state machine (``saga/machine.py``), no actor system.
 
 The machine is driven with a fixed clock and counter-based event ids (``evt-1``, ``evt-2``, ...),
 so every event it records and every command it issues is known exactly.
@@ -16,7 +16,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.saga_machine import (
+from messages.base import Item, OrderLine, UnavailableItem, items_of, order_total
+from messages.events import (
+    Event,
+    InventoryReleased,
+    InventoryReserved,
+    InventoryUnavailable,
+    OrderCancelled,
+    OrderFulfillmentFailed,
+    OrderPaid,
+    OrderPlaced,
+    PaymentFailed,
+    PaymentProcessed,
+    PaymentRefunded,
+    status_of_terminal,
+)
+from saga.machine import (
     Abort,
     Appended,
     AppendEvents,
@@ -45,21 +60,6 @@ from actors.saga_machine import (
     Voided,
     decide,
     recover,
-)
-from messages.base import Item, OrderLine, UnavailableItem, items_of, order_total
-from messages.events import (
-    Event,
-    InventoryReleased,
-    InventoryReserved,
-    InventoryUnavailable,
-    OrderCancelled,
-    OrderFulfillmentFailed,
-    OrderPaid,
-    OrderPlaced,
-    PaymentFailed,
-    PaymentProcessed,
-    PaymentRefunded,
-    status_of_terminal,
 )
 
 FIXED = datetime(2024, 3, 1, 12, 30, tzinfo=UTC)

@@ -1,4 +1,4 @@
-"""The simple base as ``actors.thespian_fixes`` leaves it: the same behaviour Thespian documents
+"""The simple base as ``runtime.thespian_fixes`` leaves it: the same behaviour Thespian documents
 (FIFO delivery, timers, three attempts then ``PoisonMessage``, init arguments), without the leak
 of one registry entry per actor that ever lived."""
 
@@ -23,7 +23,7 @@ from thespian.actors import (
     WakeupMessage,
 )
 
-import actors  # noqa: F401 - installs the fixes
+from runtime import thespian_fixes
 from actors.manager import OrderManager
 from messages.base import OrderLine
 from messages.commands import Configure, OrderReply, PlaceOrder
@@ -193,3 +193,9 @@ def test_finished_sagas_leave_nothing_behind(simple: Any, tmp_path: Path) -> Non
     # A finished saga is freed by reference counting: no cycle left for the collector, whose
     # pauses were the latency tail (docs/performance.md).
     assert cyclic["OrderSaga"] == 0, cyclic.most_common(8)
+
+
+def test_the_fixes_refuse_a_thespian_they_were_not_written_for() -> None:
+    with pytest.raises(thespian_fixes.UnsupportedThespianError, match=r"thespian 4\.0\.2"):
+        thespian_fixes.apply(version="4.0.2")
+    thespian_fixes.apply()  # the pinned version: applies (again: idempotent)

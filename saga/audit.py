@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from actors.inventory import StockBook
 from messages.events import (
     INVENTORY_STREAM,
     ChargeRefunded,
@@ -25,6 +24,7 @@ from messages.events import (
     StockReserved,
     status_of_terminal,
 )
+from saga.stock import StockBook
 from store import CODEC, EventStore, StoredEvent
 
 MAX_LISTED = 50  # violations listed per check; the count is always complete

@@ -2,7 +2,7 @@
 
 Clients never reach Thespian: they speak length-prefixed msgpack (``messages.wire``) to an
 asyncio server; validated requests become typed actor messages that the bridge
-(``actors.bridge``) hands to the OrderManager. Reads (``get_order``, ``read_stream``, ``audit``)
+(``runtime.bridge``) hands to the OrderManager. Reads (``get_order``, ``read_stream``, ``audit``)
 go straight to the SQLite file through a read-only connection, so they cost the actors nothing.
 """
 
@@ -20,9 +20,6 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from actors.audit import audit
-from actors.bridge import ActorBridge, OpError
-from actors.views import decode_stream, event_view, order_view
 from messages.commands import (
     ActorMessage,
     Drain,
@@ -48,6 +45,9 @@ from messages.requests import (
 )
 from messages.wire import HEADER, MAX_FRAME, FrameError, decode_body, encode_frame, error_reply
 from messages.wire import ok_reply as ok_frame
+from runtime.bridge import ActorBridge, OpError
+from saga.audit import audit
+from saga.views import decode_stream, event_view, order_view
 from store import SqliteEventStore
 
 log = logging.getLogger("orders.gateway")

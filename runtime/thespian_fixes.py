@@ -1,4 +1,9 @@
-"""Two targeted fixes to Thespian 4.0.1 (pinned in pyproject), applied before any system starts.
+"""Four targeted fixes to Thespian 4.0.1 (pinned in pyproject), applied before any system starts.
+
+Call ``apply()`` once before the first ``ActorSystem`` of a process is created (``runtime.bridge``
+does, as do the benchmark and the tests); the process bases' actors inherit the fixes through
+fork. ``apply()`` refuses a Thespian version the fixes were not written for: each replaces a
+private function whose body it copies, so on another version it would silently change behaviour.
 
 1. simple base timers: ``WakeupManager`` keeps pending ``wakeupAfter`` timers in a list and
    scans all of them for every message it delivers. A saga arms a timer per step and timers
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import heapq
+import importlib.metadata
 import inspect
 import ipaddress
 import itertools
@@ -239,8 +245,26 @@ def _bind_loopback_when_advertised(init: Any) -> Any:
     return wrapped
 
 
-def apply() -> None:
-    """Install the fixes (idempotent)."""
+FOR_VERSION = "4.0.1"
+
+
+class UnsupportedThespianError(RuntimeError):
+    """The installed Thespian is not the version these fixes were written for."""
+
+
+def installed_version() -> str:
+    """The version of the installed thespian distribution."""
+    return importlib.metadata.version("thespian")
+
+
+def apply(version: str | None = None) -> None:
+    """Install the fixes (idempotent); refuse any Thespian but ``FOR_VERSION``."""
+    found = installed_version() if version is None else version
+    if found != FOR_VERSION:
+        raise UnsupportedThespianError(
+            f"runtime.thespian_fixes patches Thespian {FOR_VERSION} internals; thespian {found} is "
+            f"installed. Pin thespian=={FOR_VERSION} (pyproject.toml) or port the fixes."
+        )
     manager = simpleSystemBase.WakeupManager
     manager._add_wakeup = _add_wakeup
     manager._pop_expired_wakeups = _pop_expired_wakeups

@@ -27,7 +27,8 @@ from thespian.actors import ActorSystem, ActorSystemException, PoisonMessage
 
 from actors.manager import OrderManager
 from messages.commands import ActorMessage, Batch, Configure, Configured, Refused
-from proc_tree import RUN_MARKER, descendants, marked
+from runtime import thespian_fixes
+from runtime.proc_tree import RUN_MARKER, descendants, marked
 
 log = logging.getLogger("orders.bridge")
 
@@ -128,6 +129,7 @@ class ActorBridge:
 
     def _run(self) -> None:
         try:
+            thespian_fixes.apply()
             system = ActorSystem(self._system_base, self._capabilities, logDefs=self._log_defs)
             manager = system.createActor(OrderManager)
         except BaseException as e:

@@ -1,0 +1,1 @@
+"""The client interfaces: the msgpack gateway (length-prefixed frames on a socket)."""
