@@ -23,10 +23,10 @@ from thespian.actors import (
     WakeupMessage,
 )
 
-from runtime import thespian_fixes
 from actors.manager import OrderManager
 from messages.base import OrderLine
 from messages.commands import Configure, OrderReply, PlaceOrder
+from runtime import thespian_fixes
 from tests.conftest import new_id
 
 ASK = timedelta(seconds=10)
