@@ -48,6 +48,7 @@ from client import (
     ConnectionFailed,
     non_negative_int,
 )
+from messages.base import TERMINAL_STATUSES, OrderStatus
 from runtime.proc_tree import RUN_MARKER, descendants, marked
 
 __all__ = ["main", "parse_mix", "percentile"]
@@ -58,7 +59,7 @@ EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 
 ROOT = Path(__file__).resolve().parent
-TERMINAL = frozenset({"paid", "cancelled", "failed"})
+TERMINAL = TERMINAL_STATUSES
 PRODUCTS = tuple(f"SKU-{i:03d}" for i in range(1, 11))
 SCARCE_SKU = "SKU-SCARCE"
 MAX_QUANTITY = 3
@@ -1029,7 +1030,7 @@ def _check_scarce(
     paid = sum(
         1
         for order, status in zip(plan, result.statuses, strict=True)
-        if order.scarce and status == "paid"
+        if order.scarce and status == OrderStatus.PAID
     )
     try:
         reserved_by_run: int | None = _reserved(client, SCARCE_SKU) - reserved_before

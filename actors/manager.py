@@ -33,7 +33,7 @@ from actors.event_store import EventStoreActor
 from actors.inventory import InventoryActor
 from actors.payment import PaymentActor
 from actors.saga import OrderSaga
-from messages.base import order_total, utcnow
+from messages.base import OrderStatus, order_total, utcnow
 from messages.commands import (
     AppendDone,
     AppendRejected,
@@ -391,7 +391,7 @@ class OrderManager(BaseActor):
                 self._refuse(waiter, "conflict", f"order {order_id} exists with different contents")
             return
         view = order_view(order_id, events)
-        if view["status"] != "pending":
+        if view["status"] != OrderStatus.PENDING:
             del self._live[order_id]
             for waiter in waiters:
                 self.send(waiter[0], OrderReply(req_id=waiter[1], order=view))
@@ -526,7 +526,7 @@ class OrderManager(BaseActor):
         events = self._read_back(order_id)
         if events is not None:
             view = order_view(order_id, events)
-            if view["status"] != "pending":
+            if view["status"] != OrderStatus.PENDING:
                 self._end(live, view)
                 return
             if any(isinstance(e, PaymentProcessed) for e in events):
@@ -586,7 +586,7 @@ class OrderManager(BaseActor):
             events = []
         else:
             view = order_view(order_id, events)
-            if view["status"] != "pending":
+            if view["status"] != OrderStatus.PENDING:
                 # Terminal already: a saga's last append landed, or ours committed although
                 # the store reported a failure. One terminal event per order.
                 self._end(live, view)

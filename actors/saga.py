@@ -16,7 +16,7 @@ from typing import Any
 from thespian.actors import ActorExitRequest, PoisonMessage, WakeupMessage
 
 from actors.base import Appender, BaseActor, log
-from messages.base import utcnow
+from messages.base import OrderStatus, utcnow
 from messages.commands import (
     AppendDone,
     AppendRejected,
@@ -170,7 +170,7 @@ class OrderSaga(BaseActor):
             self.send(sender, IAm(name=f"saga:{msg.order_id}", pid=os.getpid()))
         self._state = sm.recover(msg.events, compensate=msg.compensate)
         if self._state.phase == sm.Phase.DONE:
-            status = self._state.final_status or "failed"
+            status = self._state.final_status or OrderStatus.FAILED
             self._state = None
             self.send(
                 sender,

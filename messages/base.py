@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import itertools
 import os
 from datetime import UTC, datetime
@@ -53,6 +54,18 @@ os.register_at_fork(after_in_child=new_id.reseed)
 def utcnow() -> datetime:
     """The current time, timezone-aware (UTC); every event timestamp comes from here."""
     return datetime.now(UTC)
+
+
+class OrderStatus(enum.StrEnum):
+    """What a client sees of an order: ``pending`` until its terminal event is recorded."""
+
+    PENDING = "pending"
+    PAID = "paid"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+TERMINAL_STATUSES = frozenset({OrderStatus.PAID, OrderStatus.CANCELLED, OrderStatus.FAILED})
 
 
 class Frozen(BaseModel):

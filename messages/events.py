@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from messages.base import Frozen, Item, Money, OrderLine, UnavailableItem
+from messages.base import Frozen, Item, Money, OrderLine, OrderStatus, UnavailableItem
 
 # --- order stream ----------------------------------------------------------------------------
 
@@ -109,15 +109,15 @@ class OrderFulfillmentFailed(Event):
     failed_at: datetime
 
 
-TERMINAL_EVENTS: dict[type[Event], str] = {
-    OrderPaid: "paid",
-    OrderCancelled: "cancelled",
-    OrderFulfillmentFailed: "failed",
+TERMINAL_EVENTS: dict[type[Event], OrderStatus] = {
+    OrderPaid: OrderStatus.PAID,
+    OrderCancelled: OrderStatus.CANCELLED,
+    OrderFulfillmentFailed: OrderStatus.FAILED,
 }
 TERMINAL_TYPE_NAMES: frozenset[str] = frozenset(t.__name__ for t in TERMINAL_EVENTS)
 
 
-def status_of_terminal(event: Event) -> str | None:
+def status_of_terminal(event: Event) -> OrderStatus | None:
     """The order status a terminal event stands for, or None for a non-terminal event."""
     return TERMINAL_EVENTS.get(type(event))
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from messages.base import OrderStatus
 from messages.events import (
     INVENTORY_STREAM,
     ChargeRefunded,
@@ -43,7 +44,7 @@ class _Order:
 
     @property
     def status(self) -> str:
-        return self.statuses[0] if self.statuses else "pending"
+        return self.statuses[0] if self.statuses else OrderStatus.PENDING
 
 
 @dataclass
@@ -132,20 +133,20 @@ def audit(store: EventStore) -> dict[str, Any]:
                 f"{reservation_id} ({reserved.order_id}): released {count} times"
             )
         if count == 0:
-            if status in ("paid", "pending"):
+            if status in (OrderStatus.PAID, OrderStatus.PENDING):
                 for item in reserved.items:
                     held_by_orders[item.product_id] += item.quantity
             else:
                 reservation_check.fail(
                     f"{reservation_id}: held for order {reserved.order_id} which is {status}"
                 )
-        elif status == "paid":
+        elif status == OrderStatus.PAID:
             reservation_check.fail(
                 f"{reservation_id}: released although {reserved.order_id} is paid"
             )
     held_reservations = {r.order_id for rid, r in reservations.items() if not released[rid]}
     for order_id, rec in orders.items():
-        if rec.status == "paid" and order_id not in held_reservations:
+        if rec.status == OrderStatus.PAID and order_id not in held_reservations:
             reservation_check.fail(f"{order_id}: paid without a held reservation")
     for product in sorted(set(book.on_hand) | set(book.reserved)):
         on_hand, reserved_units = book.on_hand.get(product, 0), book.reserved.get(product, 0)
@@ -166,9 +167,9 @@ def audit(store: EventStore) -> dict[str, Any]:
             money.fail(f"{order_id}: charged {len(record.charges)} times")
         standing = {pid for pid, _ in record.charges} - {pid for pid, _ in record.refunds}
         status = orders[order_id].status if order_id in orders else "unknown"
-        if status in ("cancelled", "failed", "unknown") and standing:
+        if status in (OrderStatus.CANCELLED, OrderStatus.FAILED, "unknown") and standing:
             money.fail(f"{order_id}: {status} but charge {sorted(standing)} is not refunded")
-        if status == "paid" and orders[order_id].paid_payment_id not in standing:
+        if status == OrderStatus.PAID and orders[order_id].paid_payment_id not in standing:
             money.fail(f"{order_id}: paid but its charge does not stand")
     paid_total = sum(
         (rec.paid_amount for rec in orders.values() if rec.paid_amount is not None), Decimal(0)

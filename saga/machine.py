@@ -26,7 +26,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from messages.base import Item, UnavailableItem, items_of, new_id
+from messages.base import Item, OrderStatus, UnavailableItem, items_of, new_id
 from messages.events import (
     Event,
     InventoryReleased,
@@ -59,13 +59,6 @@ class Service(enum.StrEnum):
     INVENTORY = "inventory"
     PAYMENT = "payment"
     STORE = "store"
-
-
-class Outcome(enum.StrEnum):
-    """How a compensated order ends."""
-
-    CANCELLED = "cancelled"
-    FAILED = "failed"
 
 
 # --- inputs ----------------------------------------------------------------------------------
@@ -272,7 +265,7 @@ class SagaState:
     reservation_id: str | None = None
     payment_id: str | None = None
     # compensation
-    outcome: Outcome | None = None
+    outcome: OrderStatus | None = None
     reason: str = ""
     release_done: bool = False
     void_done: bool = False
@@ -282,7 +275,7 @@ class SagaState:
     release_recorded: bool = False
     refund_recorded: bool = False
     pending: Pending | None = None
-    final_status: str | None = None
+    final_status: OrderStatus | None = None
     recorded: tuple[Event, ...] = ()  # the order stream as far as it is committed
     # Recovered mid-charge from a dead saga: record PaymentFailed before compensating, so an
     # append the dead saga left in flight (PaymentProcessed + OrderPaid) and ours cannot both
@@ -331,13 +324,13 @@ def recover(events: Sequence[Event], *, compensate: bool) -> SagaState:
         if isinstance(event, InventoryReserved):
             state = _evolve(state, reservation_id=event.reservation_id, phase=Phase.CHARGING)
         elif isinstance(event, InventoryUnavailable):
-            state = _evolve(state, outcome=Outcome.CANCELLED, reason="Inventory unavailable")
+            state = _evolve(state, outcome=OrderStatus.CANCELLED, reason="Inventory unavailable")
         elif isinstance(event, PaymentProcessed):
             state = _evolve(state, payment_id=event.payment_id)
         elif isinstance(event, PaymentFailed):
             state = _evolve(
                 state,
-                outcome=Outcome.CANCELLED,
+                outcome=OrderStatus.CANCELLED,
                 reason=f"Payment failed: {event.reason}",
                 need_void=True,
             )
@@ -348,7 +341,7 @@ def recover(events: Sequence[Event], *, compensate: bool) -> SagaState:
     if compensate and state.outcome is None:
         state = _evolve(
             state,
-            outcome=Outcome.FAILED,
+            outcome=OrderStatus.FAILED,
             reason="saga crashed; recovered",
             fence_first=state.phase == Phase.CHARGING,
         )
@@ -388,7 +381,7 @@ def _on_start(state: SagaState, env: Env) -> tuple[SagaState, list[Command]]:
             amount=order.total_amount,
             paid_at=env.now(),
         )
-        return _record(state, (paid,), "finish", env, final="paid")
+        return _record(state, (paid,), "finish", env, final=OrderStatus.PAID)
     if state.fence_first:
         failed = PaymentFailed(
             order_id=order.order_id,
@@ -428,11 +421,11 @@ def _while_reserving(state: SagaState, msg: SagaInput, env: Env) -> tuple[SagaSt
             refund_issued=False,
             cancelled_at=env.now(),
         )
-        return _record(state, (unavailable, cancelled), "finish", env, final="cancelled")
+        return _record(state, (unavailable, cancelled), "finish", env, final=OrderStatus.CANCELLED)
     if isinstance(msg, TimedOut):
-        return _begin_compensation(state, Outcome.FAILED, "inventory reservation timed out")
+        return _begin_compensation(state, OrderStatus.FAILED, "inventory reservation timed out")
     if isinstance(msg, StepFailed | ServiceRestarted) and msg.service == Service.INVENTORY:
-        return _begin_compensation(state, Outcome.FAILED, f"inventory failed: {_why(msg)}")
+        return _begin_compensation(state, OrderStatus.FAILED, f"inventory failed: {_why(msg)}")
     return state, []
 
 
@@ -457,7 +450,7 @@ def _while_charging(state: SagaState, msg: SagaInput, env: Env) -> tuple[SagaSta
             (processed, paid),
             "finish",
             env,
-            final="paid",
+            final=OrderStatus.PAID,
         )
     if isinstance(msg, Declined):
         return _fail_payment(state, msg.reason, need_void=False, env=env)
@@ -465,7 +458,7 @@ def _while_charging(state: SagaState, msg: SagaInput, env: Env) -> tuple[SagaSta
         return _fail_payment(state, "payment timed out", need_void=True, env=env)
     if isinstance(msg, StepFailed | ServiceRestarted) and msg.service == Service.PAYMENT:
         return _begin_compensation(
-            _evolve(state, need_void=True), Outcome.FAILED, f"payment failed: {_why(msg)}"
+            _evolve(state, need_void=True), OrderStatus.FAILED, f"payment failed: {_why(msg)}"
         )
     return state, []
 
@@ -475,13 +468,16 @@ def _fail_payment(
 ) -> tuple[SagaState, list[Command]]:
     failed = PaymentFailed(order_id=state.order.order_id, reason=reason, failed_at=env.now())
     state = _evolve(
-        state, outcome=Outcome.CANCELLED, reason=f"Payment failed: {reason}", need_void=need_void
+        state,
+        outcome=OrderStatus.CANCELLED,
+        reason=f"Payment failed: {reason}",
+        need_void=need_void,
     )
     return _record(state, (failed,), "compensate", env)
 
 
 def _begin_compensation(
-    state: SagaState, outcome: Outcome, reason: str
+    state: SagaState, outcome: OrderStatus, reason: str
 ) -> tuple[SagaState, list[Command]]:
     # Void whenever a charge was asked for and its outcome is unknown: a charge that completes
     # after we gave up must be refunded by the provider, never left standing.
@@ -552,7 +548,7 @@ def _record_compensation(state: SagaState, env: Env) -> tuple[SagaState, list[Co
             )
         )
     refund_issued = state.refunded is not None or state.refund_recorded
-    if state.outcome == Outcome.CANCELLED:
+    if state.outcome == OrderStatus.CANCELLED:
         events.append(
             OrderCancelled(
                 order_id=order.order_id,
@@ -568,7 +564,7 @@ def _record_compensation(state: SagaState, env: Env) -> tuple[SagaState, list[Co
                 order_id=order.order_id, error_message=state.reason, failed_at=env.now()
             )
         )
-    final = state.outcome.value if state.outcome else Outcome.FAILED.value
+    final = state.outcome or OrderStatus.FAILED
     return _record(state, tuple(events), "finish", env, final=final)
 
 
@@ -587,8 +583,8 @@ def _while_recording(state: SagaState, msg: SagaInput) -> tuple[SagaState, list[
         if pending.after == "charge":
             return _send_charge(state)
         if pending.after == "compensate":
-            return _begin_compensation(state, state.outcome or Outcome.FAILED, state.reason)
-        status = state.final_status or "failed"
+            return _begin_compensation(state, state.outcome or OrderStatus.FAILED, state.reason)
+        status = state.final_status or OrderStatus.FAILED
         return _evolve(state, phase=Phase.DONE), [Finish(status=status, reason=state.reason)]
     if isinstance(msg, Appended):
         # The reply to an earlier send of an earlier append (re-sent after a timeout): the store
@@ -617,7 +613,7 @@ def _record(
     events: tuple[Event, ...],
     after: str,
     env: Env,
-    final: str | None = None,
+    final: OrderStatus | None = None,
 ) -> tuple[SagaState, list[Command]]:
     append = AppendEvents(
         events=events,

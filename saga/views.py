@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from messages.base import OrderStatus
 from messages.events import (
     Event,
     InventoryReleased,
@@ -21,8 +22,6 @@ from messages.events import (
 )
 from store import CODEC, StoredEvent
 
-PENDING = "pending"
-
 
 def decode_stream(stored: Sequence[StoredEvent]) -> list[Event]:
     """The domain events of a stored stream."""
@@ -33,7 +32,7 @@ def order_view(order_id: str, events: Sequence[Event]) -> dict[str, Any]:
     """The order's status as a client sees it; `pending` until a terminal event is recorded."""
     view: dict[str, Any] = {
         "order_id": order_id,
-        "status": PENDING,
+        "status": OrderStatus.PENDING,
         "reason": None,
         "version": len(events) - 1,
         "last_event": type(events[-1]).__name__ if events else None,
