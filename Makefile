@@ -1,19 +1,32 @@
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
-STAMP   := $(VENV)/.installed
+STAMP   := $(VENV)/.installed-dev
+RUN_STAMP := $(VENV)/.installed-run
+# The project runs from its checkout (run.py, client.py at the top), so only its dependencies are
+# installed, read from pyproject.toml: `make run` takes the service's, everything else the dev
+# tools too. (An editable install of this flat layout only added a setuptools warning.)
+DEPS = $(BIN)/python -c 'import sys, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + [d for x in sys.argv[1:] for d in p["optional-dependencies"][x]]))'
 
 .PHONY: install run test lint typecheck check bench soak fuzz clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+$(VENV)/bin/python:
+	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
-	touch $(STAMP)
+
+$(RUN_STAMP): pyproject.toml | $(VENV)/bin/python
+	$(DEPS) > $(VENV)/requirements-run.txt
+	$(BIN)/pip install -q -r $(VENV)/requirements-run.txt
+	touch $(RUN_STAMP)
+
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(DEPS) dev > $(VENV)/requirements-dev.txt
+	$(BIN)/pip install -q -r $(VENV)/requirements-dev.txt
+	touch $(STAMP) $(RUN_STAMP)
 
 install: $(STAMP)
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/python run.py $(ARGS)
 
 test: $(STAMP)

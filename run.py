@@ -29,19 +29,33 @@ from runtime.proc_tree import RUN_MARKER
 DEFAULT_DB = "orders.db"
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help keeps the layout of the description and shows every option's default."""
+
+
+PAYMENT_TOKENS = """payment test tokens (client.py place --payment-method):
+  tok_visa            approved: paid (default)
+  tok_chargeDeclined  declined: stock released, cancelled
+  tok_error           the Payment actor raises: compensated, failed
+  tok_timeout         never answers: step timeout, payment voided, cancelled
+  tok_late            approves after the step timeout: cancelled, the late charge refunded
+  tok_crash           the Payment actor's process exits (process bases): failed, Payment restarts
+"""
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line of DESIGN.md section 6, plus operator knobs."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, epilog=PAYMENT_TOKENS, formatter_class=_HelpFormatter
     )
     parser.add_argument(
         "--base",
         choices=("simple", "queue", "tcp"),
         default="simple",
-        help="Thespian system base (default: simple, one process)",
+        help="Thespian system base (simple: one process)",
     )
     parser.add_argument("--db", default=DEFAULT_DB, help="SQLite event store file (created)")
-    parser.add_argument("--host", default="127.0.0.1", help="gateway address (default loopback)")
+    parser.add_argument("--host", default="127.0.0.1", help="gateway address")
     parser.add_argument("--port", type=int, default=7300, help="gateway port (0: any free)")
     parser.add_argument(
         "--step-timeout",
@@ -57,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--admin-token",
-        default=os.environ.get("ORDER_ADMIN_TOKEN"),
+        default=argparse.SUPPRESS,  # never printed by --help: it may come from the environment
         help="token required by admin ops (set_stock); env ORDER_ADMIN_TOKEN",
     )
     parser.add_argument(
@@ -90,8 +104,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1900,
         help="Thespian admin port of the tcp base (private network only)",
     )
-    parser.add_argument("--log-level", default=os.environ.get("ORDER_LOG_LEVEL", "WARNING"))
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("ORDER_LOG_LEVEL", "WARNING"),
+        help="logging level; env ORDER_LOG_LEVEL",
+    )
     args = parser.parse_args(argv)
+    if "admin_token" not in args:
+        args.admin_token = os.environ.get("ORDER_ADMIN_TOKEN")
     if args.step_timeout <= 0:
         parser.error("--step-timeout must be positive")
     if not _is_loopback(args.host) and not args.admin_token:

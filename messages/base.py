@@ -9,7 +9,15 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, StrictInt, StringConstraints
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StrictInt,
+    StringConstraints,
+    TypeAdapter,
+)
 
 # Money travels as a decimal string so no float ever touches an amount; a number is accepted on
 # input (pydantic converts ints and floats through their decimal repr).
@@ -54,6 +62,18 @@ os.register_at_fork(after_in_child=new_id.reseed)
 def utcnow() -> datetime:
     """The current time, timezone-aware (UTC); every event timestamp comes from here."""
     return datetime.now(UTC)
+
+
+_TIMESTAMP = TypeAdapter(datetime)
+
+
+def iso_utc(moment: datetime | float) -> str:
+    """A timestamp as every reply shows it: ISO 8601 in UTC with a ``Z``, as pydantic writes the
+    events' datetimes (a unix time, like a stored event's ``recorded_at``, is converted)."""
+    if not isinstance(moment, datetime):
+        moment = datetime.fromtimestamp(moment, UTC)
+    text: str = _TIMESTAMP.dump_python(moment.astimezone(UTC), mode="json")
+    return text
 
 
 class OrderStatus(enum.StrEnum):

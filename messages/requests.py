@@ -25,6 +25,8 @@ Token = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"
 StreamName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 MAX_LINES = 100
 MAX_TOTAL = Decimal("9999999999.9999")  # what an amount field (14 digits, 4 decimals) holds
+MINOR_UNIT_PLACES = 2  # the one currency's minor unit: prices are whole cents
+CENT = Decimal(1).scaleb(-MINOR_UNIT_PLACES)
 MAX_VERSION = 2**62
 MAX_PAGE = 1000  # events per read_stream reply; page on with from_version = next_version
 
@@ -60,6 +62,9 @@ class PlaceOrderArgs(Frozen):
     @field_validator("lines")
     @classmethod
     def _order_fits_its_fields(cls, lines: tuple[OrderLine, ...]) -> tuple[OrderLine, ...]:
+        # Prices are in the currency's minor unit: 0.001 cannot be charged. Normalised to
+        # exactly that many places, so every amount goes back out alike ("5.00", not "5").
+        lines = tuple(_in_minor_units(line) for line in lines)
         # Lines of the same product are reserved together, and the total is an amount field:
         # both must stay within what the events can hold.
         for item in items_of(lines):
@@ -70,6 +75,16 @@ class PlaceOrderArgs(Frozen):
         if order_total(lines) > MAX_TOTAL:
             raise ValueError(f"order total {order_total(lines)} exceeds {MAX_TOTAL}")
         return lines
+
+
+def _in_minor_units(line: OrderLine) -> OrderLine:
+    price = line.unit_price
+    if price != price.quantize(CENT):
+        raise ValueError(
+            f"{line.product_id}: unit_price {price} has more than {MINOR_UNIT_PLACES} decimal "
+            "places (the currency's minor unit)"
+        )
+    return line.model_copy(update={"unit_price": price.quantize(CENT)})
 
 
 class GetOrderArgs(Frozen):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from messages.base import OrderStatus
+from messages.base import OrderStatus, iso_utc
 from messages.events import (
     Event,
     InventoryReleased,
@@ -43,7 +43,7 @@ def order_view(order_id: str, events: Sequence[Event]) -> dict[str, Any]:
                 customer_id=event.customer_id,
                 total_amount=str(event.total_amount),
                 payment_method=event.payment_method,
-                placed_at=event.placed_at.isoformat(),
+                placed_at=iso_utc(event.placed_at),
             )
         elif isinstance(event, InventoryReserved):
             view["reservation_id"] = event.reservation_id
@@ -77,6 +77,6 @@ def event_view(stored: StoredEvent) -> dict[str, Any]:
         "version": stored.version,
         "position": stored.position,
         "event_id": stored.event_id,
-        "recorded_at": stored.recorded_at,
+        "recorded_at": iso_utc(stored.recorded_at),
         "data": CODEC.decode(stored).model_dump(mode="json"),
     }

@@ -6,6 +6,7 @@ Every token path runs on the simple base and again on the queue base (one proces
 from __future__ import annotations
 
 import json
+import re
 import socket
 import struct
 import subprocess
@@ -249,6 +250,10 @@ def test_same_id_different_order_is_a_conflict(client: Client) -> None:
         ({"lines": [{"product_id": "SKU-001", "quantity": 1, "unit_price": "-1"}]}, "unit_price"),
         ({"lines": [{"product_id": "SKU-001", "quantity": 1, "unit_price": "abc"}]}, "unit_price"),
         ({"lines": [{"product_id": "SKU-001", "quantity": 1, "unit_price": "NaN"}]}, "unit_price"),
+        (
+            {"lines": [{"product_id": "SKU-001", "quantity": 1, "unit_price": "0.001"}]},
+            "unit_price",
+        ),
         ({"lines": [{"product_id": "", "quantity": 1, "unit_price": "1"}]}, "product_id"),
         ({"order_id": ""}, "order_id"),
         ({"customer_id": None}, "customer_id"),
@@ -272,6 +277,20 @@ def test_invalid_orders_are_refused_naming_the_field(
     assert err.value.code == "invalid"
     assert field in err.value.message
     assert client.ping()["pong"] is True  # the connection survives
+
+
+def test_amounts_come_back_in_cents_and_times_in_one_utc_format(client: Client) -> None:
+    order = new_id()
+    lines = [{"product_id": "SKU-004", "quantity": 2, "unit_price": 5}]
+    reply = client.place_order(order, "c", lines)
+    assert reply["status"] == "paid"
+    assert (reply["total_amount"], reply["amount"]) == ("10.00", "10.00")
+    events = client.read_stream(f"order-{order}")["events"]
+    assert events[0]["data"]["lines"][0]["unit_price"] == "5.00"
+    stamps = [reply["placed_at"]] + [e["recorded_at"] for e in events]
+    stamps += [e["data"]["placed_at"] for e in events[:1]]
+    for stamp in stamps:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", stamp), stamp
 
 
 def test_read_stream_pages(client: Client) -> None:
