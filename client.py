@@ -43,7 +43,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from messages.wire import HEADER, MAX_FRAME, FrameError, decode_body, encode_frame
+from messages.errors import ErrorCode, ServiceError
+from messages.wire import HEADER, MAX_FRAME, decode_body, encode_frame
 
 __all__ = ["Client", "ClientError", "ConnectionFailed", "main"]
 
@@ -61,8 +62,8 @@ EXIT_NOT_FOUND = 4
 
 # Server error codes that mean "the request itself was wrong" versus "the request was fine but
 # names something missing or contradicts what exists"; scripts branch on the difference.
-_BAD_INPUT_CODES = frozenset({"invalid", "too_large", "unknown_op"})
-_NOT_FOUND_CODES = frozenset({"not_found", "conflict"})
+_BAD_INPUT_CODES = frozenset({ErrorCode.INVALID, ErrorCode.TOO_LARGE, ErrorCode.UNKNOWN_OP})
+_NOT_FOUND_CODES = frozenset({ErrorCode.NOT_FOUND, ErrorCode.CONFLICT})
 
 
 class ClientError(Exception):
@@ -82,7 +83,7 @@ class ConnectionFailed(ClientError):  # noqa: N818 -- name fixed by the client c
     """The server cannot be reached, or the connection was lost with requests in flight."""
 
     def __init__(self, message: str) -> None:
-        super().__init__("unavailable", message)
+        super().__init__(ErrorCode.UNAVAILABLE, message)
 
 
 def _wire_value(value: Any) -> Any:
@@ -151,7 +152,7 @@ class Client:
             # The server would refuse it anyway; refusing here keeps the connection usable.
             if len(frame) - HEADER.size > MAX_FRAME:
                 raise ClientError(
-                    "too_large", f"request is {len(frame)} bytes, limit is {MAX_FRAME}"
+                    ErrorCode.TOO_LARGE, f"request is {len(frame)} bytes, limit is {MAX_FRAME}"
                 )
             self._pending[req_id] = future
         try:
@@ -178,7 +179,7 @@ class Client:
                 for req_id, pending in list(self._pending.items()):
                     if pending is future:
                         del self._pending[req_id]
-            raise ClientError("timeout", f"no reply to {op!r} within {wait}s") from None
+            raise ClientError(ErrorCode.TIMEOUT, f"no reply to {op!r} within {wait}s") from None
 
     def close(self) -> None:
         """Close the connection; requests still pending fail with ConnectionFailed."""
@@ -216,12 +217,12 @@ class Client:
                     break
                 (length,) = HEADER.unpack(header)
                 if length > MAX_FRAME:
-                    raise FrameError("too_large", f"reply frame of {length} bytes")
+                    raise ServiceError(ErrorCode.TOO_LARGE, f"reply frame of {length} bytes")
                 body = self._recv_exact(length)
                 if body is None:
                     raise ConnectionError("connection closed mid-frame")
                 self._dispatch(decode_body(body))
-        except (OSError, FrameError) as e:
+        except (OSError, ServiceError) as e:
             # After close() the socket errors are expected; otherwise this is a real loss.
             reason = f"connection to {self.host}:{self.port} lost: {e}"
         self._fail_all(reason)
@@ -243,7 +244,7 @@ class Client:
             code = str(error.get("code", "error"))
             message = str(error.get("message", ""))
         else:
-            code, message = "protocol", f"malformed reply: {reply!r}"
+            code, message = ErrorCode.PROTOCOL, f"malformed reply: {reply!r}"
         future.set_exception(ClientError(code, message))
 
     def _fail_all(self, reason: str) -> None:

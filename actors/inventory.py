@@ -28,6 +28,7 @@ from messages.commands import (
     StockRefused,
     StockReport,
 )
+from messages.errors import ErrorCode
 from messages.events import INVENTORY_STREAM, Event, StockReleased, StockReserved, StockSet
 from saga.stock import StockBook
 from store import CODEC, NO_STREAM, SqliteEventStore
@@ -148,7 +149,7 @@ class InventoryActor(BaseActor):
                 sender,
                 Refused(
                     req_id=msg.req_id,
-                    code="conflict",
+                    code=ErrorCode.CONFLICT,
                     message=f"{msg.product_id}: on_hand {msg.on_hand} is below the {reserved} "
                     "units reserved by orders",
                 ),

@@ -62,6 +62,7 @@ from messages.commands import (
     StockReport,
     VoidPayment,
 )
+from messages.errors import ErrorCode
 from messages.events import (
     TERMINAL_TYPE_NAMES,
     Event,
@@ -201,7 +202,9 @@ class OrderManager(BaseActor):
                 log.exception("manager: %s failed", type(message).__name__)
                 req_id = getattr(message, "req_id", None)
                 if req_id is not None:
-                    self._refuse((sender, req_id), "internal", "the system failed on this request")
+                    self._refuse(
+                        (sender, req_id), ErrorCode.INTERNAL, "the system failed on this request"
+                    )
 
     def receiveMsg_Configure(self, msg: Configure, sender: Any) -> None:
         """Start the store first (it creates the schema), then the services that read it."""
@@ -338,7 +341,9 @@ class OrderManager(BaseActor):
         if live is not None:
             if not same_order(live.placed, placed):
                 self._refuse(
-                    waiter, "conflict", f"order {msg.order_id} exists with different contents"
+                    waiter,
+                    ErrorCode.CONFLICT,
+                    f"order {msg.order_id} exists with different contents",
                 )
             elif msg.wait:
                 live.waiters.append(waiter)
@@ -348,7 +353,7 @@ class OrderManager(BaseActor):
                 live.acks.append(waiter)
             return
         if self._draining or self._boot is not None or self._config is None:
-            self._refuse(waiter, "unavailable", "the system is not accepting orders now")
+            self._refuse(waiter, ErrorCode.UNAVAILABLE, "the system is not accepting orders now")
             return
         live = LiveOrder(placed=placed)
         (live.waiters if msg.wait else live.acks).append(waiter)
@@ -375,7 +380,9 @@ class OrderManager(BaseActor):
             else:
                 del self._live[order_id]
                 for waiter in live.acks + live.waiters:
-                    self._refuse(waiter, "unavailable", f"order not recorded: {reply.message}")
+                    self._refuse(
+                        waiter, ErrorCode.UNAVAILABLE, f"order not recorded: {reply.message}"
+                    )
 
         return placed
 
@@ -388,7 +395,9 @@ class OrderManager(BaseActor):
         if not isinstance(first, OrderPlaced) or not same_order(first, live.placed):
             del self._live[order_id]
             for waiter in waiters:
-                self._refuse(waiter, "conflict", f"order {order_id} exists with different contents")
+                self._refuse(
+                    waiter, ErrorCode.CONFLICT, f"order {order_id} exists with different contents"
+                )
             return
         view = order_view(order_id, events)
         if view["status"] != OrderStatus.PENDING:
@@ -440,7 +449,7 @@ class OrderManager(BaseActor):
             OrderReply(req_id=waiter[1], order=order_view(order_id, self._read(order_id))),
         )
 
-    def _refuse(self, waiter: Waiter, code: str, message: str) -> None:
+    def _refuse(self, waiter: Waiter, code: ErrorCode, message: str) -> None:
         self.send(waiter[0], Refused(req_id=waiter[1], code=code, message=message))
 
     def receiveMsg_AppendDone(self, msg: AppendDone, sender: Any) -> None:
@@ -779,7 +788,7 @@ class OrderManager(BaseActor):
     def _forward(self, msg: GetStock | SetStock, sender: Any) -> None:
         inventory = self._services.get("inventory")
         if inventory is None or "inventory" not in self._ready or "inventory" in self._restarting:
-            self._refuse((sender, msg.req_id), "unavailable", "inventory is restarting")
+            self._refuse((sender, msg.req_id), ErrorCode.UNAVAILABLE, "inventory is restarting")
             return
         self._forwarded[msg.req_id] = sender
         self.send(inventory, msg)

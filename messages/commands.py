@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import ConfigDict
 
 from messages.base import Frozen, Item, OrderLine, UnavailableItem
+from messages.errors import ErrorCode
 from messages.events import Event
 
 
@@ -55,10 +56,10 @@ class OrderReply(ActorMessage):
 
 
 class Refused(ActorMessage):
-    """A request the system will not carry out; code is a wire error code."""
+    """A request the system will not carry out, with the error code the client gets."""
 
     req_id: int
-    code: str
+    code: ErrorCode
     message: str
 
 

@@ -10,21 +10,14 @@ from typing import Any
 
 import msgpack
 
+from messages.errors import ErrorCode, ServiceError
+
 MAX_FRAME = 1 << 20  # 1 MiB: bigger frames are refused with `too_large`
 HEADER = struct.Struct(">I")
 
 
-class FrameError(Exception):
-    """A frame that cannot be used; `code` is the wire error code to answer with."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 def _refuse_ext(code: int, _data: bytes) -> Any:
-    raise FrameError("invalid", f"msgpack extension type {code} is not accepted")
+    raise ServiceError(ErrorCode.INVALID, f"msgpack extension type {code} is not accepted")
 
 
 def encode_frame(obj: dict[str, Any]) -> bytes:
@@ -42,18 +35,20 @@ def decode_body(body: bytes) -> dict[str, Any]:
             strict_map_key=True,
             ext_hook=_refuse_ext,
         )
-    except FrameError:
+    except ServiceError:
         raise
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
-        raise FrameError("invalid", f"frame is not valid msgpack ({type(e).__name__}: {e})") from e
+        raise ServiceError(
+            ErrorCode.INVALID, f"frame is not valid msgpack ({type(e).__name__}: {e})"
+        ) from e
     if not isinstance(obj, dict):
-        raise FrameError("invalid", "frame must be a msgpack map")
+        raise ServiceError(ErrorCode.INVALID, "frame must be a msgpack map")
     return obj
 
 
-def error_reply(req_id: Any, code: str, message: str) -> dict[str, Any]:
-    """An error reply frame body."""
-    return {"id": req_id, "ok": False, "error": {"code": code, "message": message}}
+def error_reply(req_id: Any, code: ErrorCode, message: str) -> dict[str, Any]:
+    """An error reply frame body (the code goes out as its plain string)."""
+    return {"id": req_id, "ok": False, "error": {"code": code.value, "message": message}}
 
 
 def ok_reply(req_id: Any, result: Any) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from thespian.actors import ActorSystem, ActorSystemException, PoisonMessage
 
 from actors.manager import OrderManager
 from messages.commands import ActorMessage, Batch, Configure, Configured, Refused
+from messages.errors import ErrorCode, ServiceError
 from runtime import thespian_fixes
 from runtime.proc_tree import RUN_MARKER, descendants, marked
 
@@ -37,15 +38,6 @@ SYSTEM_BASES = {
     "queue": "multiprocQueueBase",
     "tcp": "multiprocTCPBase",
 }
-
-
-class OpError(Exception):
-    """A request refused with a wire error code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 # --- the bridge -------------------------------------------------------------------------------
@@ -151,7 +143,9 @@ class ActorBridge:
         finally:
             with self._lock:
                 pending, self._futures = list(self._futures.values()), {}
-            stopped = Refused(req_id=0, code="unavailable", message="the actor system stopped")
+            stopped = Refused(
+                req_id=0, code=ErrorCode.UNAVAILABLE, message="the actor system stopped"
+            )
             for future in pending:
                 self._set(future, stopped)
             self._hand_over()
@@ -199,7 +193,7 @@ class ActorBridge:
                         req_id,
                         Refused(
                             req_id=req_id,
-                            code="internal",
+                            code=ErrorCode.INTERNAL,
                             message="the system failed on this request",
                         ),
                     )
@@ -263,6 +257,6 @@ def configure(bridge: ActorBridge, message: Callable[[int], Configure], timeout:
     """Boot the OrderManager (services, recovery); returns how many orders it is recovering."""
     reply = bridge.submit(message)[1].result(timeout)
     if isinstance(reply, Refused):
-        raise OpError(reply.code, reply.message)
+        raise ServiceError(reply.code, reply.message)
     assert isinstance(reply, Configured)
     return reply.recovered

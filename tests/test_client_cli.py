@@ -19,6 +19,7 @@ import pytest
 
 import client
 from client import Client, ClientError, ConnectionFailed, main
+from messages.errors import ErrorCode
 from messages.wire import HEADER, decode_body, encode_frame, error_reply, ok_reply
 
 DEADLINE = 10.0  # seconds; every wait has one so a broken client fails instead of hanging
@@ -172,7 +173,7 @@ def test_error_reply_raises_client_error_with_server_code(
     def not_found_then_echo(conn: FakeConn) -> None:
         req = conn.recv()
         assert req is not None
-        conn.send(error_reply(req["id"], "not_found", "no order o-404"))
+        conn.send(error_reply(req["id"], ErrorCode.NOT_FOUND, "no order o-404"))
         echo_until_eof(conn)
 
     server = serve(not_found_then_echo)
@@ -305,7 +306,7 @@ def test_cli_exit_code_follows_server_error_code(
 ) -> None:
     def refuse(conn: FakeConn) -> None:
         while (req := conn.recv()) is not None:
-            conn.send(error_reply(req["id"], code, "nope"))
+            conn.send(error_reply(req["id"], ErrorCode(code), "nope"))
 
     server = serve(refuse)
     assert main(["--port", str(server.port), "status", "o-1"]) == exit_code

@@ -1,0 +1,184 @@
+"""The ops of DESIGN.md section 6: what each request does, and the operator's drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from typing import Any
+
+from gateway.asking import ManagerClient
+from gateway.parsing import OpTable
+from gateway.reads import StoreReads
+from messages.commands import (
+    Drain,
+    DrainStatus,
+    GetStock,
+    Identify,
+    Identities,
+    OrderReply,
+    PlaceOrder,
+    SetStock,
+    StockReport,
+)
+from messages.errors import ErrorCode, ServiceError
+from messages.events import order_stream
+from messages.requests import (
+    AdminArgs,
+    GetOrderArgs,
+    NoArgs,
+    PlaceOrderArgs,
+    ReadStreamArgs,
+    SetStockArgs,
+    StockArgs,
+)
+from saga.audit import audit
+from saga.views import decode_stream, event_view, order_view
+
+DRAIN_ASK_TIMEOUT = 2.0  # seconds a drain waits for the manager's answer before asking again
+
+
+class Ops:
+    """The op handlers, over the OrderManager (`manager`) and the store's reads (`reads`)."""
+
+    def __init__(
+        self, manager: ManagerClient, reads: StoreReads, base: str, admin_token: str | None
+    ) -> None:
+        self._manager = manager
+        self._reads = reads
+        self._base = base
+        self._admin_token = admin_token
+        self.accepting_orders = True
+
+    def table(self) -> OpTable:
+        """Every op: its argument model and its handler."""
+        return {
+            "ping": (NoArgs, self.ping),
+            "place_order": (PlaceOrderArgs, self.place_order),
+            "get_order": (GetOrderArgs, self.get_order),
+            "read_stream": (ReadStreamArgs, self.read_stream),
+            "stock": (StockArgs, self.stock),
+            "set_stock": (SetStockArgs, self.set_stock),
+            "audit": (NoArgs, self.audit),
+            "system_info": (AdminArgs, self.system_info),
+        }
+
+    async def ping(self, args: NoArgs) -> Any:
+        """`ping`: the gateway answers, and on which base."""
+        return {"pong": True, "base": self._base}
+
+    async def place_order(self, args: PlaceOrderArgs) -> Any:
+        """`place_order`: the order's view once it is terminal (or placed, without wait)."""
+        if not self.accepting_orders:
+            raise ServiceError(ErrorCode.UNAVAILABLE, "the system is shutting down")
+        reply = await self._manager.ask(
+            lambda req_id: PlaceOrder(
+                req_id=req_id,
+                order_id=args.order_id,
+                customer_id=args.customer_id,
+                lines=args.lines,
+                payment_method=args.payment_method,
+                wait=args.wait,
+            )
+        )
+        assert isinstance(reply, OrderReply)
+        return reply.order
+
+    async def get_order(self, args: GetOrderArgs) -> Any:
+        """`get_order`: the order's view from its stream."""
+        events = await self._reads.read(
+            lambda r: decode_stream(r.read_stream(order_stream(args.order_id)))
+        )
+        if not events:
+            raise ServiceError(ErrorCode.NOT_FOUND, f"no order {args.order_id}")
+        return order_view(args.order_id, events)
+
+    async def read_stream(self, args: ReadStreamArgs) -> Any:
+        """`read_stream`: one page of a stream's events."""
+        # Decoded in the read thread: a long stream (`inventory`) can neither block the event
+        # loop nor make a reply of tens of megabytes.
+        views = await self._reads.read(
+            lambda r: [
+                event_view(s) for s in r.read_stream(args.stream, args.from_version, args.limit)
+            ]
+        )
+        if not views and args.from_version == 0:
+            raise ServiceError(ErrorCode.NOT_FOUND, f"no stream {args.stream}")
+        page: dict[str, Any] = {"stream": args.stream, "events": views}
+        if len(views) == args.limit:
+            page["next_version"] = views[-1]["version"] + 1
+        return page
+
+    async def stock(self, args: StockArgs) -> Any:
+        """`stock`: some products' levels (all when none is named)."""
+        reply = await self._manager.ask(
+            lambda req_id: GetStock(req_id=req_id, product_ids=args.product_ids)
+        )
+        assert isinstance(reply, StockReport)
+        missing = [p for p in args.product_ids if p not in reply.stock]
+        if missing:
+            raise ServiceError(ErrorCode.NOT_FOUND, f"unknown products: {', '.join(missing[:20])}")
+        return reply.stock
+
+    async def set_stock(self, args: SetStockArgs) -> Any:
+        """`set_stock` (admin): a product's units on hand."""
+        self._check_admin("set_stock", args.admin_token)
+        reply = await self._manager.ask(
+            lambda req_id: SetStock(req_id=req_id, product_id=args.product_id, on_hand=args.on_hand)
+        )
+        assert isinstance(reply, StockReport)
+        return reply.stock
+
+    async def audit(self, args: NoArgs) -> Any:
+        """`audit`: a full scan of the store, one at a time so audits cannot crowd out the
+        other reads."""
+        return await self._reads.read(audit, exclusive=True)
+
+    async def system_info(self, args: AdminArgs) -> Any:
+        """`system_info` (admin): the base, the actors' pids and the saturation count."""
+        self._check_admin("system_info", args.admin_token)
+        return {
+            "base": self._base,
+            "pids": await self.identities(),
+            "gateway_pid": os.getpid(),
+            "stalls": self._manager.stalls,
+        }
+
+    def _check_admin(self, op: str, token: str | None) -> None:
+        if self._admin_token is not None and token != self._admin_token:
+            raise ServiceError(ErrorCode.FORBIDDEN, f"{op} needs the admin token")
+
+    async def identities(self) -> dict[str, int]:
+        """The OS pids of the manager, services and live sagas."""
+        reply = await self._manager.ask(lambda req_id: Identify(req_id=req_id))
+        assert isinstance(reply, Identities)
+        return reply.pids
+
+    async def drain(self, deadline: float, hurry: asyncio.Event | None = None) -> int:
+        """Refuse new orders and wait (up to `deadline` seconds, or until `hurry` is set) for
+        in-flight ones to end; returns how many were left (they resume on the next start)."""
+        self.accepting_orders = False
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline
+        in_flight = -1  # unknown until the manager answers
+        while not (hurry is not None and hurry.is_set()):
+            left = end - loop.time()
+            with contextlib.suppress(ServiceError):  # no answer in time: ask again until the end
+                reply = await self._manager.ask(
+                    lambda req_id: Drain(req_id=req_id),
+                    control=True,
+                    timeout=min(max(left, 0.1), DRAIN_ASK_TIMEOUT),
+                )
+                assert isinstance(reply, DrainStatus)
+                in_flight = reply.in_flight
+            if in_flight == 0 or loop.time() >= end:
+                break
+            await asyncio.sleep(0.05)
+        # Thespian stops the services before the manager; it must not restart them.
+        with contextlib.suppress(ServiceError):
+            await self._manager.ask(
+                lambda req_id: Drain(req_id=req_id, final=True),
+                control=True,
+                timeout=DRAIN_ASK_TIMEOUT,
+            )
+        return max(in_flight, 0)
