@@ -85,6 +85,7 @@ class Connection(asyncio.Protocol):
         self._writer = ReplyWriter(clock, limits.write_timeout, limits.write_high_water)
         self._frame_started: float | None = None  # when the header of a partial frame arrived
         self.last_activity = clock.now()
+        self.bytes_received = 0
         self._timer: Timer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writing_paused = False
@@ -111,6 +112,7 @@ class Connection(asyncio.Protocol):
         if self._writer.closing or self._eof:
             return
         self._frames.feed(data)
+        self.bytes_received += len(data)
         self.last_activity = self._clock.now()
         self._cut_frames()
 
@@ -155,6 +157,16 @@ class Connection(asyncio.Protocol):
     def unsent_bytes(self) -> int:
         """Reply bytes made and not yet taken by the client."""
         return self._writer.unsent_bytes
+
+    @property
+    def in_flight(self) -> int:
+        """Requests of this connection running now."""
+        return len(self._tasks)
+
+    @property
+    def receiving_frame(self) -> bool:
+        """Whether part of a frame has arrived (its deadline runs)."""
+        return self._frame_started is not None
 
     @property
     def writing_paused(self) -> bool:
