@@ -116,11 +116,6 @@ class Gateway:
         self.connections = Connections(limits.max_connections, self._clock)
         self._server: asyncio.base_events.Server | None = None
 
-    @property
-    def accepting_orders(self) -> bool:
-        """False once draining began."""
-        return self._ops.accepting_orders
-
     async def start(self, host: str, port: int) -> tuple[str, int]:
         """Listen; returns the bound address (port 0 picks a free one)."""
         self._reads.open(SqliteEventStore(self._db_path, readonly=True))
@@ -145,7 +140,3 @@ class Gateway:
         """Refuse new orders and wait (up to `deadline` seconds, or until `hurry` is set) for
         in-flight ones to end; returns how many were left (they resume on the next start)."""
         return await self._ops.drain(deadline, hurry)
-
-    async def identities(self) -> dict[str, int]:
-        """The OS pids of the manager, services and live sagas."""
-        return await self._ops.identities()
