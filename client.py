@@ -59,6 +59,11 @@ EXIT_ERROR = 1
 EXIT_BAD_INPUT = 2
 EXIT_UNAVAILABLE = 3
 EXIT_NOT_FOUND = 4
+# `place --exit-status`: a script tells the outcomes apart without parsing the JSON.
+EXIT_CANCELLED = 5
+EXIT_FAILED = 6
+EXIT_PENDING = 7
+_EXIT_BY_STATUS = {"cancelled": EXIT_CANCELLED, "failed": EXIT_FAILED, "pending": EXIT_PENDING}
 
 # Server error codes that mean "the request itself was wrong" versus "the request was fine but
 # names something missing or contradicts what exists"; scripts branch on the difference.
@@ -367,7 +372,41 @@ exit codes:
   2  bad input (usage, malformed --line, server error invalid/too_large/unknown_op)
   3  cannot connect to the server, or the connection was lost
   4  server error not_found or conflict
+  place --exit-status only: 5 cancelled, 6 failed, 7 still pending (0: paid or shipped)
+
+Global options (--host, --port, --timeout, --admin-token) go before or after the command.
 """
+
+
+def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """The options every command takes. Subcommands get them with suppressed defaults, so an
+    option given before the command is not reset by the subcommand's parser."""
+
+    def default(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument(
+        "--host",
+        default=default(os.environ.get("ORDER_HOST", DEFAULT_HOST)),
+        help="gateway host (env ORDER_HOST; default %(default)s)" if defaults else None,
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=default(os.environ.get("ORDER_PORT", DEFAULT_PORT)),
+        help="gateway port (env ORDER_PORT; default %(default)s)" if defaults else None,
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=default(DEFAULT_TIMEOUT),
+        help="seconds to connect and per reply (default %(default)s)" if defaults else None,
+    )
+    parser.add_argument(
+        "--admin-token",
+        default=default(os.environ.get("ORDER_ADMIN_TOKEN")),
+        help="for set-stock when the server requires one (env ORDER_ADMIN_TOKEN)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -378,19 +417,27 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--host", default=os.environ.get("ORDER_HOST", DEFAULT_HOST))
-    parser.add_argument("--port", type=int, default=os.environ.get("ORDER_PORT", DEFAULT_PORT))
-    parser.add_argument(
-        "--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to connect and per reply"
-    )
-    parser.add_argument(
-        "--admin-token",
-        default=os.environ.get("ORDER_ADMIN_TOKEN"),
-        help="for set-stock when the server requires one (env ORDER_ADMIN_TOKEN)",
-    )
+    _global_options(parser, defaults=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, defaults=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    place = sub.add_parser("place", help="place an order (waits for its terminal status)")
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=summary,
+            description=description,
+            parents=[common],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    place = command(
+        "place",
+        "place an order (waits for its terminal status)",
+        "Place an order and print its status once terminal (paid, cancelled or failed).\n"
+        "Payment tokens: tok_visa (approved), tok_chargeDeclined, tok_error, tok_timeout,\n"
+        "tok_late, tok_crash (see README).",
+    )
     place.add_argument("--order-id", required=True)
     place.add_argument("--customer", required=True)
     place.add_argument(
@@ -401,22 +448,48 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_line,
         metavar="SKU:QTY:UNIT_PRICE",
     )
-    place.add_argument("--payment-method", default="tok_visa")
+    place.add_argument("--payment-method", default="tok_visa", help="default %(default)s")
     place.add_argument(
         "--no-wait", dest="wait", action="store_false", help="reply once OrderPlaced is durable"
     )
+    place.add_argument(
+        "--exit-status",
+        action="store_true",
+        help="exit 5 if the order ends cancelled, 6 failed, 7 still pending (0 paid)",
+    )
 
-    status = sub.add_parser("status", help="an order's status")
-    status.add_argument("order_id")
-    events = sub.add_parser("events", help="an order's event stream")
-    events.add_argument("order_id")
-    stock = sub.add_parser("stock", help="stock levels (all products if none given)")
+    status = command(
+        "status",
+        "an order's status",
+        'Print {"order_id", "status", "version", "reason", ...}: status is pending, paid,\n'
+        "cancelled or failed; version is the stream's last event version. Exit 4 if unknown.",
+    )
+    status.add_argument("order_id", help="the id the order was placed with")
+    events = command(
+        "events",
+        "an order's event stream",
+        "Print the events of stream order-ID in order: type, version, position, event_id,\n"
+        "recorded_at and the event's data. Exit 4 if the order is unknown.",
+    )
+    events.add_argument("order_id", help="the id the order was placed with")
+    stock = command(
+        "stock", "stock levels (all products if none given)", "Print on_hand/reserved/available."
+    )
     stock.add_argument("skus", nargs="*", metavar="SKU")
-    set_stock = sub.add_parser("set-stock", help="set a product's on-hand quantity")
+    set_stock = command(
+        "set-stock",
+        "set a product's on-hand quantity",
+        "Set a product's units on hand (needs --admin-token when the server has one).",
+    )
     set_stock.add_argument("sku", metavar="SKU")
     set_stock.add_argument("qty", type=non_negative_int, metavar="QTY")
-    sub.add_parser("audit", help="check the store invariants; exit 1 if any fails")
-    sub.add_parser("ping", help="check the server answers")
+    command(
+        "audit",
+        "check the store invariants; exit 1 if any fails",
+        "Check the five invariants (docs/architecture.md): one terminal event, gapless\n"
+        "versions, stock consistent, reservations settled, money balanced.",
+    )
+    command("ping", "check the server answers", "Check the server answers.")
     return parser
 
 
@@ -468,6 +541,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(json.dumps(result, indent=2, sort_keys=False, default=_json_default))
     if args.command == "audit" and not (isinstance(result, Mapping) and result.get("ok") is True):
         return EXIT_ERROR
+    if args.command == "place" and args.exit_status and isinstance(result, Mapping):
+        return _EXIT_BY_STATUS.get(str(result.get("status")), EXIT_OK)
     return EXIT_OK
 
 

@@ -329,3 +329,33 @@ def test_cli_audit_exit_code_follows_ok(
     server = serve(audit)
     assert main(["--port", str(server.port), "audit"]) == exit_code
     assert json.loads(capsys.readouterr().out) == report
+
+
+def test_cli_global_options_also_work_after_the_command(
+    serve: Callable[[Handler], FakeServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = serve(echo_until_eof)
+    assert main(["status", "o-1", "--port", str(server.port)]) == 0
+    assert json.loads(capsys.readouterr().out)["args"] == {"order_id": "o-1"}
+    # given before the command, an option is not reset by the command's own parser
+    assert main(["--port", str(server.port), "status", "o-2"]) == 0
+    assert json.loads(capsys.readouterr().out)["args"] == {"order_id": "o-2"}
+
+
+@pytest.mark.parametrize(
+    ("status", "exit_code"), [("paid", 0), ("cancelled", 5), ("failed", 6), ("pending", 7)]
+)
+def test_cli_place_exit_status_tells_outcomes_apart(
+    status: str,
+    exit_code: int,
+    serve: Callable[[Handler], FakeServer],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def answer(conn: FakeConn) -> None:
+        while (req := conn.recv()) is not None:
+            conn.send(ok_reply(req["id"], {"order_id": "o-1", "status": status}))
+
+    server = serve(answer)
+    argv = ["place", "--order-id", "o-1", "--customer", "c", "--line", "SKU-001:1:1"]
+    assert main([*argv, "--port", str(server.port)]) == 0  # without the flag: 0 whatever it is
+    assert main([*argv, "--port", str(server.port), "--exit-status"]) == exit_code
