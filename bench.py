@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.reference import run_reference
-from loadtest import percentile
+from loadgen.report import percentile
 
 ROOT = Path(__file__).resolve().parent
 SYSTEM_BASES = {

@@ -1,4 +1,5 @@
-"""loadtest.py: its helpers, its argument checks, and one real run against a spawned run.py."""
+"""The load generator (loadgen/, loadtest.py): its helpers, its argument checks, and real runs
+against a spawned run.py."""
 
 from __future__ import annotations
 
@@ -11,16 +12,18 @@ from pathlib import Path
 import pytest
 
 import loadtest
+from loadgen import plan as loadplan
+from loadgen.report import percentile
 
 
 def test_parse_mix_reads_weights_and_bare_tokens() -> None:
-    assert loadtest.parse_mix("tok_visa=90, tok_chargeDeclined=5,tok_timeout=5") == {
+    assert loadplan.parse_mix("tok_visa=90, tok_chargeDeclined=5,tok_timeout=5") == {
         "tok_visa": 90.0,
         "tok_chargeDeclined": 5.0,
         "tok_timeout": 5.0,
     }
-    assert loadtest.parse_mix("tok_visa") == {"tok_visa": 1.0}
-    assert loadtest.parse_mix("tok_visa=1,tok_error=0") == {"tok_visa": 1.0, "tok_error": 0.0}
+    assert loadplan.parse_mix("tok_visa") == {"tok_visa": 1.0}
+    assert loadplan.parse_mix("tok_visa=1,tok_error=0") == {"tok_visa": 1.0, "tok_error": 0.0}
 
 
 @pytest.mark.parametrize(
@@ -29,18 +32,18 @@ def test_parse_mix_reads_weights_and_bare_tokens() -> None:
 )
 def test_parse_mix_rejects_malformed(text: str) -> None:
     with pytest.raises(ValueError, match=r"mix|weight|token"):
-        loadtest.parse_mix(text)
+        loadplan.parse_mix(text)
 
 
 def test_percentile_interpolates_between_ranks() -> None:
     values = [float(v) for v in range(1, 101)]
-    assert loadtest.percentile(values, 0) == 1.0
-    assert loadtest.percentile(values, 100) == 100.0
-    assert loadtest.percentile(values, 50) == pytest.approx(50.5)
-    assert loadtest.percentile(values, 99) == pytest.approx(99.01)
-    assert loadtest.percentile([7.0], 90) == 7.0
+    assert percentile(values, 0) == 1.0
+    assert percentile(values, 100) == 100.0
+    assert percentile(values, 50) == pytest.approx(50.5)
+    assert percentile(values, 99) == pytest.approx(99.01)
+    assert percentile([7.0], 90) == 7.0
     with pytest.raises(ValueError, match="empty"):
-        loadtest.percentile([], 50)
+        percentile([], 50)
 
 
 def test_percentile_matches_statistics_inclusive_quantiles() -> None:
@@ -50,12 +53,12 @@ def test_percentile_matches_statistics_inclusive_quantiles() -> None:
     # the k-th percentile.
     cuts = statistics.quantiles(values, n=100, method="inclusive")
     for q in (1, 10, 50, 90, 99):
-        assert loadtest.percentile(values, q) == pytest.approx(cuts[q - 1])
+        assert percentile(values, q) == pytest.approx(cuts[q - 1])
 
 
 def test_plan_is_seeded_unique_and_respects_scarce_share() -> None:
-    def plan(seed: int) -> list[loadtest.PlannedOrder]:
-        return loadtest.plan_orders(
+    def plan(seed: int) -> list[loadplan.PlannedOrder]:
+        return loadplan.plan_orders(
             2000,
             rng=random.Random(seed),
             run_id="r",
@@ -73,7 +76,7 @@ def test_plan_is_seeded_unique_and_respects_scarce_share() -> None:
         skus = [line["product_id"] for line in order.args["lines"]]
         assert len(skus) == 3
         assert len(set(skus)) == 3
-        assert (loadtest.SCARCE_SKU in skus) == order.scarce
+        assert (loadplan.SCARCE_SKU in skus) == order.scarce
         for line in order.args["lines"]:
             whole, cents = line["unit_price"].split(".")
             assert whole.isdigit()
@@ -84,8 +87,12 @@ def test_plan_is_seeded_unique_and_respects_scarce_share() -> None:
     "argv",
     [
         ["--orders", "0"],
-        ["--base", "queue"],  # only with --spawn
-        ["--step-timeout", "1"],
+        ["--base", "queue", "--port", "7300"],  # only for a private run.py
+        ["--step-timeout", "1", "--host", "127.0.0.1"],
+        ["--targets", "127.0.0.1:7300", "--port", "7300"],
+        ["--targets", "127.0.0.1"],
+        ["--targets", "a:1,b:2", "--scarce", "5"],
+        ["--rate", "-1"],
         ["--spawn", "--port", "7300"],
         ["--mix", "tok_visa=0"],
         ["--lines", "11"],
@@ -140,7 +147,7 @@ def test_spawned_run_reaches_terminal_states_and_passes_audit(
     }
     assert design_keys <= report.keys()
     assert {"connections", "mix", "wall_s", "not_terminal"} <= report.keys()
-    assert set(report["latency_ms"]) == {"p50", "p90", "p99", "max"}
+    assert set(report["latency_ms"]) == {"p50", "p90", "p99", "p99.9", "max"}
     lat = report["latency_ms"]
     assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
     assert report["orders"] == 200
