@@ -135,8 +135,8 @@ def _prepare(
             print(text)
         else:
             _error(
-                f"this run changes the server at {host}:{port}: {text}; and it leaves "
-                f"{len(plan)} orders in its store"
+                f"this run changes the server at {host}:{port}: it places {len(plan)} orders "
+                f"there (they stay in its store); {text}"
             )
         apply_changes(admin, changes, args.admin_token)
     return scarce_before

@@ -44,6 +44,7 @@ class RunResult:
     # the start to the last submission
     start_lags: list[float] = field(default_factory=list)
     submit_span_s: float = 0.0
+    planned_span_s: float = 0.0  # when the last arrival was due
 
     @property
     def latencies(self) -> list[float]:
@@ -122,6 +123,7 @@ class LoadRun:
             client_cpu_s=time.process_time() - cpu0,
             start_lags=lags,
             submit_span_s=submit_span,
+            planned_span_s=self._arrivals[-1] if self._arrivals else 0.0,
         )
 
     def _submit_all(self, lags: list[float]) -> None:
