@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from client import Client, ClientError, ConnectionFailed
-from loadgen.drive import LoadRun, RunResult
+from loadgen.drive import LoadRun
 from loadgen.options import UsageError, parse_args
 from loadgen.plan import PlannedOrder, arrival_offsets, format_mix, plan_orders
 from loadgen.plot import PlotUnavailableError, require_matplotlib, write_plot
 from loadgen.progress import Progress
-from loadgen.report import render_report, summarize
+from loadgen.report import render_report, server_figures, summarize
 from loadgen.spawn import SpawnedServer, SpawnError
 from loadgen.stock import apply_changes, check_scarce, describe_changes, stock_changes
 
@@ -190,7 +190,12 @@ def _drive(
             rate=rate,
         )
         if server is not None:
-            summary["server"] = _server_figures(args, server, result, server_cpu0, rss_before)
+            # Closed loop: orders in flight at the peak are at most `concurrency` (open loop has
+            # no such bound: the cap is not the number in flight).
+            in_flight = None if rate else min(args.concurrency, args.orders)
+            summary["server"] = server_figures(
+                server, result.wall_s, server_cpu0, rss_before, in_flight
+            )
         scarce_ok = True
         if args.scarce > 0:
             summary["scarce"] = check_scarce(
@@ -222,32 +227,3 @@ def _audit(targets: Sequence[tuple[str, int]], admins: Sequence[Client]) -> dict
     if len(audits) == 1:
         return next(iter(audits.values()))
     return {"ok": all(a.get("ok") is True for a in audits.values()), "targets": audits}
-
-
-def _server_figures(
-    args: argparse.Namespace,
-    server: SpawnedServer,
-    result: RunResult,
-    cpu0: float | None,
-    rss_before: int | None,
-) -> dict[str, Any]:
-    cpu1 = server.cpu_seconds()
-    cpu = None if cpu1 is None or cpu0 is None else cpu1 - cpu0
-    figures: dict[str, Any] = {
-        "pid": server.proc.pid,
-        "cpu_s": None if cpu is None else round(cpu, 3),
-        "cpu_percent_of_core": None if cpu is None else round(100 * cpu / result.wall_s, 1),
-        "peak_rss_kib": server.own_peak_kib(),
-        "peak_tree_rss_kib": server.peak_tree_kib,
-        "peak_tree_procs": server.peak_tree_procs,
-        "rss_before_kib": rss_before,
-    }
-    peak = server.peak_tree_kib or server.own_peak_kib()
-    if peak and rss_before is not None and not args.rate:
-        # Closed loop: orders in flight at the peak are at most `concurrency`; a lower bound on
-        # the concurrency actually reached would only make this figure larger. (Open loop has
-        # no such bound: the cap is not the number in flight.)
-        figures["kib_per_in_flight_order"] = round(
-            (peak - rss_before) / min(args.concurrency, args.orders), 2
-        )
-    return figures

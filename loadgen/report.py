@@ -9,6 +9,7 @@ from typing import Any
 
 from loadgen.drive import LATE_AFTER, RunResult
 from loadgen.plan import SCARCE_SKU
+from loadgen.spawn import SpawnedServer
 from messages.base import TERMINAL_STATUSES
 
 # The latency_ms keys: DESIGN.md's p50/p90/p99/max, and p99.9 for the open loop's tail.
@@ -89,6 +90,36 @@ def summarize(
             "start_lag_ms": latency_ms(lags),
         }
     return summary
+
+
+def server_figures(
+    server: SpawnedServer,
+    wall_s: float,
+    cpu0: float | None,
+    rss_before: int | None,
+    in_flight_bound: int | None,
+) -> dict[str, Any]:
+    """CPU and memory of the spawned run.py over the run.
+
+    With `in_flight_bound` (the most orders that can have been in flight at once) the memory
+    growth is also given per in-flight order; a lower bound on the concurrency actually reached
+    would only make that figure larger.
+    """
+    cpu1 = server.cpu_seconds()
+    cpu = None if cpu1 is None or cpu0 is None else cpu1 - cpu0
+    figures: dict[str, Any] = {
+        "pid": server.proc.pid,
+        "cpu_s": None if cpu is None else round(cpu, 3),
+        "cpu_percent_of_core": None if cpu is None else round(100 * cpu / wall_s, 1),
+        "peak_rss_kib": server.own_peak_kib(),
+        "peak_tree_rss_kib": server.peak_tree_kib,
+        "peak_tree_procs": server.peak_tree_procs,
+        "rss_before_kib": rss_before,
+    }
+    peak = server.peak_tree_kib or server.own_peak_kib()
+    if peak and rss_before is not None and in_flight_bound:
+        figures["kib_per_in_flight_order"] = round((peak - rss_before) / in_flight_bound, 2)
+    return figures
 
 
 def _fmt_kib(kib: int) -> str:
