@@ -153,34 +153,31 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
 def median_row(runs: list[dict[str, Any]]) -> dict[str, float | None]:
     """Medians of throughput and latency percentiles over repetitions (a run without a single
     latency, e.g. one whose every order failed, has none to give; its audit column says so)."""
 
-    def median(values: list[float | None]) -> float | None:
-        known = [v for v in values if v is not None]
-        return statistics.median(known) if known else None
-
     return {
-        "orders_per_s": median([r["throughput_orders_per_s"] for r in runs]),
-        **{k: median([r["latency_ms"][k] for r in runs]) for k in ("p50", "p90", "p99", "max")},
+        "orders_per_s": _median([r["throughput_orders_per_s"] for r in runs]),
+        **{k: _median([r["latency_ms"][k] for r in runs]) for k in ("p50", "p90", "p99", "max")},
     }
 
 
 def open_loop_row(runs: list[dict[str, Any]]) -> dict[str, float | None]:
     """Medians of an open-loop row: offered and achieved rates, the latency tail, late starts."""
 
-    def median(values: list[float | None]) -> float | None:
-        known = [v for v in values if v is not None]
-        return statistics.median(known) if known else None
-
     loops = [r.get("open_loop", {}) for r in runs]
     return {
-        "offered": median([o.get("offered_rate") for o in loops]),
-        "achieved": median([o.get("achieved_rate") for o in loops]),
-        "late_starts": median([o.get("late_starts") for o in loops]),
+        "offered": _median([o.get("offered_rate") for o in loops]),
+        "achieved": _median([o.get("achieved_rate") for o in loops]),
+        "late_starts": _median([o.get("late_starts") for o in loops]),
         **{
-            k: median([r["latency_ms"].get(k) for r in runs])
+            k: _median([r["latency_ms"].get(k) for r in runs])
             for k in ("p50", "p90", "p99", "p99.9", "max")
         },
     }
