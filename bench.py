@@ -3,13 +3,15 @@ Thespian reference saga, several repetitions, medians. (`make bench`)
 
     python bench.py [--bases simple,queue,tcp] [--reps 3] [--orders 5000] [--concurrency 100]
                     [--process-orders 300] [--process-concurrency 24] [--in-flight 10000]
-                    [--out bench-results]
+                    [--rate 1000] [--open-loop-orders 10000] [--out bench-results]
 
 Each repetition runs, for every base: `loadtest.py --spawn` (a fresh run.py on a fresh SQLite
 file, synchronous=FULL, tok_visa, orders placed with wait=true over the gateway) and the
 reference saga of `benchmarks/reference.py` (reserve, append, charge, append; no gateway) on
 the same base; on the simple base also `--in-flight` orders all placed at once, each held 3 s by
-the payment provider (memory per order in flight). Bases and kinds are interleaved so machine
+the payment provider (memory per order in flight), and an open-loop run: `--open-loop-orders`
+arriving at `--rate` orders/s (Poisson), latency from each order's intended start, so a stall
+shows in p99/p99.9 instead of slowing the arrivals. Bases and kinds are interleaved so machine
 noise spreads over all of them. The medians go to stdout as a markdown table and, with every
 run's raw figures, to `OUT/bench-<timestamp>.json` and `.md`. Exit status 1 if any audit failed.
 """
@@ -29,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.reference import run_reference
-from loadtest import percentile
+from loadgen.options import OPEN_LOOP_CONCURRENCY
+from loadgen.report import percentile
 
 ROOT = Path(__file__).resolve().parent
 SYSTEM_BASES = {
@@ -150,17 +153,33 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
 def median_row(runs: list[dict[str, Any]]) -> dict[str, float | None]:
     """Medians of throughput and latency percentiles over repetitions (a run without a single
     latency, e.g. one whose every order failed, has none to give; its audit column says so)."""
 
-    def median(values: list[float | None]) -> float | None:
-        known = [v for v in values if v is not None]
-        return statistics.median(known) if known else None
-
     return {
-        "orders_per_s": median([r["throughput_orders_per_s"] for r in runs]),
-        **{k: median([r["latency_ms"][k] for r in runs]) for k in ("p50", "p90", "p99", "max")},
+        "orders_per_s": _median([r["throughput_orders_per_s"] for r in runs]),
+        **{k: _median([r["latency_ms"][k] for r in runs]) for k in ("p50", "p90", "p99", "max")},
+    }
+
+
+def open_loop_row(runs: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Medians of an open-loop row: offered and achieved rates, the latency tail, late starts."""
+
+    loops = [r.get("open_loop", {}) for r in runs]
+    return {
+        "offered": _median([o.get("offered_rate") for o in loops]),
+        "achieved": _median([o.get("achieved_rate") for o in loops]),
+        "late_starts": _median([o.get("late_starts") for o in loops]),
+        **{
+            k: _median([r["latency_ms"].get(k) for r in runs])
+            for k in ("p50", "p90", "p99", "p99.9", "max")
+        },
     }
 
 
@@ -181,6 +200,8 @@ def render(table: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
     ]
     for key, row in table.items():
         base, kind = key.split("/")
+        if kind == "open-loop":
+            continue
         m = row["median"]
         ratio = ""
         if kind == "full" and f"{base}/reference" in table:
@@ -199,6 +220,25 @@ def render(table: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
             f"{_ms(m['orders_per_s'], 0)} | {_ms(m['p50'])} | {_ms(m['p90'])} | "
             f"{_ms(m['p99'])} | {_ms(m['max'])} | {ratio} | {memory} | {audits} |"
         )
+    open_rows = {key: row for key, row in table.items() if key.endswith("/open-loop")}
+    if open_rows:
+        lines += [
+            "",
+            "Open loop: Poisson arrivals at the offered rate, latency from each order's intended "
+            "start",
+            "",
+            "| base | orders | cap | offered/s | achieved/s | p50 ms | p90 ms | p99 ms | p99.9 ms "
+            "| max ms | late starts | audits |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for key, row in open_rows.items():
+            o = open_loop_row(row["runs"])
+            lines.append(
+                f"| {key.split('/')[0]} | {row['orders']} | {row['concurrency']} | "
+                f"{_ms(o['offered'], 0)} | {_ms(o['achieved'], 0)} | {_ms(o['p50'])} | "
+                f"{_ms(o['p90'])} | {_ms(o['p99'])} | {_ms(o['p99.9'])} | {_ms(o['max'])} | "
+                f"{_ms(o['late_starts'], 0)} | {row.get('audits', '')} |"
+            )
     return "\n".join(lines)
 
 
@@ -224,6 +264,15 @@ def main(argv: list[str] | None = None) -> int:
         default=10_000,
         help="simple base: also run this many orders all in flight at once, each charged "
         "with 3 s of provider latency (0: skip)",
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=1000.0,
+        help="simple base: also run an open loop at this many orders/s offered (0: skip)",
+    )
+    parser.add_argument(
+        "--open-loop-orders", type=int, default=10_000, help="orders in the open-loop run"
     )
     parser.add_argument("--out", default=str(ROOT / "bench-results"))
     parser.add_argument("--reference", choices=sorted(SYSTEM_BASES), help=argparse.SUPPRESS)
@@ -258,9 +307,20 @@ def main(argv: list[str] | None = None) -> int:
                 kinds = ["full", "reference"]
                 if base == "simple" and args.in_flight > 0:
                     kinds.append("in-flight")
+                if base == "simple" and args.rate > 0:
+                    kinds.append("open-loop")
                 for kind in kinds:
                     key = f"{base}/{kind}"
-                    if kind == "in-flight":
+                    if kind == "open-loop":
+                        shape[key] = (args.open_loop_orders, OPEN_LOOP_CONCURRENCY)
+                        run = run_full(
+                            base,
+                            args.open_loop_orders,
+                            OPEN_LOOP_CONCURRENCY,
+                            tmp,
+                            ("--rate", str(args.rate)),
+                        )
+                    elif kind == "in-flight":
                         shape[key] = (args.in_flight, args.in_flight)
                         run = run_full(base, args.in_flight, args.in_flight, tmp, IN_FLIGHT_ARGS)
                     elif kind == "full":
@@ -275,6 +335,11 @@ def main(argv: list[str] | None = None) -> int:
                         f"rep {rep + 1}/{args.reps} {key}: "
                         f"{run['throughput_orders_per_s']:.0f} orders/s, "
                         f"p99 {_ms(run['latency_ms']['p99'])} ms"
+                        + (
+                            f", p99.9 {_ms(run['latency_ms'].get('p99.9'))} ms"
+                            if kind == "open-loop"
+                            else ""
+                        )
                         + ("" if audit is None else f", audit {'ok' if audit else 'FAILED'}"),
                         file=sys.stderr,
                         flush=True,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import median_row, render
+from bench import median_row, open_loop_row, render
 from benchmarks.reference import run_reference
 
 
@@ -73,3 +73,43 @@ def test_runs_without_latencies_do_not_break_the_table() -> None:
     table = {"simple/full": {"orders": 1, "concurrency": 1, "median": median_row(runs[:1])}}
     meta = {"started": "now", "reps": 1, "machine": {"cpus": 2, "cpu": "x", "python": "3.11"}}
     assert "| n/a | n/a |" in render(table, meta)
+
+
+def test_open_loop_rows_get_a_table_of_their_own() -> None:
+    lat = {"p50": 2.0, "p90": 4.0, "p99": 9.0, "p99.9": 30.0, "max": 40.0}
+    runs = [
+        {
+            "throughput_orders_per_s": 990.0,
+            "latency_ms": {k: v * scale for k, v in lat.items()},
+            "open_loop": {"offered_rate": 1000.0, "achieved_rate": a, "late_starts": late},
+        }
+        for scale, a, late in ((1.0, 998.0, 3), (2.0, 990.0, 9), (3.0, 1001.0, 5))
+    ]
+    row = open_loop_row(runs)
+    assert row == {
+        "offered": 1000.0,
+        "achieved": 998.0,
+        "late_starts": 5,
+        "p50": 4.0,
+        "p90": 8.0,
+        "p99": 18.0,
+        "p99.9": 60.0,
+        "max": 80.0,
+    }
+    table = {
+        "simple/full": {"orders": 5, "concurrency": 2, "median": median_row(runs)},
+        "simple/open-loop": {
+            "orders": 10000,
+            "concurrency": 1000,
+            "median": median_row(runs),
+            "runs": runs,
+            "audits": "3/3 ok",
+        },
+    }
+    meta = {"started": "now", "reps": 3, "machine": {"cpus": 2, "cpu": "x", "python": "3.11"}}
+    text = render(table, meta)
+    assert "| simple | open-loop |" not in text  # not in the closed-loop table
+    assert (
+        "| simple | 10000 | 1000 | 1000 | 998 | 4.0 | 8.0 | 18.0 | 60.0 | 80.0 | 5 | 3/3 ok |"
+        in text
+    )

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from client import Client, ClientError
-from runtime.proc_tree import RUN_MARKER, descendants, marked
+from runtime.proc_tree import descendants, marked, parent, with_cmdline
 from tests.conftest import Server, new_id, wait_until
 
 LINE = [{"product_id": "SKU-001", "quantity": 1, "unit_price": "4.00"}]
@@ -41,18 +41,7 @@ def kill9(pid: int) -> None:
 def processes_of(db: Path) -> list[int]:
     """Every process whose command line names the database: run.py and all its actors
     (Thespian's actor processes keep run.py's command line; the queue base's admin detaches)."""
-    needle = str(db).encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if needle in cmdline and int(entry.name) != os.getpid():
-            found.append(int(entry.name))
-    return found
+    return with_cmdline(str(db))
 
 
 def kill_everything(db: Path) -> int:
@@ -317,14 +306,11 @@ def test_soak_random_kills(
 
 
 @pytest.mark.process
-def test_no_process_of_a_run_outlives_it(
-    start_server: Callable[..., Server], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_no_process_of_a_run_outlives_it(start_server: Callable[..., Server]) -> None:
     """The queue base's Thespian admin runs in a session of its own, no child of run.py; with
     it killed, run.py's stop used to wait minutes and leave the actors running for ever."""
-    run_id = new_id()
-    monkeypatch.setenv(RUN_MARKER, run_id)  # run.py keeps a marker it inherits
     server = start_server(base="queue", extra=("--drain-timeout", "2"))
+    run_id = server.run_id  # the marker run.py inherits and keeps
     with server.client() as client:
         line = {"product_id": "SKU-001", "quantity": 1, "unit_price": "1.00"}
         assert client.place_order(new_id(), "c", [line])["status"] == "paid"
@@ -332,12 +318,8 @@ def test_no_process_of_a_run_outlives_it(
     admin_side = processes - {server.proc.pid} - set(descendants(server.proc.pid))
     assert admin_side, "expected actor processes outside run.py's own tree"
     for pid in admin_side:
-        if _ppid(pid) == 1:  # the admin: reparented to init
+        if parent(pid) == 1:  # the admin: reparented to init
             os.kill(pid, signal.SIGKILL)
-    assert server.stop(timeout=60) == 0
+    # run.py's own cleanup is under test: the fixture must not kill what it left behind.
+    assert server.stop(timeout=60, kill_leftovers=False) == 0
     wait_until(lambda: not marked(run_id), timeout=10)  # every process of the run ended
-
-
-def _ppid(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as stat:
-        return int(stat.read().rsplit(")", 1)[1].split()[1])

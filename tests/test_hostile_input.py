@@ -42,6 +42,7 @@ from pydantic import TypeAdapter
 from client import Client, ClientError
 from messages.base import Money
 from messages.wire import MAX_FRAME
+from runtime.proc_tree import all_pids, descendants, listening_tcp, socket_inodes, status_kib
 from tests.conftest import ROOT, Server, new_id
 
 log = logging.getLogger(__name__)
@@ -146,10 +147,9 @@ def check_reply(reply: dict[str, Any]) -> str:
 
 def rss_kib(pid: int) -> int:
     """VmRSS of a process, in KiB."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(r"^VmRSS:\s+(\d+)\s+kB", status, re.MULTILINE)
-    assert match is not None, status
-    return int(match.group(1))
+    kib = status_kib(pid, "VmRSS")
+    assert kib is not None, f"no VmRSS for {pid}"
+    return kib
 
 
 def line(product: str, quantity: Any = 1, unit_price: Any = "9.99") -> dict[str, Any]:
@@ -881,19 +881,7 @@ def test_idle_and_half_open_connections_do_not_delay_an_order(
 
 def _descendants(pid: int) -> set[int]:
     """`pid` and every process below it."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            # The command name may hold spaces and parentheses: split after the last ')'.
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = set(), [pid]
-    while todo:
-        current = todo.pop()
-        if current not in found:
-            found.add(current)
-            todo.extend(children.get(current, []))
-    return found
+    return {pid, *descendants(pid)}
 
 
 def _listening_ss(pids: set[int]) -> set[tuple[str, int]]:
@@ -913,32 +901,7 @@ def _listening_ss(pids: set[int]) -> set[tuple[str, int]]:
 
 def _listening_proc(pids: set[int]) -> set[tuple[str, int]]:
     """The same from /proc/net/tcp{,6} and the processes' socket inodes (no `ss` needed)."""
-    inodes = set().union(*(_socket_inodes(pid) for pid in pids))
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError):
-            for row in Path(table).read_text().splitlines()[1:]:
-                cols = row.split()
-                if cols[3] != "0A" or cols[9] not in inodes:  # 0A: LISTEN
-                    continue
-                hex_addr, hex_port = cols[1].split(":")
-                raw = bytes.fromhex(hex_addr)
-                # The kernel prints each 32-bit word in host (little-endian) byte order.
-                words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-                family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
-                found.add((socket.inet_ntop(family, words), int(hex_port, 16)))
-    return found
-
-
-def _socket_inodes(pid: int) -> set[str]:
-    inodes = set()
-    with contextlib.suppress(OSError):
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            with contextlib.suppress(OSError):
-                target = os.readlink(fd)
-                if target.startswith("socket:["):
-                    inodes.add(target[8:-1])
-    return inodes
+    return listening_tcp(pids)
 
 
 def service_pids(pid: int) -> set[int]:
@@ -949,12 +912,8 @@ def service_pids(pid: int) -> set[int]:
     """
     pids = _descendants(pid)
     while True:
-        inodes = set().union(*(_socket_inodes(p) for p in pids))
-        sharing = {
-            int(proc.name)
-            for proc in Path("/proc").glob("[0-9]*")
-            if int(proc.name) not in pids and _socket_inodes(int(proc.name)) & inodes
-        }
+        inodes = set().union(*(socket_inodes(p) for p in pids))
+        sharing = {p for p in all_pids() if p not in pids and socket_inodes(p) & inodes}
         if not sharing:
             return pids
         for other in sharing:

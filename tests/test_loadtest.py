@@ -1,26 +1,38 @@
-"""loadtest.py: its helpers, its argument checks, and one real run against a spawned run.py."""
+"""The load generator (loadgen/, loadtest.py): its helpers, its argument checks, and real runs
+against a spawned run.py."""
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
 import random
 import socket
 import statistics
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+import loadgen.cli
 import loadtest
+from loadgen import plan as loadplan
+from loadgen.drive import RunResult
+from loadgen.plot import write_plot
+from loadgen.progress import Progress
+from loadgen.report import percentile
+from tests.conftest import Server
 
 
 def test_parse_mix_reads_weights_and_bare_tokens() -> None:
-    assert loadtest.parse_mix("tok_visa=90, tok_chargeDeclined=5,tok_timeout=5") == {
+    assert loadplan.parse_mix("tok_visa=90, tok_chargeDeclined=5,tok_timeout=5") == {
         "tok_visa": 90.0,
         "tok_chargeDeclined": 5.0,
         "tok_timeout": 5.0,
     }
-    assert loadtest.parse_mix("tok_visa") == {"tok_visa": 1.0}
-    assert loadtest.parse_mix("tok_visa=1,tok_error=0") == {"tok_visa": 1.0, "tok_error": 0.0}
+    assert loadplan.parse_mix("tok_visa") == {"tok_visa": 1.0}
+    assert loadplan.parse_mix("tok_visa=1,tok_error=0") == {"tok_visa": 1.0, "tok_error": 0.0}
 
 
 @pytest.mark.parametrize(
@@ -29,18 +41,18 @@ def test_parse_mix_reads_weights_and_bare_tokens() -> None:
 )
 def test_parse_mix_rejects_malformed(text: str) -> None:
     with pytest.raises(ValueError, match=r"mix|weight|token"):
-        loadtest.parse_mix(text)
+        loadplan.parse_mix(text)
 
 
 def test_percentile_interpolates_between_ranks() -> None:
     values = [float(v) for v in range(1, 101)]
-    assert loadtest.percentile(values, 0) == 1.0
-    assert loadtest.percentile(values, 100) == 100.0
-    assert loadtest.percentile(values, 50) == pytest.approx(50.5)
-    assert loadtest.percentile(values, 99) == pytest.approx(99.01)
-    assert loadtest.percentile([7.0], 90) == 7.0
+    assert percentile(values, 0) == 1.0
+    assert percentile(values, 100) == 100.0
+    assert percentile(values, 50) == pytest.approx(50.5)
+    assert percentile(values, 99) == pytest.approx(99.01)
+    assert percentile([7.0], 90) == 7.0
     with pytest.raises(ValueError, match="empty"):
-        loadtest.percentile([], 50)
+        percentile([], 50)
 
 
 def test_percentile_matches_statistics_inclusive_quantiles() -> None:
@@ -50,12 +62,12 @@ def test_percentile_matches_statistics_inclusive_quantiles() -> None:
     # the k-th percentile.
     cuts = statistics.quantiles(values, n=100, method="inclusive")
     for q in (1, 10, 50, 90, 99):
-        assert loadtest.percentile(values, q) == pytest.approx(cuts[q - 1])
+        assert percentile(values, q) == pytest.approx(cuts[q - 1])
 
 
 def test_plan_is_seeded_unique_and_respects_scarce_share() -> None:
-    def plan(seed: int) -> list[loadtest.PlannedOrder]:
-        return loadtest.plan_orders(
+    def plan(seed: int) -> list[loadplan.PlannedOrder]:
+        return loadplan.plan_orders(
             2000,
             rng=random.Random(seed),
             run_id="r",
@@ -73,7 +85,7 @@ def test_plan_is_seeded_unique_and_respects_scarce_share() -> None:
         skus = [line["product_id"] for line in order.args["lines"]]
         assert len(skus) == 3
         assert len(set(skus)) == 3
-        assert (loadtest.SCARCE_SKU in skus) == order.scarce
+        assert (loadplan.SCARCE_SKU in skus) == order.scarce
         for line in order.args["lines"]:
             whole, cents = line["unit_price"].split(".")
             assert whole.isdigit()
@@ -84,8 +96,12 @@ def test_plan_is_seeded_unique_and_respects_scarce_share() -> None:
     "argv",
     [
         ["--orders", "0"],
-        ["--base", "queue"],  # only with --spawn
-        ["--step-timeout", "1"],
+        ["--base", "queue", "--port", "7300"],  # only for a private run.py
+        ["--step-timeout", "1", "--host", "127.0.0.1"],
+        ["--targets", "127.0.0.1:7300", "--port", "7300"],
+        ["--targets", "127.0.0.1"],
+        ["--targets", "a:1,b:2", "--scarce", "5"],
+        ["--rate", "-1"],
         ["--spawn", "--port", "7300"],
         ["--mix", "tok_visa=0"],
         ["--lines", "11"],
@@ -140,7 +156,7 @@ def test_spawned_run_reaches_terminal_states_and_passes_audit(
     }
     assert design_keys <= report.keys()
     assert {"connections", "mix", "wall_s", "not_terminal"} <= report.keys()
-    assert set(report["latency_ms"]) == {"p50", "p90", "p99", "max"}
+    assert set(report["latency_ms"]) == {"p50", "p90", "p99", "p99.9", "max"}
     lat = report["latency_ms"]
     assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
     assert report["orders"] == 200
@@ -200,3 +216,125 @@ def test_orders_given_up_on_count_in_the_latency_figures(
     assert code == 1  # orders that never ended fail the run
     assert report["not_terminal"] > 0
     assert report["latency_ms"]["max"] >= 1000  # ... and show in the tail
+
+
+def test_help_shows_defaults_and_payment_tokens(capsys: pytest.CaptureFixture[str]) -> None:
+    assert loadtest.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "(default: 1000)" in out  # --orders
+    assert "(default: 100)" in out  # --concurrency
+    assert "(default: tok_visa=1)" in out
+    for token in loadplan.PAYMENT_TOKENS:
+        assert token in out
+
+
+def test_arrivals_are_seeded_poisson_at_the_mean_rate() -> None:
+    offsets = loadplan.arrival_offsets(20_000, 1000.0, seed=5)
+    assert offsets == loadplan.arrival_offsets(20_000, 1000.0, seed=5)
+    assert offsets != loadplan.arrival_offsets(20_000, 1000.0, seed=6)
+    gaps = [b - a for a, b in itertools.pairwise([0.0, *offsets])]
+    assert all(gap >= 0 for gap in gaps)
+    assert statistics.fmean(gaps) == pytest.approx(0.001, rel=0.05)
+    # exponential: the standard deviation equals the mean
+    assert statistics.stdev(gaps) == pytest.approx(0.001, rel=0.05)
+    with pytest.raises(ValueError, match="rate"):
+        loadplan.arrival_offsets(1, 0.0, seed=1)
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_progress_redraws_only_on_a_terminal(tty: bool) -> None:
+    stream = io.StringIO()
+    progress = Progress(stream, tty=tty)
+    for tenth in range(0, 120):
+        progress.update(done=tenth, total=200, in_flight=3, elapsed=tenth / 10, final=False)
+    progress.update(done=200, total=200, in_flight=0, elapsed=12.0, final=True)
+    text = stream.getvalue()
+    assert ("\r" in text) is tty
+    if not tty:  # a plain line every 5 s (0, 5, 10) and the last one
+        assert len(text.splitlines()) == 4
+        assert text.splitlines()[-1].startswith("progress 200/200")
+
+
+def test_plot_without_matplotlib_exits_2_before_any_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails
+
+    def no_server(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("a server was spawned before the plot check")
+
+    monkeypatch.setattr(loadgen.cli, "SpawnedServer", no_server)
+    png = tmp_path / "p.png"
+    assert loadtest.main(["--orders", "10", "--plot", str(png)]) == 2
+    err = capsys.readouterr().err
+    assert "matplotlib" in err
+    assert "pip install" in err
+    assert not png.exists()
+
+
+def test_plot_is_drawn_from_a_result(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    result = RunResult(
+        statuses=["paid"] * 50 + ["cancelled"] * 5 + ["error:timeout"],
+        samples=[("paid", 0.002 + i / 1000) for i in range(50)]
+        + [("cancelled", 5.0)] * 5
+        + [("error:timeout", 7.5)],
+        finished_at=[i / 20 for i in range(56)],
+        wall_s=3.0,
+        client_cpu_s=0.1,
+    )
+    png = tmp_path / "p.png"
+    write_plot(str(png), result, {"base": "simple", "mix": "tok_visa=1", "seed": 1, "rate": 50})
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_target_server_is_told_what_changes_before_the_run(
+    start_server: Callable[..., Server], capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = start_server()
+    code = loadtest.main(
+        ["--port", str(server.port), "--orders", "600", "--lines", "10", "--no-progress"]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.out
+    warning = next(line for line in captured.err.splitlines() if "changes the server" in line)
+    assert f"127.0.0.1:{server.port}" in warning
+    assert "places 600 orders" in warning
+    assert "stock raised" in warning  # 600 orders x 10 lines want ~1,200 of every SKU
+    assert "spawned run.py" not in captured.out
+
+
+def test_open_loop_run_keeps_its_rate_and_reports_the_tail(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report_path = tmp_path / "open.json"
+    code = loadtest.main(  # no --spawn: a private server is the default
+        [
+            "--orders",
+            "200",
+            "--rate",
+            "200",
+            "--seed",
+            "11",
+            "--json",
+            str(report_path),
+            "--no-progress",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    report = json.loads(report_path.read_text())
+    assert report["mode"] == "open"
+    assert report["not_terminal"] == 0
+    assert sum(report["status_counts"].values()) == report["status_counts"]["paid"] == 200
+    lat = report["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p99.9"] <= lat["max"]
+    open_loop = report["open_loop"]
+    assert open_loop["offered_rate"] == 200
+    # Poisson arrivals: 200 of them stray from the mean rate by ~7% (one sd) by themselves;
+    # the generator itself must keep to the arrivals it planned.
+    assert 140 <= open_loop["planned_rate"] <= 260
+    assert open_loop["achieved_rate"] == pytest.approx(open_loop["planned_rate"], rel=0.15)
+    assert open_loop["late_starts"] <= 20
+    assert set(open_loop["start_lag_ms"]) == set(lat)
+    assert "open loop       offered 200/s" in out

@@ -1,0 +1,220 @@
+"""Driving the plan: the clients, the orders in flight, and what each order did.
+
+Closed loop (the default): exactly `concurrency` orders in flight; an order starts when a slot
+frees, and its latency runs from its submission. Open loop (`arrivals`): each order is due at
+its planned offset whatever the server is doing, and its latency runs from that *intended*
+start, so a stall that delays submissions shows in the latencies instead of being hidden by it
+(coordinated omission); `concurrency` is then only a safety cap, and starts it delays count as
+late.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from client import Client, ClientError
+from loadgen.plan import PlannedOrder
+from loadgen.progress import Progress
+from messages.base import TERMINAL_STATUSES
+
+MONITOR_INTERVAL = 0.2
+TICK_INTERVAL = 1.0  # how often `on_tick` (the server's RSS sample) runs
+LATE_AFTER = 0.010  # an open-loop order submitted this much after it was due started late
+
+
+@dataclass
+class RunResult:
+    """What the driven orders did."""
+
+    statuses: list[str]
+    # (status, seconds), one per order that reached a terminal status and one per order given
+    # up on (counted at the moment it was given up, so a run's tail is never hidden); error
+    # replies are not latencies (they count as not terminal)
+    samples: list[tuple[str, float]]
+    finished_at: list[float]  # seconds since the start, one per reply
+    wall_s: float
+    client_cpu_s: float
+    # open loop only: seconds each submission came after its intended start, and the time from
+    # the start to the last submission
+    start_lags: list[float] = field(default_factory=list)
+    submit_span_s: float = 0.0
+    planned_span_s: float = 0.0  # when the last arrival was due
+
+    @property
+    def latencies(self) -> list[float]:
+        """The latencies in seconds, unsorted."""
+        return [latency for _, latency in self.samples]
+
+
+@dataclass
+class _RunState:
+    """Shared between the submitting thread, the client reader threads and the monitor."""
+
+    total: int
+    statuses: list[str]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    in_flight: dict[int, float] = field(default_factory=dict)  # order index -> start time
+    samples: list[tuple[str, float]] = field(default_factory=list)
+    finished: list[float] = field(default_factory=list)
+    completed: int = 0
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class LoadRun:
+    """Submits every planned order over the clients and collects the outcomes.
+
+    The submitting thread takes a semaphore slot per order; the slot is given back by the
+    future's callback (on a client's reader thread) or by the monitor when the order's deadline
+    passes, so a lost reply can neither hang the run nor shrink the concurrency.
+    """
+
+    def __init__(
+        self,
+        clients: Sequence[Client],
+        plan: Sequence[PlannedOrder],
+        *,
+        concurrency: int,
+        order_timeout: float,
+        progress: Progress | None = None,
+        on_tick: Callable[[], None] | None = None,
+        arrivals: Sequence[float] | None = None,
+    ) -> None:
+        if arrivals is not None and len(arrivals) != len(plan):
+            raise ValueError("one arrival offset per planned order")
+        self._clients = clients
+        self._plan = plan
+        self._slots = threading.Semaphore(concurrency)
+        self._order_timeout = order_timeout
+        self._progress = progress
+        self._on_tick = on_tick
+        self._arrivals = arrivals
+        self._state = _RunState(total=len(plan), statuses=["not_submitted"] * len(plan))
+        self._t0 = 0.0
+
+    def run(self) -> RunResult:
+        """Submit every planned order and wait for all of them to finish or time out."""
+        st = self._state
+        stop_monitor = threading.Event()
+        monitor = threading.Thread(target=self._monitor, args=(stop_monitor,), daemon=True)
+        lags: list[float] = []
+        cpu0 = time.process_time()
+        self._t0 = time.perf_counter()
+        monitor.start()
+        try:
+            self._submit_all(lags)
+            submit_span = time.perf_counter() - self._t0
+            while not st.done.wait(0.5):
+                pass
+            wall = time.perf_counter() - self._t0
+        finally:
+            stop_monitor.set()
+            monitor.join()
+        return RunResult(
+            statuses=st.statuses,
+            samples=st.samples,
+            finished_at=st.finished,
+            wall_s=wall,
+            client_cpu_s=time.process_time() - cpu0,
+            start_lags=lags,
+            submit_span_s=submit_span,
+            planned_span_s=self._arrivals[-1] if self._arrivals else 0.0,
+        )
+
+    def _submit_all(self, lags: list[float]) -> None:
+        st = self._state
+        clients = self._clients
+        for n, order in enumerate(self._plan):
+            due = None
+            if self._arrivals is not None:
+                due = self._t0 + self._arrivals[n]
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)  # pacing the arrivals, not waiting for a result
+            self._slots.acquire()
+            start = time.perf_counter()
+            if due is not None:
+                lags.append(start - due)
+                start = due
+            with st.lock:
+                st.in_flight[n] = start
+            try:
+                future = clients[n % len(clients)].submit("place_order", order.args)
+            except ClientError as e:
+                self._finish(n, time.perf_counter(), f"error:{e.code}")
+                continue
+            future.add_done_callback(functools.partial(self._on_reply, n))
+
+    def _on_reply(self, n: int, future: concurrent.futures.Future[Any]) -> None:
+        end = time.perf_counter()
+        exc = future.exception()
+        if exc is None:
+            result = future.result()
+            status = result.get("status") if isinstance(result, dict) else None
+            status = status if isinstance(status, str) else "malformed_reply"
+        elif isinstance(exc, ClientError):
+            status = f"error:{exc.code}"
+        else:
+            status = f"error:{type(exc).__name__}"
+        self._finish(n, end, status)
+
+    def _finish(self, n: int, end: float, status: str) -> None:
+        st = self._state
+        with st.lock:
+            start = st.in_flight.pop(n, None)
+            if start is None:  # the monitor already gave up on it and freed its slot
+                return
+            st.statuses[n] = status
+            if status in TERMINAL_STATUSES:
+                st.samples.append((status, end - start))
+            st.finished.append(end - self._t0)
+            st.completed += 1
+            if st.completed == st.total:
+                st.done.set()
+        self._slots.release()
+
+    def _expire(self, now: float) -> None:
+        """Give up on orders past their deadline; in_flight is in start order."""
+        st = self._state
+        expired = 0
+        with st.lock:
+            deadline = now - self._order_timeout
+            for n, start in list(st.in_flight.items()):
+                if start > deadline:
+                    break
+                del st.in_flight[n]
+                st.statuses[n] = "error:timeout"
+                st.samples.append(("error:timeout", now - start))  # at least the order timeout
+                st.completed += 1
+                expired += 1
+            if st.completed == st.total:
+                st.done.set()
+        for _ in range(expired):
+            self._slots.release()
+
+    def _monitor(self, stop: threading.Event) -> None:
+        next_tick = 0.0
+        while True:
+            stopping = stop.wait(MONITOR_INTERVAL)
+            now = time.perf_counter()
+            self._expire(now)
+            if self._on_tick is not None and now >= next_tick:
+                self._on_tick()
+                next_tick = now + TICK_INTERVAL
+            if self._progress is not None:
+                with self._state.lock:
+                    done, in_flight = self._state.completed, len(self._state.in_flight)
+                self._progress.update(
+                    done=done,
+                    total=self._state.total,
+                    in_flight=in_flight,
+                    elapsed=now - self._t0,
+                    final=stopping,
+                )
+            if stopping:
+                return
