@@ -349,7 +349,6 @@ def test_cli_place_exit_status_tells_outcomes_apart(
     status: str,
     exit_code: int,
     serve: Callable[[Handler], FakeServer],
-    capsys: pytest.CaptureFixture[str],
 ) -> None:
     def answer(conn: FakeConn) -> None:
         while (req := conn.recv()) is not None:
