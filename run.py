@@ -14,6 +14,7 @@ import asyncio
 import gc
 import ipaddress
 import logging
+import logging.config
 import os
 import signal
 import sys
@@ -24,6 +25,7 @@ from typing import Any
 from gateway.server import Gateway, GatewayLimits
 from messages.commands import Configure
 from runtime.bridge import ActorBridge, configure
+from runtime.logs import FORMATS, log_config
 from runtime.proc_tree import RUN_MARKER
 
 DEFAULT_DB = "orders.db"
@@ -109,6 +111,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=os.environ.get("ORDER_LOG_LEVEL", "WARNING"),
         help="logging level; env ORDER_LOG_LEVEL",
     )
+    parser.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default="plain",
+        help="log lines as text, or one JSON object per line (with order_id) for machines",
+    )
     args = parser.parse_args(argv)
     if "admin_token" not in args:
         args.admin_token = os.environ.get("ORDER_ADMIN_TOKEN")
@@ -131,33 +139,15 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _log_defs(level: str) -> dict[str, Any]:
-    """Logging for every actor process too (Thespian ships this to the process bases)."""
-    return {
-        "version": 1,
-        "formatters": {
-            "plain": {"format": "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"}
-        },
-        "handlers": {
-            "stderr": {
-                "class": "logging.StreamHandler",
-                "formatter": "plain",
-                "stream": "ext://sys.stderr",
-                "level": level,
-            }
-        },
-        "root": {"handlers": ["stderr"], "level": level},
-        "disable_existing_loggers": False,
-    }
-
-
 async def serve(args: argparse.Namespace) -> int:
     """Run until SIGINT/SIGTERM; returns the exit status."""
     db_path = str(Path(args.db).resolve())
     capabilities: dict[str, Any] = {}
     if args.base == "tcp":
         capabilities["Admin Port"] = args.admin_port
-    bridge = ActorBridge(args.base, capabilities=capabilities, log_defs=_log_defs(args.log_level))
+    bridge = ActorBridge(
+        args.base, capabilities=capabilities, log_defs=log_config(args.log_level, args.log_format)
+    )
     loop = asyncio.get_running_loop()
     # Signals are ours from the start: one arriving during start-up (recovery can take a while)
     # stops the system in order instead of killing run.py and orphaning its actor processes.
@@ -208,16 +198,23 @@ async def serve(args: argparse.Namespace) -> int:
             f"ready {host}:{port} base={args.base} db={db_path} recovering={recovered}", flush=True
         )
         await stop.wait()
+        _say(
+            f"stopping: no new orders; letting the orders in flight finish (up to "
+            f"{args.drain_timeout:g} s; a second Ctrl-C stops at once)"
+        )
         left = await gateway.drain(args.drain_timeout, hurry)
         if left:
-            logging.getLogger("orders").warning(
-                "shutting down with %d orders in flight; they resume on the next start", left
-            )
+            _say(f"stopping with {left} orders in flight; they resume on the next start")
         return 0
     finally:
         if gateway is not None:
             await gateway.close()
         await loop.run_in_executor(None, bridge.stop)
+
+
+def _say(text: str) -> None:
+    """What a person at the terminal should see whatever the log level: start and stop."""
+    print(f"run.py: {text}", file=sys.stderr, flush=True)
 
 
 def _tune_gc() -> None:
@@ -244,15 +241,13 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("THESPIAN_BASE_IPADDR", "127.0.0.1")
     # Thespian logs to $TMPDIR/thespian.log by default, shared by everything on the machine.
     os.environ.setdefault("THESPLOG_FILE", str(Path(args.db).resolve().parent / "thespian.log"))
-    logging.basicConfig(
-        level=args.log_level,
-        stream=sys.stderr,
-        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
-    )
+    logging.config.dictConfig(log_config(args.log_level, args.log_format))
     try:
-        return asyncio.run(serve(args))
+        code = asyncio.run(serve(args))
     except KeyboardInterrupt:
-        return 0
+        code = 0
+    _say("stopped")
+    return code
 
 
 if __name__ == "__main__":
