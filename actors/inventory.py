@@ -17,15 +17,15 @@ from messages.commands import (
     AppendDone,
     AppendRejected,
     GetStock,
+    InventoryReleasedReply,
+    InventoryReservedReply,
+    InventoryUnavailableReply,
     Refused,
     ReleaseStock,
     ReserveStock,
     ServiceConfig,
     ServiceReady,
     SetStock,
-    StockGivenBack,
-    StockHeld,
-    StockRefused,
     StockReport,
 )
 from messages.errors import ErrorCode
@@ -92,7 +92,7 @@ class InventoryActor(BaseActor):
             # Nothing changes, so nothing to record: the saga records InventoryUnavailable.
             self.send(
                 sender,
-                StockRefused(
+                InventoryUnavailableReply(
                     order_id=msg.order_id, unavailable_items=short, reason="insufficient stock"
                 ),
             )
@@ -107,15 +107,17 @@ class InventoryActor(BaseActor):
             [event], on_commit=[lambda: (sender, self._reserve_answer(msg))], order_id=msg.order_id
         )
 
-    def _reserve_answer(self, msg: ReserveStock) -> StockHeld | StockRefused:
+    def _reserve_answer(
+        self, msg: ReserveStock
+    ) -> InventoryReservedReply | InventoryUnavailableReply:
         held = self._book.reservations[msg.order_id]
         if held.released:
-            return StockRefused(
+            return InventoryUnavailableReply(
                 order_id=msg.order_id,
                 unavailable_items=(),
                 reason="order was cancelled before it reserved",
             )
-        return StockHeld(order_id=msg.order_id, reservation_id=held.reservation_id)
+        return InventoryReservedReply(order_id=msg.order_id, reservation_id=held.reservation_id)
 
     def receiveMsg_ReleaseStock(self, msg: ReleaseStock, sender: Any) -> None:
         """Give back what the order holds; release is idempotent and fences later reserves."""
@@ -126,7 +128,9 @@ class InventoryActor(BaseActor):
         def answer() -> Reply:
             held = self._book.reservations.get(msg.order_id)
             reservation_id = held.reservation_id if held and held.reservation_id else None
-            return sender, StockGivenBack(order_id=msg.order_id, reservation_id=reservation_id)
+            return sender, InventoryReleasedReply(
+                order_id=msg.order_id, reservation_id=reservation_id
+            )
 
         held = self._book.reservations.get(msg.order_id)
         if held is not None and held.released:

@@ -46,6 +46,7 @@ from messages.commands import (
     IAm,
     Identify,
     Identities,
+    InventoryReleasedReply,
     OrderReply,
     PaymentVoidedReply,
     PlaceOrder,
@@ -58,7 +59,6 @@ from messages.commands import (
     ServiceReady,
     SetStock,
     StartSaga,
-    StockGivenBack,
     StockReport,
     VoidPayment,
 )
@@ -153,7 +153,7 @@ class LiveOrder:
     acks: list[Waiter] = field(default_factory=list)  # want to know OrderPlaced is durable
     # The supervisor's last resort (its sagas kept failing): why, and what the services said.
     giving_up: str | None = None
-    released: StockGivenBack | None = None
+    released: InventoryReleasedReply | None = None
     voided: PaymentVoidedReply | None = None
     finish_paid: bool = False  # the charge is recorded: the supervisor records OrderPaid
     recording: bool = False  # the supervisor's terminal append is out
@@ -568,7 +568,7 @@ class OrderManager(BaseActor):
             timedelta(seconds=self._cfg.step_timeout), payload=RetryGiveUp(live.placed.order_id)
         )
 
-    def receiveMsg_StockGivenBack(self, msg: StockGivenBack, sender: Any) -> None:
+    def receiveMsg_InventoryReleasedReply(self, msg: InventoryReleasedReply, sender: Any) -> None:
         """Inventory released an order the supervisor is ending."""
         live = self._live.get(msg.order_id)
         if live is not None and live.giving_up is not None and live.released is None:

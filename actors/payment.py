@@ -31,8 +31,8 @@ from messages.commands import (
     AppendRejected,
     ChargePayment,
     LateCharge,
-    PaymentApproved,
-    PaymentDeclined,
+    PaymentFailedReply,
+    PaymentProcessedReply,
     PaymentVoidedReply,
     ServiceConfig,
     ServiceReady,
@@ -141,18 +141,20 @@ class PaymentActor(BaseActor):
             return
         record = self._record_of(msg.order_id)
         if record.voided:
-            self.send(sender, PaymentDeclined(order_id=msg.order_id, reason="payment was voided"))
+            self.send(
+                sender, PaymentFailedReply(order_id=msg.order_id, reason="payment was voided")
+            )
             return
         if record.charge is not None:
             self.send(
                 sender,
-                PaymentApproved(
+                PaymentProcessedReply(
                     order_id=msg.order_id, payment_id=record.charge[0], amount=record.charge[1]
                 ),
             )
             return
         if record.declined is not None:
-            self.send(sender, PaymentDeclined(order_id=msg.order_id, reason=record.declined))
+            self.send(sender, PaymentFailedReply(order_id=msg.order_id, reason=record.declined))
             return
         if msg.order_id in self._slow:
             return  # the first request's slow charge answers when it completes
@@ -246,7 +248,9 @@ class PaymentActor(BaseActor):
             [event],
             lambda: self.send(
                 sender,
-                PaymentApproved(order_id=msg.order_id, payment_id=payment_id, amount=msg.amount),
+                PaymentProcessedReply(
+                    order_id=msg.order_id, payment_id=payment_id, amount=msg.amount
+                ),
             ),
         )
 
@@ -261,7 +265,7 @@ class PaymentActor(BaseActor):
         self._record(
             msg.order_id,
             [event],
-            lambda: self.send(sender, PaymentDeclined(order_id=msg.order_id, reason=reason)),
+            lambda: self.send(sender, PaymentFailedReply(order_id=msg.order_id, reason=reason)),
         )
 
     # --- void -------------------------------------------------------------------------------

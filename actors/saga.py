@@ -1,9 +1,9 @@
 """The OrderSaga actor: one per order, a thin shell around ``saga.machine``.
 
-It translates replies into machine inputs and machine commands into messages. Anything that
-raises inside it is reported to the supervising OrderManager (which recovers the order from its
-stream and compensates) instead of being left to Thespian's retries, which would re-run a
-half-applied step.
+It feeds the services' replies to the machine as they are and turns the machine's commands into
+messages. Anything that raises inside it is reported to the supervising OrderManager (which
+recovers the order from its stream and compensates) instead of being left to Thespian's retries,
+which would re-run a half-applied step.
 """
 
 from __future__ import annotations
@@ -22,8 +22,11 @@ from messages.commands import (
     AppendRejected,
     ChargePayment,
     IAm,
-    PaymentApproved,
-    PaymentDeclined,
+    InventoryReleasedReply,
+    InventoryReservedReply,
+    InventoryUnavailableReply,
+    PaymentFailedReply,
+    PaymentProcessedReply,
     PaymentVoidedReply,
     ReleaseStock,
     ReserveStock,
@@ -31,9 +34,6 @@ from messages.commands import (
     SagaFinished,
     ServiceMoved,
     StartSaga,
-    StockGivenBack,
-    StockHeld,
-    StockRefused,
     VoidPayment,
 )
 from messages.events import order_stream
@@ -194,29 +194,31 @@ class OrderSaga(BaseActor):
             self._appender.store = msg.address
         self._feed(sm.ServiceRestarted(service=service))
 
-    def receiveMsg_StockHeld(self, msg: StockHeld, sender: Any) -> None:
+    def receiveMsg_InventoryReservedReply(self, msg: InventoryReservedReply, sender: Any) -> None:
         """Inventory held the order."""
-        self._feed(sm.Reserved(reservation_id=msg.reservation_id))
+        self._feed(msg)
 
-    def receiveMsg_StockRefused(self, msg: StockRefused, sender: Any) -> None:
+    def receiveMsg_InventoryUnavailableReply(
+        self, msg: InventoryUnavailableReply, sender: Any
+    ) -> None:
         """Inventory could not hold the order."""
-        self._feed(sm.ReserveRefused(unavailable_items=msg.unavailable_items, reason=msg.reason))
+        self._feed(msg)
 
-    def receiveMsg_StockGivenBack(self, msg: StockGivenBack, sender: Any) -> None:
+    def receiveMsg_InventoryReleasedReply(self, msg: InventoryReleasedReply, sender: Any) -> None:
         """Inventory released the order."""
-        self._feed(sm.Released(reservation_id=msg.reservation_id))
+        self._feed(msg)
 
-    def receiveMsg_PaymentApproved(self, msg: PaymentApproved, sender: Any) -> None:
+    def receiveMsg_PaymentProcessedReply(self, msg: PaymentProcessedReply, sender: Any) -> None:
         """The provider charged."""
-        self._feed(sm.Charged(payment_id=msg.payment_id, amount=msg.amount))
+        self._feed(msg)
 
-    def receiveMsg_PaymentDeclined(self, msg: PaymentDeclined, sender: Any) -> None:
+    def receiveMsg_PaymentFailedReply(self, msg: PaymentFailedReply, sender: Any) -> None:
         """The provider declined."""
-        self._feed(sm.Declined(reason=msg.reason))
+        self._feed(msg)
 
     def receiveMsg_PaymentVoidedReply(self, msg: PaymentVoidedReply, sender: Any) -> None:
         """The provider voided."""
-        self._feed(sm.Voided(refunded_payment_id=msg.refunded_payment_id, amount=msg.amount))
+        self._feed(msg)
 
     def receiveMsg_AppendDone(self, msg: AppendDone, sender: Any) -> None:
         """An append of ours committed."""

@@ -3,6 +3,17 @@
 They are pickled between processes on the process bases, so every class lives at module top
 level. Requests that come from the gateway carry ``req_id`` so the reply can be matched.
 Actor addresses are opaque Thespian objects, typed ``Any``.
+
+Naming: a request says what to do (``ReserveStock``, ``ChargePayment``, ``ReleaseStock``,
+``VoidPayment``); a service's answer is ``<Service><Fact>Reply``, where ``<Service><Fact>`` is
+the stored event that fact is recorded as. ``InventoryReservedReply`` leads to the order event
+``InventoryReserved``, ``InventoryUnavailableReply`` to ``InventoryUnavailable``,
+``InventoryReleasedReply`` to ``InventoryReleased``, ``PaymentProcessedReply`` to
+``PaymentProcessed``, ``PaymentFailedReply`` to ``PaymentFailed``; ``PaymentVoidedReply`` reports
+the payment stream's ``PaymentVoided`` (and a refund, if it made one). The saga machine and the
+supervision policy take these replies as their inputs as they are, with no copy in between. The
+services' own streams keep their historical names (``StockReserved``, ``StockReleased``,
+``ChargeSucceeded``, ...): stored type names never change, so old databases stay readable.
 """
 
 from __future__ import annotations
@@ -243,15 +254,16 @@ class ReserveStock(ActorMessage):
     items: tuple[Item, ...]
 
 
-class StockHeld(ActorMessage):
-    """The order's items are held under reservation_id."""
+class InventoryReservedReply(ActorMessage):
+    """Inventory's answer: the order's items are held under reservation_id."""
 
     order_id: str
     reservation_id: str
 
 
-class StockRefused(ActorMessage):
-    """The order's items could not be held (short, unknown product, or the order was fenced)."""
+class InventoryUnavailableReply(ActorMessage):
+    """Inventory's answer: the order's items could not be held (short, unknown product, or the
+    order was fenced)."""
 
     order_id: str
     unavailable_items: tuple[UnavailableItem, ...]
@@ -265,8 +277,9 @@ class ReleaseStock(ActorMessage):
     reason: str
 
 
-class StockGivenBack(ActorMessage):
-    """Nothing is held for the order any more; reservation_id is what was given back."""
+class InventoryReleasedReply(ActorMessage):
+    """Inventory's answer: nothing is held for the order any more; reservation_id is what was
+    given back (now or earlier), None if nothing was ever held."""
 
     order_id: str
     reservation_id: str | None
@@ -283,16 +296,16 @@ class ChargePayment(ActorMessage):
     payment_method: str
 
 
-class PaymentApproved(ActorMessage):
-    """The charge stands."""
+class PaymentProcessedReply(ActorMessage):
+    """Payment's answer: the charge stands."""
 
     order_id: str
     payment_id: str
     amount: Decimal
 
 
-class PaymentDeclined(ActorMessage):
-    """The charge was declined (or the payment was voided before it)."""
+class PaymentFailedReply(ActorMessage):
+    """Payment's answer: the charge was declined (or the payment was voided before it)."""
 
     order_id: str
     reason: str
@@ -306,7 +319,8 @@ class VoidPayment(ActorMessage):
 
 
 class PaymentVoidedReply(ActorMessage):
-    """No charge stands; refunded_payment_id is a charge that was refunded to get there."""
+    """Payment's answer: no charge stands; refunded_payment_id is a charge that was refunded to
+    get there (amount its amount)."""
 
     order_id: str
     refunded_payment_id: str | None

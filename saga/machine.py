@@ -26,7 +26,15 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from messages.base import Item, OrderStatus, UnavailableItem, items_of, new_id
+from messages.base import Item, OrderStatus, items_of, new_id
+from messages.commands import (
+    InventoryReleasedReply,
+    InventoryReservedReply,
+    InventoryUnavailableReply,
+    PaymentFailedReply,
+    PaymentProcessedReply,
+    PaymentVoidedReply,
+)
 from messages.events import (
     Event,
     InventoryReleased,
@@ -70,52 +78,6 @@ class Start:
 
 
 @dataclass(frozen=True)
-class Reserved:
-    """Inventory held every line for the order."""
-
-    reservation_id: str
-
-
-@dataclass(frozen=True)
-class ReserveRefused:
-    """Inventory could not hold the order (some lines short, or the order was fenced off)."""
-
-    unavailable_items: tuple[UnavailableItem, ...]
-    reason: str
-
-
-@dataclass(frozen=True)
-class Charged:
-    """The provider charged the order."""
-
-    payment_id: str
-    amount: Decimal
-
-
-@dataclass(frozen=True)
-class Declined:
-    """The provider declined the charge."""
-
-    reason: str
-
-
-@dataclass(frozen=True)
-class Released:
-    """Inventory no longer holds anything for the order; reservation_id is what it gave back
-    (now or earlier), None if nothing was ever held."""
-
-    reservation_id: str | None
-
-
-@dataclass(frozen=True)
-class Voided:
-    """The provider guarantees no charge stands; refunded_payment_id is a charge it refunded."""
-
-    refunded_payment_id: str | None
-    amount: Decimal | None
-
-
-@dataclass(frozen=True)
 class Appended:
     """The pending append committed; version is the stream's new last version."""
 
@@ -151,14 +113,15 @@ class TimedOut:
     token: int
 
 
+# The services' replies are inputs as they are (messages/commands.py names them).
 SagaInput = (
     Start
-    | Reserved
-    | ReserveRefused
-    | Charged
-    | Declined
-    | Released
-    | Voided
+    | InventoryReservedReply
+    | InventoryUnavailableReply
+    | PaymentProcessedReply
+    | PaymentFailedReply
+    | InventoryReleasedReply
+    | PaymentVoidedReply
     | Appended
     | AppendFailed
     | StepFailed
@@ -400,7 +363,7 @@ def _on_start(state: SagaState, env: Env) -> tuple[SagaState, list[Command]]:
 
 def _while_reserving(state: SagaState, msg: SagaInput, env: Env) -> tuple[SagaState, list[Command]]:
     order = state.order
-    if isinstance(msg, Reserved):
+    if isinstance(msg, InventoryReservedReply):
         reserved = InventoryReserved(
             order_id=order.order_id,
             reservation_id=msg.reservation_id,
@@ -410,7 +373,7 @@ def _while_reserving(state: SagaState, msg: SagaInput, env: Env) -> tuple[SagaSt
         return _record(
             _evolve(state, reservation_id=msg.reservation_id), (reserved,), "charge", env
         )
-    if isinstance(msg, ReserveRefused):
+    if isinstance(msg, InventoryUnavailableReply):
         unavailable = InventoryUnavailable(
             order_id=order.order_id, unavailable_items=msg.unavailable_items, notified_at=env.now()
         )
@@ -431,7 +394,7 @@ def _while_reserving(state: SagaState, msg: SagaInput, env: Env) -> tuple[SagaSt
 
 def _while_charging(state: SagaState, msg: SagaInput, env: Env) -> tuple[SagaState, list[Command]]:
     order = state.order
-    if isinstance(msg, Charged):
+    if isinstance(msg, PaymentProcessedReply):
         processed = PaymentProcessed(
             payment_id=msg.payment_id,
             order_id=order.order_id,
@@ -452,7 +415,7 @@ def _while_charging(state: SagaState, msg: SagaInput, env: Env) -> tuple[SagaSta
             env,
             final=OrderStatus.PAID,
         )
-    if isinstance(msg, Declined):
+    if isinstance(msg, PaymentFailedReply):
         return _fail_payment(state, msg.reason, need_void=False, env=env)
     if isinstance(msg, TimedOut):
         return _fail_payment(state, "payment timed out", need_void=True, env=env)
@@ -506,9 +469,9 @@ def _compensation_requests(state: SagaState) -> list[Command]:
 def _while_compensating(
     state: SagaState, msg: SagaInput, env: Env
 ) -> tuple[SagaState, list[Command]]:
-    if isinstance(msg, Released) and not state.release_done:
+    if isinstance(msg, InventoryReleasedReply) and not state.release_done:
         state = _evolve(state, release_done=True, released_reservation=msg.reservation_id)
-    elif isinstance(msg, Voided) and not state.void_done:
+    elif isinstance(msg, PaymentVoidedReply) and not state.void_done:
         refunded = (
             (msg.refunded_payment_id, msg.amount or Decimal(0))
             if msg.refunded_payment_id is not None

@@ -28,9 +28,12 @@ from messages.commands import (
     Configure,
     Configured,
     GetStock,
+    InventoryReleasedReply,
+    InventoryReservedReply,
+    InventoryUnavailableReply,
     OrderReply,
-    PaymentApproved,
-    PaymentDeclined,
+    PaymentFailedReply,
+    PaymentProcessedReply,
     PaymentVoidedReply,
     PlaceOrder,
     ReleaseStock,
@@ -38,9 +41,6 @@ from messages.commands import (
     ServiceConfig,
     ServiceReady,
     StartSaga,
-    StockGivenBack,
-    StockHeld,
-    StockRefused,
     StockReport,
     VoidPayment,
 )
@@ -107,7 +107,7 @@ def test_inventory_reserve_is_idempotent_and_release_fences(system: Any, tmp_pat
     items = (Item(product_id="SKU-001", quantity=3),)
     first = ask(system, inventory, ReserveStock(order_id=order, items=items))
     second = ask(system, inventory, ReserveStock(order_id=order, items=items))
-    assert isinstance(first, StockHeld)
+    assert isinstance(first, InventoryReservedReply)
     assert second == first
     stock = ask(system, inventory, GetStock(req_id=1, product_ids=("SKU-001",)))
     assert isinstance(stock, StockReport)
@@ -115,17 +115,18 @@ def test_inventory_reserve_is_idempotent_and_release_fences(system: Any, tmp_pat
 
     released = ask(system, inventory, ReleaseStock(order_id=order, reason="test"))
     again = ask(system, inventory, ReleaseStock(order_id=order, reason="test"))
-    assert released == again == StockGivenBack(order_id=order, reservation_id=first.reservation_id)
+    given_back = InventoryReleasedReply(order_id=order, reservation_id=first.reservation_id)
+    assert released == again == given_back
     late = ask(system, inventory, ReserveStock(order_id=order, items=items))
-    assert isinstance(late, StockRefused)  # a reserve after the release must not hold stock
+    # a reserve after the release must not hold stock
+    assert isinstance(late, InventoryUnavailableReply)
 
     fenced = new_id()
     assert ask(
         system, inventory, ReleaseStock(order_id=fenced, reason="gave up")
-    ) == StockGivenBack(order_id=fenced, reservation_id=None)
-    assert isinstance(
-        ask(system, inventory, ReserveStock(order_id=fenced, items=items)), StockRefused
-    )
+    ) == InventoryReleasedReply(order_id=fenced, reservation_id=None)
+    late = ask(system, inventory, ReserveStock(order_id=fenced, items=items))
+    assert isinstance(late, InventoryUnavailableReply)
     stock = ask(system, inventory, GetStock(req_id=2, product_ids=("SKU-001",)))
     assert stock.stock["SKU-001"]["reserved"] == 0
     assert stream_types(db, "inventory")[-3:] == ["StockReserved", "StockReleased", "StockReleased"]
@@ -136,7 +137,7 @@ def test_inventory_is_all_or_nothing(system: Any, tmp_path: Path) -> None:
     order = new_id()
     items = (Item(product_id="SKU-001", quantity=1), Item(product_id="SKU-002", quantity=1001))
     refused = ask(system, inventory, ReserveStock(order_id=order, items=items))
-    assert isinstance(refused, StockRefused)
+    assert isinstance(refused, InventoryUnavailableReply)
     assert [(u.product_id, u.requested, u.available) for u in refused.unavailable_items] == [
         ("SKU-002", 1001, 1000)
     ]
@@ -156,7 +157,7 @@ def test_inventory_state_survives_a_restart(tmp_path: Path) -> None:
             stock = ask(asys, inventory, GetStock(req_id=1, product_ids=("SKU-007",)))
         finally:
             asys.shutdown()
-        assert isinstance(held, StockHeld)
+        assert isinstance(held, InventoryReservedReply)
         assert stock.stock["SKU-007"]["reserved"] == 4  # rebuilt, not doubled, on the 2nd run
 
 
@@ -166,7 +167,7 @@ def test_payment_charges_once_and_void_refunds(system: Any, tmp_path: Path) -> N
     order = new_id()
     charge = ChargePayment(order_id=order, amount=Decimal("12.50"), payment_method="tok_visa")
     first = ask(system, payment, charge)
-    assert isinstance(first, PaymentApproved)
+    assert isinstance(first, PaymentProcessedReply)
     assert ask(system, payment, charge) == first
     voided = ask(system, payment, VoidPayment(order_id=order, reason="test"))
     assert voided == PaymentVoidedReply(
@@ -187,13 +188,13 @@ def test_payment_decline_and_charge_after_void(system: Any, tmp_path: Path) -> N
         payment,
         ChargePayment(order_id=new_id(), amount=Decimal(1), payment_method="tok_chargeDeclined"),
     )
-    assert isinstance(declined, PaymentDeclined)
+    assert isinstance(declined, PaymentFailedReply)
     order = new_id()
     ask(system, payment, VoidPayment(order_id=order, reason="gave up"))
     after = ask(
         system, payment, ChargePayment(order_id=order, amount=Decimal(1), payment_method="tok_visa")
     )
-    assert isinstance(after, PaymentDeclined)
+    assert isinstance(after, PaymentFailedReply)
 
 
 def test_late_charge_after_void_is_refunded(system: Any, tmp_path: Path) -> None:
@@ -294,7 +295,7 @@ class PoisonSaga(OrderSaga):
     """A saga with a bug: it raises on the payment's answer (after the charge went through)
     and on every recovery, so no saga of its order can ever finish it."""
 
-    def receiveMsg_PaymentApproved(self, msg: PaymentApproved, sender: Any) -> None:
+    def receiveMsg_PaymentProcessedReply(self, msg: PaymentProcessedReply, sender: Any) -> None:
         raise RuntimeError("poisoned after the charge")
 
     def receiveMsg_StartSaga(self, msg: StartSaga, sender: Any) -> None:

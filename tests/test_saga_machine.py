@@ -17,6 +17,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from messages.base import Item, OrderLine, UnavailableItem, items_of, order_total
+from messages.commands import (
+    InventoryReleasedReply,
+    InventoryReservedReply,
+    InventoryUnavailableReply,
+    PaymentFailedReply,
+    PaymentProcessedReply,
+    PaymentVoidedReply,
+)
 from messages.events import (
     Event,
     InventoryReleased,
@@ -36,19 +44,14 @@ from saga.machine import (
     Appended,
     AppendEvents,
     AppendFailed,
-    Charged,
     Command,
-    Declined,
     Env,
     Finish,
     Phase,
-    Released,
     RequestCharge,
     RequestRelease,
     RequestReserve,
     RequestVoid,
-    Reserved,
-    ReserveRefused,
     SagaInput,
     SagaState,
     Service,
@@ -57,7 +60,6 @@ from saga.machine import (
     StartTimer,
     StepFailed,
     TimedOut,
-    Voided,
     decide,
     recover,
 )
@@ -185,7 +187,7 @@ def drive_to(where: str) -> Saga:
     saga.feed(Start())
     if where == "reserving":
         return saga
-    saga.feed(Reserved(reservation_id=RES_ID))
+    saga.feed(InventoryReservedReply(order_id=ORDER_ID, reservation_id=RES_ID))
     if where == "recording":
         return saga
     saga.commit()
@@ -211,7 +213,7 @@ def test_success_path_records_each_step_before_the_next_and_finishes_paid() -> N
     assert saga.feed(Start()) == [RequestReserve(items=ITEMS), StartTimer(token=1)]
     assert saga.state.phase == Phase.RESERVING
 
-    assert saga.feed(Reserved(reservation_id=RES_ID)) == [
+    assert saga.feed(InventoryReservedReply(order_id=ORDER_ID, reservation_id=RES_ID)) == [
         AppendEvents(events=(reserved_event(),), event_ids=("evt-1",), expected_version=0),
         StartTimer(token=2),
     ]
@@ -234,7 +236,7 @@ def test_success_path_records_each_step_before_the_next_and_finishes_paid() -> N
         amount=TOTAL,
         paid_at=FIXED,
     )
-    assert saga.feed(Charged(payment_id=PAY_ID, amount=TOTAL)) == [
+    assert saga.feed(PaymentProcessedReply(order_id=ORDER_ID, payment_id=PAY_ID, amount=TOTAL)) == [
         AppendEvents(events=(processed, paid), event_ids=("evt-2", "evt-3"), expected_version=1),
         StartTimer(token=4),
     ]
@@ -255,7 +257,7 @@ def test_success_path_versions_follow_a_recovered_stream() -> None:
     saga = recovered([make_order(), reserved_event()], compensate=False)
     assert saga.state.version == 1
     saga.feed(Start())
-    saga.feed(Charged(payment_id=PAY_ID, amount=TOTAL))
+    saga.feed(PaymentProcessedReply(order_id=ORDER_ID, payment_id=PAY_ID, amount=TOTAL))
     assert saga.last_append.expected_version == 1
     assert finish_of(saga.commit()).status == "paid"
     assert saga.state.version == 3
@@ -269,7 +271,11 @@ def test_inventory_unavailable_cancels_without_release_or_void() -> None:
     saga.feed(Start())
     short = (UnavailableItem(product_id="SKU-002", requested=1, available=0),)
 
-    commands = saga.feed(ReserveRefused(unavailable_items=short, reason="insufficient stock"))
+    commands = saga.feed(
+        InventoryUnavailableReply(
+            order_id=ORDER_ID, unavailable_items=short, reason="insufficient stock"
+        )
+    )
 
     assert commands == [
         AppendEvents(
@@ -301,7 +307,7 @@ def test_inventory_unavailable_cancels_without_release_or_void() -> None:
 def test_declined_records_payment_failed_then_releases_without_void() -> None:
     saga = drive_to("charging")
 
-    assert saga.feed(Declined(reason="card declined")) == [
+    assert saga.feed(PaymentFailedReply(order_id=ORDER_ID, reason="card declined")) == [
         AppendEvents(
             events=(payment_failed_event("card declined"),),
             event_ids=("evt-2",),
@@ -316,7 +322,7 @@ def test_declined_records_payment_failed_then_releases_without_void() -> None:
     ]
     assert saga.state.phase == Phase.COMPENSATING
 
-    assert saga.feed(Released(reservation_id=RES_ID)) == [
+    assert saga.feed(InventoryReleasedReply(order_id=ORDER_ID, reservation_id=RES_ID)) == [
         AppendEvents(
             events=(
                 InventoryReleased(
@@ -362,8 +368,12 @@ def test_payment_timeout_releases_and_voids_and_records_the_refund() -> None:
     reason = "Payment failed: payment timed out"
     assert requests(saga.commit()) == [RequestRelease(reason=reason), RequestVoid(reason=reason)]
 
-    assert saga.feed(Released(reservation_id=RES_ID)) == []  # still waiting for the void
-    commands = saga.feed(Voided(refunded_payment_id=PAY_ID, amount=TOTAL))
+    assert (
+        saga.feed(InventoryReleasedReply(order_id=ORDER_ID, reservation_id=RES_ID)) == []
+    )  # still waiting for the void
+    commands = saga.feed(
+        PaymentVoidedReply(order_id=ORDER_ID, refunded_payment_id=PAY_ID, amount=TOTAL)
+    )
     assert requests(commands) == [
         AppendEvents(
             events=(
@@ -398,8 +408,11 @@ def test_payment_timeout_without_a_standing_charge_records_no_refund() -> None:
     saga.feed(TimedOut(token=saga.state.token))
     saga.commit()
     # The void arrives first this time: order of the two acknowledgements does not matter.
-    assert saga.feed(Voided(refunded_payment_id=None, amount=None)) == []
-    saga.feed(Released(reservation_id=RES_ID))
+    assert (
+        saga.feed(PaymentVoidedReply(order_id=ORDER_ID, refunded_payment_id=None, amount=None))
+        == []
+    )
+    saga.feed(InventoryReleasedReply(order_id=ORDER_ID, reservation_id=RES_ID))
 
     events = saga.last_append.events
     assert [type(e) for e in events] == [InventoryReleased, OrderCancelled]
@@ -424,7 +437,10 @@ def test_payment_step_failure_compensates_and_ends_failed() -> None:
     ]
     assert saga.state.phase == Phase.COMPENSATING
 
-    saga.feed(Released(reservation_id=RES_ID), Voided(refunded_payment_id=None, amount=None))
+    saga.feed(
+        InventoryReleasedReply(order_id=ORDER_ID, reservation_id=RES_ID),
+        PaymentVoidedReply(order_id=ORDER_ID, refunded_payment_id=None, amount=None),
+    )
     assert saga.last_append == AppendEvents(
         events=(
             InventoryReleased(
@@ -454,7 +470,7 @@ def test_reserve_timeout_with_nothing_held_records_only_the_terminal_event() -> 
     # Nothing was charged, so there is nothing to void.
     assert saga.feed(TimedOut(token=1)) == [RequestRelease(reason=reason), StartTimer(token=2)]
 
-    assert saga.feed(Released(reservation_id=None)) == [
+    assert saga.feed(InventoryReleasedReply(order_id=ORDER_ID, reservation_id=None)) == [
         AppendEvents(
             events=(
                 OrderFulfillmentFailed(order_id=ORDER_ID, error_message=reason, failed_at=FIXED),
@@ -472,7 +488,7 @@ def test_reserve_timeout_with_a_late_reservation_records_its_release() -> None:
     saga = new_saga()
     saga.feed(Start(), TimedOut(token=1))
     # The reservation landed after we gave up: release hands it back and it is recorded.
-    saga.feed(Released(reservation_id=RES_ID))
+    saga.feed(InventoryReleasedReply(order_id=ORDER_ID, reservation_id=RES_ID))
     assert [type(e) for e in saga.last_append.events] == [
         InventoryReleased,
         OrderFulfillmentFailed,
@@ -494,7 +510,7 @@ def test_inventory_failure_while_reserving_compensates(
     commands = saga.feed(failure)
     assert [type(c) for c in commands] == [RequestRelease, StartTimer]
     assert saga.state.phase == Phase.COMPENSATING
-    saga.feed(Released(reservation_id=None))
+    saga.feed(InventoryReleasedReply(order_id=ORDER_ID, reservation_id=None))
     assert finish_of(saga.commit()).status == "failed"
 
 
@@ -533,30 +549,40 @@ def test_stale_timeouts_are_ignored(where: str) -> None:
 
 def test_duplicate_reserved_never_appends_or_charges_twice() -> None:
     saga = new_saga()
-    saga.feed(Start(), Reserved(reservation_id=RES_ID))
-    assert saga.feed(Reserved(reservation_id=RES_ID)) == []  # while recording
+    saga.feed(Start(), InventoryReservedReply(order_id=ORDER_ID, reservation_id=RES_ID))
+    assert (
+        saga.feed(InventoryReservedReply(order_id=ORDER_ID, reservation_id=RES_ID)) == []
+    )  # while recording
     saga.commit()
-    assert saga.feed(Reserved(reservation_id=RES_ID)) == []  # while charging
+    assert (
+        saga.feed(InventoryReservedReply(order_id=ORDER_ID, reservation_id=RES_ID)) == []
+    )  # while charging
     assert sum(isinstance(c, AppendEvents) for c in saga.commands) == 1
     assert sum(isinstance(c, RequestCharge) for c in saga.commands) == 1
 
 
 def test_duplicate_charged_appends_the_payment_once() -> None:
     saga = drive_to("charging")
-    saga.feed(Charged(payment_id=PAY_ID, amount=TOTAL))
-    assert saga.feed(Charged(payment_id=PAY_ID, amount=TOTAL)) == []
-    assert saga.feed(Declined(reason="late")) == []
+    saga.feed(PaymentProcessedReply(order_id=ORDER_ID, payment_id=PAY_ID, amount=TOTAL))
+    assert (
+        saga.feed(PaymentProcessedReply(order_id=ORDER_ID, payment_id=PAY_ID, amount=TOTAL)) == []
+    )
+    assert saga.feed(PaymentFailedReply(order_id=ORDER_ID, reason="late")) == []
     finish_of(saga.commit())
-    assert saga.feed(Charged(payment_id=PAY_ID, amount=TOTAL)) == []
+    assert (
+        saga.feed(PaymentProcessedReply(order_id=ORDER_ID, payment_id=PAY_ID, amount=TOTAL)) == []
+    )
     assert [type(e) for e in saga.stream].count(PaymentProcessed) == 1
 
 
 def test_charged_arriving_while_compensating_is_ignored() -> None:
     saga = drive_to("compensating")
     before = saga.state
-    assert saga.feed(Charged(payment_id=PAY_ID, amount=TOTAL)) == []
-    assert saga.feed(Declined(reason="late")) == []
-    assert saga.feed(Reserved(reservation_id=RES_ID)) == []
+    assert (
+        saga.feed(PaymentProcessedReply(order_id=ORDER_ID, payment_id=PAY_ID, amount=TOTAL)) == []
+    )
+    assert saga.feed(PaymentFailedReply(order_id=ORDER_ID, reason="late")) == []
+    assert saga.feed(InventoryReservedReply(order_id=ORDER_ID, reservation_id=RES_ID)) == []
     assert saga.feed(Appended(version=99)) == []
     assert saga.state == before
     assert sum(isinstance(c, RequestCharge) for c in saga.commands) == 1
@@ -566,7 +592,9 @@ def test_late_charge_while_recording_payment_failed_is_ignored() -> None:
     saga = drive_to("charging")
     saga.feed(TimedOut(token=saga.state.token))
     before = saga.state
-    assert saga.feed(Charged(payment_id=PAY_ID, amount=TOTAL)) == []
+    assert (
+        saga.feed(PaymentProcessedReply(order_id=ORDER_ID, payment_id=PAY_ID, amount=TOTAL)) == []
+    )
     assert saga.state == before
     # The void that follows makes the provider refund it.
     assert RequestVoid(reason="Payment failed: payment timed out") in saga.commit()
@@ -574,11 +602,11 @@ def test_late_charge_while_recording_payment_failed_is_ignored() -> None:
 
 def test_duplicate_release_acknowledgement_does_not_finish_early() -> None:
     saga = drive_to("compensating")
-    saga.feed(Released(reservation_id=RES_ID))
+    saga.feed(InventoryReleasedReply(order_id=ORDER_ID, reservation_id=RES_ID))
     before = saga.state
-    assert saga.feed(Released(reservation_id=RES_ID)) == []
+    assert saga.feed(InventoryReleasedReply(order_id=ORDER_ID, reservation_id=RES_ID)) == []
     assert saga.state == before
-    saga.feed(Voided(refunded_payment_id=None, amount=None))
+    saga.feed(PaymentVoidedReply(order_id=ORDER_ID, refunded_payment_id=None, amount=None))
     assert [type(e) for e in saga.last_append.events].count(InventoryReleased) == 1
 
 
@@ -586,12 +614,12 @@ def test_duplicate_release_acknowledgement_does_not_finish_early() -> None:
     "late",
     [
         Start(),
-        Reserved(reservation_id=RES_ID),
-        ReserveRefused(unavailable_items=(), reason="x"),
-        Charged(payment_id=PAY_ID, amount=TOTAL),
-        Declined(reason="x"),
-        Released(reservation_id=RES_ID),
-        Voided(refunded_payment_id=PAY_ID, amount=TOTAL),
+        InventoryReservedReply(order_id=ORDER_ID, reservation_id=RES_ID),
+        InventoryUnavailableReply(order_id=ORDER_ID, unavailable_items=(), reason="x"),
+        PaymentProcessedReply(order_id=ORDER_ID, payment_id=PAY_ID, amount=TOTAL),
+        PaymentFailedReply(order_id=ORDER_ID, reason="x"),
+        InventoryReleasedReply(order_id=ORDER_ID, reservation_id=RES_ID),
+        PaymentVoidedReply(order_id=ORDER_ID, refunded_payment_id=PAY_ID, amount=TOTAL),
         Appended(version=4),
         AppendFailed(reason="conflict"),
         StepFailed(service=Service.STORE, reason="x"),
@@ -602,7 +630,7 @@ def test_duplicate_release_acknowledgement_does_not_finish_early() -> None:
 )
 def test_inputs_after_done_are_ignored(late: SagaInput) -> None:
     saga = drive_to("charging")
-    saga.feed(Charged(payment_id=PAY_ID, amount=TOTAL))
+    saga.feed(PaymentProcessedReply(order_id=ORDER_ID, payment_id=PAY_ID, amount=TOTAL))
     saga.commit()
     done = saga.state
     assert done.phase == Phase.DONE
@@ -617,7 +645,7 @@ def test_inputs_after_done_are_ignored(late: SagaInput) -> None:
 def test_compensation_timeout_resends_only_the_unacknowledged_void_and_never_gives_up() -> None:
     saga = drive_to("compensating")
     reason = "payment failed: boom"
-    saga.feed(Released(reservation_id=RES_ID))
+    saga.feed(InventoryReleasedReply(order_id=ORDER_ID, reservation_id=RES_ID))
     for _ in range(10):
         token = saga.state.token
         assert saga.feed(TimedOut(token=token)) == [
@@ -625,7 +653,7 @@ def test_compensation_timeout_resends_only_the_unacknowledged_void_and_never_giv
             StartTimer(token=token + 1),
         ]
         assert saga.state.phase == Phase.COMPENSATING
-    saga.feed(Voided(refunded_payment_id=None, amount=None))
+    saga.feed(PaymentVoidedReply(order_id=ORDER_ID, refunded_payment_id=None, amount=None))
     assert finish_of(saga.commit()).status == "failed"
 
 
@@ -640,7 +668,7 @@ def test_compensation_timeout_resends_both_when_neither_is_acknowledged() -> Non
 
 def test_compensation_timeout_resends_only_the_release_when_void_is_acknowledged() -> None:
     saga = drive_to("compensating")
-    saga.feed(Voided(refunded_payment_id=None, amount=None))
+    saga.feed(PaymentVoidedReply(order_id=ORDER_ID, refunded_payment_id=None, amount=None))
     assert requests(saga.feed(TimedOut(token=saga.state.token))) == [
         RequestRelease(reason="payment failed: boom")
     ]
@@ -658,7 +686,7 @@ def test_compensation_resends_unacknowledged_requests_after_trouble(
     trouble: ServiceRestarted | StepFailed,
 ) -> None:
     saga = drive_to("compensating")
-    saga.feed(Released(reservation_id=RES_ID))
+    saga.feed(InventoryReleasedReply(order_id=ORDER_ID, reservation_id=RES_ID))
     token = saga.state.token
     assert saga.feed(trouble) == [
         RequestVoid(reason="payment failed: boom"),
@@ -698,7 +726,7 @@ def test_recording_resends_the_same_append_after_trouble(
 
 def test_recording_resends_the_terminal_append_unchanged() -> None:
     saga = drive_to("charging")
-    saga.feed(Charged(payment_id=PAY_ID, amount=TOTAL))
+    saga.feed(PaymentProcessedReply(order_id=ORDER_ID, payment_id=PAY_ID, amount=TOTAL))
     first = saga.last_append
     assert requests(saga.feed(TimedOut(token=saga.state.token))) == [first]
     assert first.event_ids == ("evt-2", "evt-3")
@@ -709,9 +737,9 @@ def test_recording_resends_the_terminal_append_unchanged() -> None:
 def test_append_failed_aborts(where: str) -> None:
     saga = drive_to("recording" if where == "recording" else "charging")
     if where == "paid":
-        saga.feed(Charged(payment_id=PAY_ID, amount=TOTAL))
+        saga.feed(PaymentProcessedReply(order_id=ORDER_ID, payment_id=PAY_ID, amount=TOTAL))
     elif where == "compensation":
-        saga.feed(Declined(reason="card declined"))
+        saga.feed(PaymentFailedReply(order_id=ORDER_ID, reason="card declined"))
     assert saga.state.phase == Phase.RECORDING
 
     assert saga.feed(AppendFailed(reason="expected version 1, stream at 2")) == [
@@ -734,7 +762,7 @@ def test_recover_from_order_placed_compensating_releases_only() -> None:
     saga = recovered([make_order()], compensate=True)
     reason = "saga crashed; recovered"
     assert saga.feed(Start()) == [RequestRelease(reason=reason), StartTimer(token=1)]
-    saga.feed(Released(reservation_id=None))
+    saga.feed(InventoryReleasedReply(order_id=ORDER_ID, reservation_id=None))
     assert [type(e) for e in saga.last_append.events] == [OrderFulfillmentFailed]
     assert finish_of(saga.commit()).status == "failed"
 
@@ -770,7 +798,10 @@ def test_recover_after_reserve_compensating_fences_then_releases_voids_and_fails
     ]
     # A charge may have been in flight when the saga died: it is voided.
     assert requests(saga.commit()) == [RequestRelease(reason=reason), RequestVoid(reason=reason)]
-    saga.feed(Released(reservation_id=RES_ID), Voided(refunded_payment_id=None, amount=None))
+    saga.feed(
+        InventoryReleasedReply(order_id=ORDER_ID, reservation_id=RES_ID),
+        PaymentVoidedReply(order_id=ORDER_ID, refunded_payment_id=None, amount=None),
+    )
     assert saga.last_append == AppendEvents(
         events=(
             InventoryReleased(
@@ -807,7 +838,10 @@ def test_recover_after_payment_failed_finishes_compensation_as_cancelled(
         RequestRelease(reason=reason),
         RequestVoid(reason=reason),
     ]
-    saga.feed(Released(reservation_id=RES_ID), Voided(refunded_payment_id=None, amount=None))
+    saga.feed(
+        InventoryReleasedReply(order_id=ORDER_ID, reservation_id=RES_ID),
+        PaymentVoidedReply(order_id=ORDER_ID, refunded_payment_id=None, amount=None),
+    )
     append = saga.last_append
     assert append.expected_version == 2
     assert [type(e) for e in append.events] == [InventoryReleased, OrderCancelled]
@@ -826,7 +860,10 @@ def test_recover_with_release_already_recorded_does_not_record_it_again() -> Non
     ]
     saga = recovered(events, compensate=True)
     saga.feed(Start())
-    saga.feed(Released(reservation_id=RES_ID), Voided(refunded_payment_id=PAY_ID, amount=TOTAL))
+    saga.feed(
+        InventoryReleasedReply(order_id=ORDER_ID, reservation_id=RES_ID),
+        PaymentVoidedReply(order_id=ORDER_ID, refunded_payment_id=PAY_ID, amount=TOTAL),
+    )
     append = saga.last_append
     assert append.expected_version == 3
     expected: list[type[Event]] = [PaymentRefunded, OrderCancelled]
@@ -1059,18 +1096,22 @@ class World:
 
     def inventory_reply(self) -> SagaInput:
         if self.held:
-            return Reserved(reservation_id=RES_ID)
+            return InventoryReservedReply(order_id=ORDER_ID, reservation_id=RES_ID)
         if self.fenced:
-            return ReserveRefused(unavailable_items=(), reason="order was cancelled")
+            return InventoryUnavailableReply(
+                order_id=ORDER_ID, unavailable_items=(), reason="order was cancelled"
+            )
         short = (UnavailableItem(product_id="SKU-001", requested=2, available=1),)
-        return ReserveRefused(unavailable_items=short, reason="insufficient stock")
+        return InventoryUnavailableReply(
+            order_id=ORDER_ID, unavailable_items=short, reason="insufficient stock"
+        )
 
     def payment_reply(self) -> SagaInput:
         if self.payment == "charged":
-            return Charged(payment_id=PAY_ID, amount=TOTAL)
+            return PaymentProcessedReply(order_id=ORDER_ID, payment_id=PAY_ID, amount=TOTAL)
         if self.payment == "declined":
-            return Declined(reason="card declined")
-        return Declined(reason="payment was voided")
+            return PaymentFailedReply(order_id=ORDER_ID, reason="card declined")
+        return PaymentFailedReply(order_id=ORDER_ID, reason="payment was voided")
 
     def answer(self, request: str) -> bool:
         """Take one request of this kind off the wire, if one is in flight."""
@@ -1106,15 +1147,19 @@ class World:
             self.held = False
             self.fenced = True
             given_back = RES_ID if self.inventory == "held" else None
-            return self.feed(Released(reservation_id=given_back))
+            return self.feed(InventoryReleasedReply(order_id=ORDER_ID, reservation_id=given_back))
         if kind == "voided":
             if not self.answer("void"):
                 return 0
             self.voided = True
             if self.payment == "charged":
                 self.refunded = True
-                return self.feed(Voided(refunded_payment_id=PAY_ID, amount=TOTAL))
-            return self.feed(Voided(refunded_payment_id=None, amount=None))
+                return self.feed(
+                    PaymentVoidedReply(order_id=ORDER_ID, refunded_payment_id=PAY_ID, amount=TOTAL)
+                )
+            return self.feed(
+                PaymentVoidedReply(order_id=ORDER_ID, refunded_payment_id=None, amount=None)
+            )
         if kind == "ack":
             version = self.store_commit()
             return 0 if version is None else self.feed(Appended(version=version))
@@ -1228,7 +1273,7 @@ def test_late_reply_to_a_resent_append_is_not_taken_for_the_pending_one(next_ste
     saga.feed(TimedOut(token=saga.state.token))  # InventoryReserved is re-sent
     saga.commit()  # the first send commits: version 1, charge requested
     if next_step == "charged":
-        saga.feed(Charged(payment_id=PAY_ID, amount=TOTAL))
+        saga.feed(PaymentProcessedReply(order_id=ORDER_ID, payment_id=PAY_ID, amount=TOTAL))
     else:
         saga.feed(TimedOut(token=saga.state.token))
     recording = saga.state
