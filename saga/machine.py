@@ -337,13 +337,7 @@ def _on_start(state: SagaState, env: Env) -> tuple[SagaState, list[Command]]:
     order = state.order
     if state.payment_id is not None:
         # Charged and recorded, but OrderPaid missing: finish the order as paid.
-        paid = OrderPaid(
-            order_id=order.order_id,
-            payment_id=state.payment_id,
-            payment_method=order.payment_method,
-            amount=order.total_amount,
-            paid_at=env.now(),
-        )
+        paid = order_paid(order, state.payment_id, env.now())
         return _record(state, (paid,), "finish", env, final=OrderStatus.PAID)
     if state.fence_first:
         failed = PaymentFailed(
@@ -401,13 +395,7 @@ def _while_charging(state: SagaState, msg: SagaInput, env: Env) -> tuple[SagaSta
             amount=order.total_amount,
             processed_at=env.now(),
         )
-        paid = OrderPaid(
-            order_id=order.order_id,
-            payment_id=msg.payment_id,
-            payment_method=order.payment_method,
-            amount=order.total_amount,
-            paid_at=env.now(),
-        )
+        paid = order_paid(order, msg.payment_id, env.now())
         return _record(
             _evolve(state, payment_id=msg.payment_id),
             (processed, paid),
@@ -489,46 +477,85 @@ def _while_compensating(
 
 
 def _record_compensation(state: SagaState, env: Env) -> tuple[SagaState, list[Command]]:
-    order = state.order
+    events = compensation_events(
+        state.order,
+        outcome=state.outcome or OrderStatus.FAILED,
+        reason=state.reason,
+        released_reservation=state.released_reservation,
+        refunded=state.refunded,
+        release_recorded=state.release_recorded,
+        refund_recorded=state.refund_recorded,
+        now=env.now(),
+    )
+    return _record(state, events, "finish", env, final=state.outcome or OrderStatus.FAILED)
+
+
+def compensation_events(
+    order: OrderPlaced,
+    *,
+    outcome: OrderStatus,
+    reason: str,
+    released_reservation: str | None,
+    refunded: tuple[str, Decimal] | None,
+    release_recorded: bool,
+    refund_recorded: bool,
+    now: datetime,
+    terminal_reason: str | None = None,
+) -> tuple[Event, ...]:
+    """What ends a compensated order: InventoryReleased / PaymentRefunded for what was given back
+    and is not recorded yet, then the terminal event (OrderCancelled for a cancelled outcome,
+    else OrderFulfillmentFailed). `reason` goes on every event, `terminal_reason` (default:
+    `reason`) on the terminal one. The saga machine and the supervision policy both end orders
+    with it."""
     events: list[Event] = []
-    if state.released_reservation and not state.release_recorded:
+    if released_reservation and not release_recorded:
         events.append(
             InventoryReleased(
                 order_id=order.order_id,
-                reservation_id=state.released_reservation,
-                reason=state.reason,
-                released_at=env.now(),
+                reservation_id=released_reservation,
+                reason=reason,
+                released_at=now,
             )
         )
-    if state.refunded is not None and not state.refund_recorded:
+    if refunded is not None and not refund_recorded:
         events.append(
             PaymentRefunded(
                 order_id=order.order_id,
-                payment_id=state.refunded[0],
-                amount=state.refunded[1],
-                reason=state.reason,
-                refunded_at=env.now(),
+                payment_id=refunded[0],
+                amount=refunded[1],
+                reason=reason,
+                refunded_at=now,
             )
         )
-    refund_issued = state.refunded is not None or state.refund_recorded
-    if state.outcome == OrderStatus.CANCELLED:
+    final_reason = reason if terminal_reason is None else terminal_reason
+    if outcome == OrderStatus.CANCELLED:
         events.append(
             OrderCancelled(
                 order_id=order.order_id,
                 cancelled_by="System",
-                reason=state.reason,
-                refund_issued=refund_issued,
-                cancelled_at=env.now(),
+                reason=final_reason,
+                refund_issued=refunded is not None or refund_recorded,
+                cancelled_at=now,
             )
         )
     else:
         events.append(
             OrderFulfillmentFailed(
-                order_id=order.order_id, error_message=state.reason, failed_at=env.now()
+                order_id=order.order_id, error_message=final_reason, failed_at=now
             )
         )
-    final = state.outcome or OrderStatus.FAILED
-    return _record(state, tuple(events), "finish", env, final=final)
+    return tuple(events)
+
+
+def order_paid(order: OrderPlaced, payment_id: str, now: datetime) -> OrderPaid:
+    """The terminal event of an order whose charge `payment_id` stands."""
+    return OrderPaid(
+        order_id=order.order_id,
+        payment_id=payment_id,
+        payment_method=order.payment_method,
+        amount=order.total_amount,
+        paid_at=now,
+    )
 
 
 def _while_recording(state: SagaState, msg: SagaInput) -> tuple[SagaState, list[Command]]:
