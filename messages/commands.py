@@ -21,7 +21,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field
 
 from messages.base import Frozen, Item, OrderLine, UnavailableItem
 from messages.errors import ErrorCode
@@ -137,6 +137,9 @@ class Configure(ActorMessage):
     crash_exits_process: bool
     payment_latency: float = 0.0
     warm_sagas: int = 0  # saga actors created ahead of need (process bases)
+    # Sagas of one order that may fail before the supervisor ends the order itself
+    # (saga.supervision.MAX_SAGA_FAILURES; messages cannot import saga).
+    max_saga_failures: int = Field(default=8, ge=1)
 
 
 class Configured(ActorMessage):

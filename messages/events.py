@@ -216,9 +216,19 @@ ALL_EVENT_TYPES: tuple[type[Event], ...] = (
 EVENT_TYPES: dict[str, type[Event]] = {t.__name__: t for t in ALL_EVENT_TYPES}
 
 
+ORDER_STREAM_PREFIX = "order-"
+
+
 def order_stream(order_id: str) -> str:
     """The stream holding an order's saga events."""
-    return f"order-{order_id}"
+    return f"{ORDER_STREAM_PREFIX}{order_id}"
+
+
+def order_id_of(stream: str) -> str:
+    """The order id of an order stream's name (the inverse of ``order_stream``)."""
+    if not stream.startswith(ORDER_STREAM_PREFIX):
+        raise ValueError(f"{stream!r} is not an order stream")
+    return stream[len(ORDER_STREAM_PREFIX) :]
 
 
 def payment_stream(order_id: str) -> str:

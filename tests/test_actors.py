@@ -322,7 +322,6 @@ def place_with_poison(
     the supervisor giving up after 3 failed sagas; stock is read before and after."""
     workflows: dict[Any, Any] = manager_module.WORKFLOWS
     monkeypatch.setitem(workflows, OrderPlaced, saga)
-    monkeypatch.setattr(manager_module, "MAX_SAGA_FAILURES", 3)
     db = tmp_path / "o.db"
     order = f"p-{uuid.uuid4().hex[:8]}"
     asys = ActorSystem("simpleSystemBase", transientUnique=True)
@@ -334,6 +333,7 @@ def place_with_poison(
             synchronous="FULL",
             step_timeout=0.5,
             crash_exits_process=False,
+            max_saga_failures=3,
         )
         assert ask(asys, manager, configure) == Configured(req_id=1, recovered=0)
         before = ask(asys, manager, GetStock(req_id=2, product_ids=("SKU-003",)))

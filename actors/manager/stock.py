@@ -1,0 +1,41 @@
+"""Stock requests from the gateway, forwarded to Inventory and answered back."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from messages.commands import GetStock, Refused, SetStock, StockReport
+from messages.errors import ErrorCode
+
+INVENTORY = "inventory"
+
+
+class StockForwarder:
+    """Forwards GetStock / SetStock to Inventory and its answer to the asking gateway.
+
+    `inventory()` is Inventory's address, or None while it is not available.
+    """
+
+    def __init__(self, inventory: Callable[[], Any], send: Callable[[Any, Any], None]) -> None:
+        self._inventory = inventory
+        self._send = send
+        self._waiting: dict[int, Any] = {}  # req_id -> gateway
+
+    def forward(self, msg: GetStock | SetStock, sender: Any) -> None:
+        """Ask Inventory, or refuse at once while it is restarting."""
+        inventory = self._inventory()
+        if inventory is None:
+            refused = Refused(
+                req_id=msg.req_id, code=ErrorCode.UNAVAILABLE, message="inventory is restarting"
+            )
+            self._send(sender, refused)
+            return
+        self._waiting[msg.req_id] = sender
+        self._send(inventory, msg)
+
+    def answer(self, msg: StockReport | Refused) -> None:
+        """Inventory's answer goes back to whoever asked."""
+        gateway = self._waiting.pop(msg.req_id, None)
+        if gateway is not None:
+            self._send(gateway, msg)
