@@ -26,10 +26,10 @@ class PlacementHost(Protocol):
     def send(self, target: Any, msg: Any) -> None:
         """Send a message (Thespian's send)."""
 
-    def append_events(
+    def append(
         self, stream: str, events: Sequence[Event], expected_version: int, done: AppendCallback
     ) -> None:
-        """Append to the store through the manager's appender."""
+        """Append to the store through the manager's appender (fresh event ids)."""
 
     def read_order(self, order_id: str) -> list[Event]:
         """The order's stream, decoded."""
@@ -87,7 +87,7 @@ class Placement:
         live = LiveOrder(placed=placed)
         (live.waiters if msg.wait else live.acks).append(waiter)
         self._orders.add(live)
-        self._host.append_events(
+        self._host.append(
             order_stream(msg.order_id), [placed], NO_STREAM, self._placed_callback(live)
         )
 

@@ -106,6 +106,14 @@ class Services:
         self.pids[msg.name] = msg.pid
         first = msg.name not in self._ready
         self._ready.add(msg.name)
+        if msg.name == STORE:
+            # The others read the schema the store creates, and append through it: they start
+            # once it is ready, and restart with it.
+            for other in (name for name in SERVICES if name != STORE):
+                if first:
+                    self.start(other)
+                else:
+                    self.restart(other)
         return Ready.FIRST if first else Ready.RESTARTED
 
     def all_ready(self) -> bool:

@@ -10,8 +10,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from thespian.actors import ActorExitRequest, PoisonMessage
+
 from actors.base import AppendCallback, log
-from actors.manager.orders import LiveOrder
+from actors.manager.orders import LiveOrder, LiveOrders
+from actors.manager.services import process_alive
 from messages.base import utcnow
 from messages.commands import (
     AppendDone,
@@ -19,6 +22,7 @@ from messages.commands import (
     InventoryReleasedReply,
     PaymentVoidedReply,
     ReleaseStock,
+    SagaAborted,
     VoidPayment,
 )
 from messages.events import Event, order_stream
@@ -55,21 +59,27 @@ class SupervisorHost(Protocol):
     def order_version(self, order_id: str) -> int:
         """The order stream's head version."""
 
+    def send(self, target: Any, msg: Any) -> None:
+        """Send a message (Thespian's send)."""
+
     def send_to_service(self, name: str, msg: Any) -> None:
         """Send to a service actor by name."""
 
     def wake_after(self, seconds: float, payload: Any) -> None:
         """A WakeupMessage with `payload` after `seconds`."""
 
-    def append_with_ids(
+    def append(
         self,
         stream: str,
         events: Sequence[Event],
-        event_ids: Sequence[str],
         expected_version: int,
         done: AppendCallback,
+        event_ids: Sequence[str] | None = None,
     ) -> None:
         """Append to the store through the manager's appender."""
+
+    def stopping(self) -> bool:
+        """Whether the system is shutting down (nothing is recovered any more)."""
 
     def end(self, live: LiveOrder, view: dict[str, Any]) -> None:
         """The order is terminal: answer everyone waiting for it."""
@@ -78,13 +88,68 @@ class SupervisorHost(Protocol):
 class Supervisor:
     """Feeds an order's supervision events to the policy and carries out its decisions."""
 
-    def __init__(self, policy: sp.SupervisionPolicy, host: SupervisorHost) -> None:
+    def __init__(
+        self, policy: sp.SupervisionPolicy, orders: LiveOrders, host: SupervisorHost
+    ) -> None:
         self._policy = policy
+        self._orders = orders
         self._host = host
 
+    def aborted(self, msg: SagaAborted, sender: Any) -> None:
+        """The saga gave up (it raised, or its stream moved)."""
+        log.error("manager: saga for %s aborted: %s", msg.order_id, msg.reason)
+        live = self._orders.get(msg.order_id)
+        # A late abort of a saga already replaced (its exit overtook it) changes nothing.
+        if live is not None and live.saga is not None and live.saga == sender:
+            self.saga_failed(live, msg.reason)
+
+    def poisoned(self, msg: PoisonMessage, sender: Any) -> None:
+        """A saga raised on its start."""
+        log.error("manager: %s poisoned by %s", sender, type(msg.poisonMessage).__name__)
+        live = self._orders.by_saga(sender)
+        if live is not None:
+            self.saga_failed(live, f"raised on {type(msg.poisonMessage).__name__}")
+
+    def exited(self, child: Any) -> None:
+        """A child actor that is no service ended: if it drove an order, that saga died."""
+        live = self._orders.by_saga(child)
+        if live is not None:
+            log.error("manager: saga for %s died; compensating", live.placed.order_id)
+            self.saga_failed(live, "its process died")
+
+    def check_sagas(self) -> None:
+        """The watchdog's round over the sagas that told their pid (process bases)."""
+        for live in self._orders:
+            if live.pid is not None and not process_alive(live.pid):
+                log.error(
+                    "manager: watchdog found the saga of %s (pid %d) dead",
+                    live.placed.order_id,
+                    live.pid,
+                )
+                self.saga_failed(live, "its process died")
+
     def saga_failed(self, live: LiveOrder, reason: str) -> None:
-        """A saga of the order raised, aborted or died (its actor is already forgotten)."""
+        """Stop the order's saga (if it still runs) and let the policy say what comes next."""
+        if self._host.stopping():
+            return
+        if live.saga is not None:
+            self._host.send(live.saga, ActorExitRequest())
+            self._orders.detach(live)
         self.feed(live, sp.SagaFailed(reason=reason))
+
+    def wakeup(self, payload: Any) -> bool:
+        """A timer of ours fired (False: the payload is not ours)."""
+        if isinstance(payload, RetryOrder):
+            live = self._orders.get(payload.order_id)
+            if live is not None and live.saga is None:
+                self.feed(live, sp.RetryDue())
+            return True
+        if isinstance(payload, RetryGiveUp):
+            live = self._orders.get(payload.order_id)
+            if live is not None:
+                self.feed(live, sp.RecheckDue())
+            return True
+        return False
 
     def feed(self, live: LiveOrder, msg: sp.SupervisionInput) -> None:
         """One input for the order's supervision; its commands are carried out at once."""
@@ -125,12 +190,12 @@ class Supervisor:
                 "payment", VoidPayment(order_id=order_id, reason=command.reason)
             )
         elif isinstance(command, AppendEvents):
-            self._host.append_with_ids(
+            self._host.append(
                 order_stream(order_id),
                 command.events,
-                command.event_ids,
                 command.expected_version,
                 self._appended(live),
+                command.event_ids,
             )
         elif isinstance(command, sp.End):
             self._host.end(live, command.view)
@@ -155,7 +220,8 @@ class Supervisor:
 
         return appended
 
-    def answer(self, live: LiveOrder, msg: InventoryReleasedReply | PaymentVoidedReply) -> None:
+    def answer(self, msg: InventoryReleasedReply | PaymentVoidedReply) -> None:
         """Inventory or Payment answered the last resort's request."""
-        if live.supervision is not None:
+        live = self._orders.get(msg.order_id)
+        if live is not None and live.supervision is not None:
             self.feed(live, msg)

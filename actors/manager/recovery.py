@@ -1,0 +1,53 @@
+"""Start-up recovery: every order whose stream has no terminal event is driven on."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from actors.base import log
+from actors.manager.orders import LiveOrder, LiveOrders
+from messages.events import TERMINAL_TYPE_NAMES, Event, OrderPlaced, order_id_of, order_stream
+from store import EventStore
+
+
+class Recovery:
+    """Unfinished orders, started a few at a time: on the process bases each saga is a new
+    process, and hundreds at once after a crash would stall the machine."""
+
+    def __init__(
+        self,
+        orders: LiveOrders,
+        read_order: Callable[[str], list[Event]],
+        spawn: Callable[[LiveOrder, Sequence[Event]], None],
+        limit: int,
+    ) -> None:
+        self._orders = orders
+        self._read_order = read_order
+        self._spawn = spawn
+        self._limit = limit  # sagas running at once while the backlog lasts
+        self._backlog: deque[str] = deque()
+
+    def find(self, reader: EventStore) -> int:
+        """Queue every order stream without a terminal event; how many there are."""
+        for head in reader.stream_heads(order_stream("")):
+            if head.last_type not in TERMINAL_TYPE_NAMES:
+                self._backlog.append(order_id_of(head.stream))
+        count = len(self._backlog)
+        if count:
+            log.warning("manager: recovering %d unfinished orders", count)
+        self.drain()
+        return count
+
+    def drain(self) -> None:
+        """Start recovery sagas while fewer than the limit run."""
+        while self._backlog and self._orders.running < self._limit:
+            order_id = self._backlog.popleft()
+            events = self._read_order(order_id)
+            placed = events[0] if events else None
+            if not isinstance(placed, OrderPlaced):
+                log.error("manager: stream of %s does not start with OrderPlaced", order_id)
+                continue
+            live = self._orders.add(LiveOrder(placed=placed, committed=True))
+            if live.saga is None:
+                self._spawn(live, events)
