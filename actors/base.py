@@ -15,6 +15,11 @@ from messages.events import Event
 
 log = logging.getLogger("orders")
 
+
+class NotConfiguredError(RuntimeError):
+    """An actor was asked to do something that needs its configuration message first."""
+
+
 AppendCallback = Callable[[AppendDone | AppendRejected], None]
 
 

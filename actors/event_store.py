@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from actors.base import BaseActor, log
+from actors.base import BaseActor, NotConfiguredError, log
 from messages.commands import (
     AppendDone,
     AppendRejected,
@@ -70,7 +70,8 @@ class EventStoreActor(BaseActor):
         self._answer(batch, results)
 
     def _commit(self, batch: list[tuple[AppendToStream, Any]]) -> list[int | StoreError]:
-        assert self._store is not None
+        if self._store is None:
+            raise NotConfiguredError("store: no ServiceConfig yet")
         requests = [
             AppendRequest(
                 stream=request.stream,

@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from actors.base import Appender, BaseActor, CommitGate, log
+from actors.base import Appender, BaseActor, CommitGate, NotConfiguredError, log
 from messages.base import new_id, utcnow
 from messages.commands import (
     AppendDone,
@@ -67,7 +67,8 @@ class InventoryActor(BaseActor):
         self.send(sender, ServiceReady(name=self.actor_name, pid=os.getpid()))
 
     def _reload(self) -> None:
-        assert self._config is not None
+        if self._config is None:
+            raise NotConfiguredError("inventory: no ServiceConfig yet")
         with SqliteEventStore(self._config.db_path, readonly=True) as reader:
             stored = reader.read_stream(INVENTORY_STREAM)
         self._book = StockBook()

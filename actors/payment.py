@@ -24,7 +24,7 @@ from typing import Any
 
 from thespian.actors import WakeupMessage
 
-from actors.base import Appender, BaseActor, CommitGate, log
+from actors.base import Appender, BaseActor, CommitGate, NotConfiguredError, log
 from messages.base import new_id, utcnow
 from messages.commands import (
     AppendDone,
@@ -112,7 +112,8 @@ class PaymentActor(BaseActor):
         if record is not None:
             self._records.move_to_end(order_id)
             return record
-        assert self._reader is not None
+        if self._reader is None:
+            raise NotConfiguredError("payment: no ServiceConfig yet")
         record = PaymentRecord()
         for stored in self._reader.read_stream(payment_stream(order_id)):
             record.apply(CODEC.decode(stored))
@@ -161,7 +162,8 @@ class PaymentActor(BaseActor):
         self._dispatch_token(msg, sender)
 
     def _dispatch_token(self, msg: ChargePayment, sender: Any) -> None:
-        assert self._config is not None
+        if self._config is None:
+            raise NotConfiguredError("payment: no ServiceConfig yet")
         token = msg.payment_method
         if token == "tok_visa":
             if self._config.payment_latency > 0:

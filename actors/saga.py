@@ -16,7 +16,7 @@ from typing import Any
 from thespian.actors import ActorExitRequest, PoisonMessage, WakeupMessage
 
 from actors.base import Appender, BaseActor, log
-from messages.base import OrderStatus, utcnow
+from messages.base import utcnow
 from messages.commands import (
     AppendDone,
     AppendRejected,
@@ -90,7 +90,8 @@ class OrderSaga(BaseActor):
 
     def _carry_out(self, command: sm.Command) -> None:
         state = self._state
-        assert state is not None
+        if state is None:
+            raise RuntimeError(f"saga: {type(command).__name__} after the saga ended")
         order_id = state.order.order_id
         if isinstance(command, sm.AppendEvents):
             self._appender.append(
@@ -129,7 +130,6 @@ class OrderSaga(BaseActor):
                 self._manager,
                 SagaFinished(
                     order_id=order_id,
-                    status=command.status,
                     reason=command.reason,
                     order=order_view(order_id, state.recorded),
                     saga_key=str(self.myAddress),
@@ -159,24 +159,18 @@ class OrderSaga(BaseActor):
         if self._state is not None:
             return  # a re-delivered start: we are already running
         self._manager = sender
-        self._services = {
-            sm.Service.INVENTORY: msg.inventory,
-            sm.Service.PAYMENT: msg.payment,
-            sm.Service.STORE: msg.store,
-        }
+        self._services = {sm.Service.INVENTORY: msg.inventory, sm.Service.PAYMENT: msg.payment}
         self._appender.store = msg.store
         self._step_timeout = msg.step_timeout
         if msg.report_pid:
             self.send(sender, IAm(name=f"saga:{msg.order_id}", pid=os.getpid()))
         self._state = sm.recover(msg.events, compensate=msg.compensate)
         if self._state.phase == sm.Phase.DONE:
-            status = self._state.final_status or OrderStatus.FAILED
             self._state = None
             self.send(
                 sender,
                 SagaFinished(
                     order_id=msg.order_id,
-                    status=status,
                     reason="already terminal",
                     order=order_view(msg.order_id, msg.events),
                     saga_key=str(self.myAddress),
@@ -189,9 +183,10 @@ class OrderSaga(BaseActor):
     def receiveMsg_ServiceMoved(self, msg: ServiceMoved, sender: Any) -> None:
         """A service restarted elsewhere: what we asked the old one is lost."""
         service = sm.Service(msg.service)
-        self._services[service] = msg.address
         if service == sm.Service.STORE:
-            self._appender.store = msg.address
+            self._appender.store = msg.address  # appends go through the appender only
+        else:
+            self._services[service] = msg.address
         self._feed(sm.ServiceRestarted(service=service))
 
     def receiveMsg_InventoryReservedReply(self, msg: InventoryReservedReply, sender: Any) -> None:

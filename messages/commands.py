@@ -202,7 +202,6 @@ class SagaFinished(ActorMessage):
     """The order is terminal; its terminal event is committed. `order` is its client view."""
 
     order_id: str
-    status: str
     reason: str
     order: dict[str, Any]
     saga_key: str  # str() of the saga's own address, as its ChildActorExited will carry it

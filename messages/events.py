@@ -231,9 +231,12 @@ def order_id_of(stream: str) -> str:
     return stream[len(ORDER_STREAM_PREFIX) :]
 
 
+PAYMENT_STREAM_PREFIX = "payment-"
+
+
 def payment_stream(order_id: str) -> str:
     """The stream holding the payment provider's facts about one order."""
-    return f"payment-{order_id}"
+    return f"{PAYMENT_STREAM_PREFIX}{order_id}"
 
 
 INVENTORY_STREAM = "inventory"

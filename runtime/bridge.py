@@ -95,7 +95,8 @@ class ActorBridge:
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
-        assert loop is self._loop, "one event loop per bridge"
+        if loop is not self._loop:
+            raise RuntimeError("one event loop per bridge")
         future: asyncio.Future[ActorMessage] = loop.create_future()
         return self._submit(make, future), future
 
@@ -258,5 +259,7 @@ def configure(bridge: ActorBridge, message: Callable[[int], Configure], timeout:
     reply = bridge.submit(message)[1].result(timeout)
     if isinstance(reply, Refused):
         raise ServiceError(reply.code, reply.message)
-    assert isinstance(reply, Configured)
+    if not isinstance(reply, Configured):
+        unexpected = f"unexpected answer to Configure: {type(reply).__name__}"
+        raise ServiceError(ErrorCode.INTERNAL, unexpected)
     return reply.recovered

@@ -15,6 +15,8 @@ from typing import Any
 from messages.base import OrderStatus
 from messages.events import (
     INVENTORY_STREAM,
+    ORDER_STREAM_PREFIX,
+    PAYMENT_STREAM_PREFIX,
     ChargeRefunded,
     ChargeSucceeded,
     Event,
@@ -23,6 +25,7 @@ from messages.events import (
     OrderPlaced,
     StockReleased,
     StockReserved,
+    order_id_of,
     status_of_terminal,
 )
 from saga.stock import StockBook
@@ -87,11 +90,11 @@ def audit(store: EventStore) -> dict[str, Any]:
     fences = 0
     for stored in _scan(store):
         stream = stored.stream
-        if stream.startswith("order-"):
-            _order_event(orders[stream[len("order-") :]], stored, CODEC.decode(stored))
-        elif stream.startswith("payment-"):
+        if stream.startswith(ORDER_STREAM_PREFIX):
+            _order_event(orders[order_id_of(stream)], stored, CODEC.decode(stored))
+        elif stream.startswith(PAYMENT_STREAM_PREFIX):
             event = CODEC.decode(stored)
-            record = payments[stream[len("payment-") :]]
+            record = payments[stream.removeprefix(PAYMENT_STREAM_PREFIX)]
             if isinstance(event, ChargeSucceeded):
                 record.charges.append((event.payment_id, event.amount))
             elif isinstance(event, ChargeRefunded):

@@ -560,7 +560,8 @@ def order_paid(order: OrderPlaced, payment_id: str, now: datetime) -> OrderPaid:
 
 def _while_recording(state: SagaState, msg: SagaInput) -> tuple[SagaState, list[Command]]:
     pending = state.pending
-    assert pending is not None
+    if pending is None:
+        raise ValueError("a saga recording without a pending append")
     if isinstance(msg, Appended) and msg.version == pending.append.expected_version + len(
         pending.append.events
     ):

@@ -16,7 +16,7 @@ from typing import Any
 
 from thespian.actors import ActorExitRequest, ChildActorExited, PoisonMessage, WakeupMessage
 
-from actors.base import AppendCallback, Appender, BaseActor, log
+from actors.base import AppendCallback, Appender, BaseActor, NotConfiguredError, log
 from actors.manager.orders import LiveOrder, LiveOrders
 from actors.manager.placement import Placement, refuse
 from actors.manager.recovery import Recovery
@@ -58,10 +58,6 @@ from store import CODEC, SqliteEventStore
 MAX_SAGAS_RECOVERING_PROCESS = 16  # recovery sagas started at once on the process bases
 WATCHDOG_PERIOD = 0.5  # seconds between liveness checks of service and saga processes
 WATCHDOG = "watchdog"
-
-
-class NotConfiguredError(RuntimeError):
-    """The manager was asked to do something that needs Configure first."""
 
 
 @dataclass(frozen=True)
