@@ -14,7 +14,7 @@ from messages.commands import (
     ServiceConfig,
     ServiceReady,
 )
-from store import CODEC, AppendRequest, ConcurrencyError, SqliteEventStore, StoreError
+from store import CODEC, AppendRequest, ConcurrencyError, EventStore, StoreError, open_store
 
 
 class EventStoreActor(BaseActor):
@@ -29,14 +29,14 @@ class EventStoreActor(BaseActor):
 
     def __init__(self) -> None:
         super().__init__()
-        self._store: SqliteEventStore | None = None
+        self._store: EventStore | None = None
         self._buffer: list[tuple[AppendToStream, Any]] = []
         self._flush_sent = False
 
     def receiveMsg_ServiceConfig(self, msg: ServiceConfig, sender: Any) -> None:
         """Open (creating if needed) the database as its only writer."""
         if self._store is None:
-            self._store = SqliteEventStore(msg.db_path, synchronous=msg.synchronous)
+            self._store = open_store(msg.store_url, synchronous=msg.synchronous)
         self.send(sender, ServiceReady(name=self.actor_name, pid=os.getpid()))
 
     def receiveMsg_AppendToStream(self, msg: AppendToStream, sender: Any) -> None:

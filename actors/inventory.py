@@ -31,7 +31,7 @@ from messages.commands import (
 from messages.errors import ErrorCode
 from messages.events import INVENTORY_STREAM, Event, StockReleased, StockReserved, StockSet
 from saga.stock import StockBook
-from store import CODEC, NO_STREAM, SqliteEventStore
+from store import CODEC, NO_STREAM, open_store
 
 SEED_PRODUCTS = tuple(f"SKU-{n:03d}" for n in range(1, 11))
 SEED_ON_HAND = 1000
@@ -68,7 +68,7 @@ class InventoryActor(BaseActor):
 
     def _reload(self) -> None:
         assert self._config is not None
-        with SqliteEventStore(self._config.db_path, readonly=True) as reader:
+        with open_store(self._config.store_url, readonly=True) as reader:
             stored = reader.read_stream(INVENTORY_STREAM)
         self._book = StockBook()
         for record in stored:

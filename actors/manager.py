@@ -75,7 +75,7 @@ from messages.events import (
     order_stream,
 )
 from saga.views import decode_stream, order_view
-from store import CODEC, NO_STREAM, SqliteEventStore
+from store import CODEC, NO_STREAM, EventStore, open_store
 
 # --- the workflow registry --------------------------------------------------------------------
 
@@ -173,7 +173,7 @@ class OrderManager(BaseActor):
         super().__init__()
         self._config: Configure | None = None
         self._boot: Waiter | None = None
-        self._reader: SqliteEventStore | None = None
+        self._reader: EventStore | None = None
         self._appender = Appender(self, "manager")
         self._services: dict[str, Any] = {}
         self._service_pids: dict[str, int] = {}
@@ -225,7 +225,7 @@ class OrderManager(BaseActor):
             address,
             ServiceConfig(
                 name=name,
-                db_path=self._config.db_path,
+                store_url=self._config.store_url,
                 synchronous=self._config.synchronous,
                 store=self._services.get("store"),
                 step_timeout=self._config.step_timeout,
@@ -246,7 +246,7 @@ class OrderManager(BaseActor):
         first_time = msg.name not in self._ready
         self._ready.add(msg.name)
         if msg.name == "store" and first_time:
-            self._reader = SqliteEventStore(self._cfg.db_path, readonly=True)
+            self._reader = open_store(self._cfg.store_url, readonly=True)
             self._start_service("inventory")
             self._start_service("payment")
             return

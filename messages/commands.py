@@ -120,7 +120,7 @@ class Configure(ActorMessage):
     """Boot the OrderManager: open the database, start the services, recover unfinished orders."""
 
     req_id: int
-    db_path: str
+    store_url: str  # store.open_store: sqlite:///PATH, postgresql://..., memory:[NAME]
     synchronous: str
     step_timeout: float
     crash_exits_process: bool
@@ -139,7 +139,7 @@ class ServiceConfig(ActorMessage):
     """Sent by the manager to a (re)started service actor."""
 
     name: str
-    db_path: str
+    store_url: str
     synchronous: str
     store: Any
     step_timeout: float

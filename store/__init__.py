@@ -1,6 +1,7 @@
 """The event store: append-only streams of events, in SQLite or in memory (DESIGN.md 5)."""
 
 from store.codec import CODEC, EventCodec
+from store.factory import describe, is_store_url, open_store, sqlite_path, store_url
 from store.interface import EventStore
 from store.memory import InMemoryEventStore
 from store.records import (
@@ -29,4 +30,9 @@ __all__ = [
     "StoreError",
     "StoredEvent",
     "StreamHead",
+    "describe",
+    "is_store_url",
+    "open_store",
+    "sqlite_path",
+    "store_url",
 ]

@@ -7,6 +7,7 @@ helpers here, so the in-memory store cannot drift from the SQLite one in what it
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Self
@@ -107,8 +108,9 @@ def validate_append(stream: str, events: Sequence[NewEvent], expected_version: i
     if not all(ids):
         raise StoreError(f"stream {stream!r}: event ids must not be empty")
     if len(set(ids)) != len(ids):
-        repeated = tuple(sorted({i for i in ids if ids.count(i) > 1}))
-        raise DuplicateEventError(stream, repeated, "event id repeated within one append")
+        # One pass (ids.count per id was quadratic: 2 s for 10,000 ids).
+        repeated = sorted(i for i, n in Counter(ids).items() if n > 1)
+        raise DuplicateEventError(stream, tuple(repeated), "event id repeated within one append")
 
 
 def replayed_version(

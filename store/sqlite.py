@@ -205,8 +205,6 @@ class SqliteEventStore(EventStore):
         with self._write_transaction() as conn:
             now = self._clock()
             for request in requests:
-                # A refused request leaves no rows behind (see _append_in_transaction), so it
-                # fails alone without a savepoint per request (two statements fewer each).
                 try:
                     version = self._append_in_transaction(
                         conn, request.stream, request.events, request.expected_version, now
@@ -225,6 +223,9 @@ class SqliteEventStore(EventStore):
         expected_version: int,
         now: float,
     ) -> int:
+        """One append inside the open transaction, under a savepoint: a refused append is
+        rolled back to it and leaves no trace, not even a used AUTOINCREMENT value (so the
+        positions of a group commit are those of its appends committed one by one)."""
         validate_append(stream, events, expected_version)
         current = self._head_version(conn, stream)
         if expected_version != current:
@@ -238,6 +239,7 @@ class SqliteEventStore(EventStore):
             check_expected(stream, expected_version, current)
         if not events:
             return current
+        conn.execute("SAVEPOINT append")
         try:
             conn.executemany(
                 _INSERT_EVENT,
@@ -246,17 +248,11 @@ class SqliteEventStore(EventStore):
                     for i, e in enumerate(events)
                 ],
             )
+            last = current + len(events)
+            conn.execute(_UPSERT_STREAM, (stream, last, events[-1].type))
         except sqlite3.IntegrityError as e:
-            # Drop the rows this insert added before the collision (this append's ids at
-            # versions past `current`), so a refused append leaves nothing behind.
-            ids = [ev.event_id for ev in events]
-            for start in range(0, len(ids), _MAX_IDS_PER_QUERY):
-                chunk = ids[start : start + _MAX_IDS_PER_QUERY]
-                conn.execute(
-                    f"DELETE FROM events WHERE stream = ? AND version > ?"
-                    f" AND event_id IN ({', '.join('?' * len(chunk))})",
-                    (stream, current, *chunk),
-                )
+            conn.execute("ROLLBACK TO append")
+            conn.execute("RELEASE append")
             if "event_id" in str(e):
                 # Ids already stored: maybe this very append, committed before (a replay).
                 found = self._find_event_ids(conn, [ev.event_id for ev in events])
@@ -274,8 +270,11 @@ class SqliteEventStore(EventStore):
             raise ConcurrencyError(
                 stream, expected_version, NO_STREAM if actual is None else actual
             ) from e
-        last = current + len(events)
-        conn.execute(_UPSERT_STREAM, (stream, last, events[-1].type))
+        except BaseException:
+            conn.execute("ROLLBACK TO append")
+            conn.execute("RELEASE append")
+            raise
+        conn.execute("RELEASE append")
         return last
 
     @staticmethod

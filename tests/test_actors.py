@@ -77,7 +77,7 @@ def services(asys: Any, db: Path, step_timeout: float = 0.5) -> dict[str, Any]:
     """A store, an Inventory and a Payment actor on `db`, configured and ready."""
     store = asys.createActor(EventStoreActor)
     config = {
-        "db_path": str(db),
+        "store_url": f"sqlite:///{db}",
         "synchronous": "FULL",
         "step_timeout": step_timeout,
         "crash_exits_process": False,
@@ -221,7 +221,7 @@ def test_manager_runs_orders_through_sagas(system: Any, tmp_path: Path) -> None:
         manager,
         Configure(
             req_id=1,
-            db_path=str(db),
+            store_url=f"sqlite:///{db}",
             synchronous="FULL",
             step_timeout=0.5,
             crash_exits_process=False,
@@ -329,7 +329,7 @@ def place_with_poison(
         manager = asys.createActor(OrderManager)
         configure = Configure(
             req_id=1,
-            db_path=str(db),
+            store_url=f"sqlite:///{db}",
             synchronous="FULL",
             step_timeout=0.5,
             crash_exits_process=False,

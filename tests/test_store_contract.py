@@ -3,7 +3,9 @@ SQLite-only promises: durability across reopen, WAL/FULL pragmas and read-only r
 
 from __future__ import annotations
 
+import multiprocessing
 import sqlite3
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import closing
@@ -30,6 +32,8 @@ from store import (
     StoredEvent,
     StoreError,
     StreamHead,
+    open_store,
+    store_url,
 )
 
 
@@ -415,3 +419,91 @@ def test_sqlite_unique_key_is_the_last_word_on_versions(tmp_path: Path) -> None:
         assert isinstance(results[0], ConcurrencyError)
         assert results[1] == 0
         assert versions(writer.read_stream("a")) == [0, 1]
+
+
+def test_refused_request_in_a_group_commit_leaves_no_gap_in_positions(store: EventStore) -> None:
+    """A request refused half-way through its insert (its second id is taken) is rolled back
+    entirely: the positions after it are those the store gives had it never been sent."""
+    taken = new_events(1)
+    store.append("a", taken, NO_STREAM)
+    results = store.append_batch(
+        [
+            AppendRequest("b", (*new_events(2), *taken), NO_STREAM),
+            AppendRequest("c", new_events(2), NO_STREAM),
+        ]
+    )
+    assert isinstance(results[0], DuplicateEventError)
+    assert results[1] == 1
+    assert store.stream_version("b") == NO_STREAM
+    everything = store.read_all()
+    assert [(e.stream, e.version) for e in everything] == [("a", 0), ("c", 0), ("c", 1)]
+    first = everything[0].position
+    assert [e.position for e in everything] == [first, first + 1, first + 2]
+    store.append("d", new_events(1), NO_STREAM)
+    assert store.read_all(everything[-1].position)[0].position == first + 3
+
+
+def test_many_repeated_ids_are_refused_quickly(store: EventStore) -> None:
+    events = new_events(10_000)
+    started = time.perf_counter()
+    with pytest.raises(DuplicateEventError) as caught:
+        store.append("a", (*events, events[17], events[4]), NO_STREAM)
+    assert time.perf_counter() - started < 0.5  # was 2 s: ids.count per id
+    assert caught.value.event_ids == tuple(sorted((events[17].event_id, events[4].event_id)))
+    assert store.read_all() == []
+
+
+# --- open_store ------------------------------------------------------------------------------
+
+
+def test_open_store_chooses_the_backend_by_url(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    with open_store(f"sqlite:///{path}") as writer:
+        assert isinstance(writer, SqliteEventStore)
+        writer.append("a", new_events(1), NO_STREAM)
+    with open_store(str(path), readonly=True) as reader:  # a bare path is a SQLite file
+        assert reader.stream_version("a") == 0
+    assert store_url(str(path)) == f"sqlite:///{path}"
+    assert store_url("memory:x") == "memory:x"
+    with pytest.raises(StoreError, match="unknown event store URL"):
+        open_store("mysql://localhost/orders")
+
+
+def test_memory_store_is_shared_by_name_until_the_last_close() -> None:
+    name = f"memory:{uuid.uuid4().hex}"
+    first, second = open_store(name), open_store(name, readonly=True)
+    other = open_store(f"memory:{uuid.uuid4().hex}")
+    first.append("a", new_events(2), NO_STREAM)
+    assert second.stream_version("a") == 1
+    assert other.stream_version("a") == NO_STREAM
+    with pytest.raises(StoreError, match="read-only"):
+        second.append("b", new_events(1), NO_STREAM)
+    first.close()
+    first.close()
+    with pytest.raises(StoreError, match="closed"):
+        first.read_all()
+    assert len(second.read_all()) == 2  # still open through the other handle
+    second.close()
+    other.close()
+    with open_store(name) as again:  # the last close dropped it: nothing is durable
+        assert again.read_all() == []
+
+
+def test_memory_store_refuses_another_process() -> None:
+    """A forked process (a process base's actor) inherits the registry: it must not use its
+    private copy of the store as if it were shared."""
+    name = f"memory:{uuid.uuid4().hex}"
+    with open_store(name) as parent:
+        parent.append("a", new_events(1), NO_STREAM)
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(1) as pool:
+            message = pool.apply(_open_in_child, (name,))
+    assert "lives in process" in message
+
+
+def _open_in_child(name: str) -> str:
+    try:
+        open_store(name)
+    except StoreError as e:
+        return str(e)
+    return "opened"
