@@ -25,6 +25,7 @@ from typing import Any
 
 from store.interface import EventStore
 from store.memory import InMemoryEventStore
+from store.postgres import PostgresEventStore, safe_url
 from store.records import (
     AppendRequest,
     NewEvent,
@@ -64,13 +65,7 @@ def sqlite_path(url: str) -> Path | None:
 
 def describe(url: str) -> str:
     """The URL without a password, for logs and the ready line."""
-    if url.startswith(POSTGRES_PREFIXES):
-        scheme, rest = url.split("://", 1)
-        creds, at, host = rest.rpartition("@")
-        if at and ":" in creds:
-            creds = creds.split(":", 1)[0] + ":***"
-        return f"{scheme}://{creds}{at}{host}"
-    return url
+    return safe_url(url) if url.startswith(POSTGRES_PREFIXES) else url
 
 
 def open_store(
@@ -89,7 +84,7 @@ def open_store(
     if url.startswith(MEMORY_PREFIX):
         return _open_memory(url[len(MEMORY_PREFIX) :], readonly=readonly)
     if url.startswith(POSTGRES_PREFIXES):
-        raise StoreError("the PostgreSQL backend is not built yet")
+        return PostgresEventStore(url, readonly=readonly, **options)
     path = sqlite_path(url) if url.startswith(SQLITE_PREFIX) else None
     if path is None:
         if "://" in url or url.startswith("memory"):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Self
 
@@ -17,6 +17,7 @@ from store.records import (
     AppendRequest,
     ConcurrencyError,
     DuplicateEventError,
+    MultiAppend,
     NewEvent,
     StoredEvent,
     StoreError,
@@ -136,6 +137,83 @@ def replayed_version(
     ):
         raise DuplicateEventError(stream, ids, "event ids are stored elsewhere")
     return places[-1][1]
+
+
+class BatchPlanner:
+    """Decides appends against what a store holds, writing nothing: the rows to insert, each
+    request's result, the streams' new heads.
+
+    ``head(stream)`` gives a stream's stored (version, last type) or None, ``stored(event_id)``
+    an id's stored (stream, version) or None; what earlier requests of the same batch planned
+    overlays both, so requests to one stream apply in order. A request that fails plans
+    nothing (a ``MultiAppend`` neither, whichever of its parts failed), so the batch commits as
+    if each accepted request had committed alone. The in-memory and PostgreSQL stores decide
+    through this one class.
+    """
+
+    def __init__(
+        self,
+        head: Callable[[str], tuple[int, str] | None],
+        stored: Callable[[str], tuple[str, int] | None],
+    ) -> None:
+        self._head = head
+        self._stored = stored
+        self.heads: dict[str, tuple[int, str]] = {}  # stream -> (version, last type) planned
+        self.ids: dict[str, tuple[str, int]] = {}  # event id -> (stream, version) planned
+        self.rows: list[tuple[str, int, NewEvent]] = []  # (stream, version, event) to insert
+
+    def plan(self, request: AppendRequest | MultiAppend) -> int | list[int]:
+        """Plan one request; returns what ``append`` (or ``append_many``) would return, or
+        raises the ``StoreError`` it would raise."""
+        if isinstance(request, AppendRequest):
+            return self._plan((request,))[0]
+        return self._plan(request.parts)
+
+    def _plan(self, parts: Sequence[AppendRequest]) -> list[int]:
+        heads: dict[str, tuple[int, str]] = {}
+        ids: dict[str, tuple[str, int]] = {}
+        rows: list[tuple[str, int, NewEvent]] = []
+        results: list[int] = []
+        for part in parts:
+            stream, events = part.stream, part.events
+            validate_append(stream, events, part.expected_version)
+            found: dict[str, tuple[str, int]] = {}
+            for event in events:
+                place = ids.get(event.event_id) or self.ids.get(event.event_id)
+                if place is None:
+                    place = self._stored(event.event_id)
+                if place is not None:
+                    found[event.event_id] = place
+            replayed = replayed_version(stream, events, found)
+            if replayed is not None:
+                results.append(replayed)
+                continue
+            head = heads.get(stream) or self.heads.get(stream) or self._head(stream)
+            current = NO_STREAM if head is None else head[0]
+            check_expected(stream, part.expected_version, current)
+            for offset, event in enumerate(events):
+                rows.append((stream, current + 1 + offset, event))
+                ids[event.event_id] = (stream, current + 1 + offset)
+            if events:
+                heads[stream] = (current + len(events), events[-1].type)
+            results.append(current + len(events))
+        self.heads.update(heads)
+        self.ids.update(ids)
+        self.rows.extend(rows)
+        return results
+
+
+def as_requests(
+    parts: Sequence[AppendRequest | tuple[str, int, Sequence[NewEvent]]],
+) -> tuple[AppendRequest, ...]:
+    """``append_many``'s parts as requests: ``(stream, expected_version, events)`` tuples are
+    accepted as well as ``AppendRequest``s."""
+    return tuple(
+        part
+        if isinstance(part, AppendRequest)
+        else AppendRequest(stream=part[0], events=tuple(part[2]), expected_version=part[1])
+        for part in parts
+    )
 
 
 def check_expected(stream: str, expected_version: int, actual_version: int) -> None:

@@ -330,7 +330,7 @@ class SqliteEventStore(EventStore):
         # LIKE would not use the index (it is case-insensitive by default) and treats % and _
         # as wildcards; a half-open range [prefix, successor) does and treats no character
         # specially. TEXT compares as UTF-8 bytes, i.e. in code point order, like Python str.
-        upper = _prefix_successor(prefix)
+        upper = prefix_successor(prefix)
         sql = "SELECT stream, version, last_type FROM streams WHERE stream >= ?"
         params: tuple[str, ...] = (prefix,)
         if upper is not None:
@@ -355,7 +355,7 @@ def _stored(rows: Iterable[tuple[str, int, int, str, str, bytes, float]]) -> lis
     return [StoredEvent(*row) for row in rows]
 
 
-def _prefix_successor(prefix: str) -> str | None:
+def prefix_successor(prefix: str) -> str | None:
     """The smallest string greater than every string starting with ``prefix`` (None if none,
     i.e. for the empty prefix or one made only of the largest code point)."""
     chars = list(prefix)

@@ -14,6 +14,7 @@ from decimal import Decimal
 from itertools import pairwise
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from messages.base import OrderLine
@@ -26,26 +27,34 @@ from store import (
     DuplicateEventError,
     EventCodec,
     EventStore,
-    InMemoryEventStore,
     NewEvent,
     SqliteEventStore,
     StoredEvent,
     StoreError,
     StreamHead,
     open_store,
-    store_url,
+    postgres,
 )
+from store import store_url as store_url_of
+from tests.pg import PgServer
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EventStore]:
-    """Each backend in turn; SQLite on a real file."""
-    backend: EventStore
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of a new, empty store of each backend in turn: SQLite on a real file,
+    PostgreSQL in a schema of its own on the session's real server."""
     if request.param == "memory":
-        backend = InMemoryEventStore()
-    else:
-        backend = SqliteEventStore(tmp_path / "events.db")
-    with backend:
+        return f"memory:{uuid.uuid4().hex}"
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'events.db'}"
+    server: PgServer = request.getfixturevalue("pg_server")
+    return server.create_schema()
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[EventStore]:
+    """A writer on each backend in turn."""
+    with open_store(store_url) as backend:
         yield backend
 
 
@@ -463,8 +472,8 @@ def test_open_store_chooses_the_backend_by_url(tmp_path: Path) -> None:
         writer.append("a", new_events(1), NO_STREAM)
     with open_store(str(path), readonly=True) as reader:  # a bare path is a SQLite file
         assert reader.stream_version("a") == 0
-    assert store_url(str(path)) == f"sqlite:///{path}"
-    assert store_url("memory:x") == "memory:x"
+    assert store_url_of(str(path)) == f"sqlite:///{path}"
+    assert store_url_of("memory:x") == "memory:x"
     with pytest.raises(StoreError, match="unknown event store URL"):
         open_store("mysql://localhost/orders")
 
@@ -507,3 +516,49 @@ def _open_in_child(name: str) -> str:
     except StoreError as e:
         return str(e)
     return "opened"
+
+
+# --- PostgreSQL only -------------------------------------------------------------------------
+
+
+def test_postgres_schema_is_created_versioned_and_never_downgraded(pg_server: PgServer) -> None:
+    url = pg_server.create_schema()
+    with pytest.raises(StoreError, match="start the writer first"):
+        open_store(url, readonly=True)
+    with open_store(url) as writer:
+        writer.append("a", new_events(2), NO_STREAM)
+    with open_store(url) as again, psycopg.connect(url) as conn:  # a second start: no-op
+        assert again.stream_version("a") == 1
+        rows = conn.execute("SELECT version, description FROM schema_version").fetchall()
+        assert [v for v, _ in rows] == [m[0] for m in postgres.MIGRATIONS]
+        conn.execute("INSERT INTO schema_version (version, description) VALUES (999, 'future')")
+        conn.commit()
+    with pytest.raises(StoreError, match="newer than this code"):
+        open_store(url)
+
+
+def test_postgres_readonly_store_reads_and_refuses_writes(pg_server: PgServer) -> None:
+    url = pg_server.create_schema()
+    with open_store(url) as writer, open_store(url, readonly=True) as reader:
+        writer.append("a", new_events(2), NO_STREAM)
+        assert reader.read_all() == writer.read_all()
+        with pytest.raises(StoreError, match="read-only"):
+            reader.append("a", new_events(1), 1)
+        assert reader.stream_heads("") == [StreamHead("a", 1, "Happened")]
+
+
+def test_postgres_stale_second_node_gets_concurrency_error(pg_server: PgServer) -> None:
+    url = pg_server.create_schema()
+    with open_store(url) as first, open_store(url) as second:
+        first.append("a", new_events(1), NO_STREAM)
+        seen = second.stream_version("a")
+        first.append("a", new_events(1), 0)
+        with pytest.raises(ConcurrencyError):
+            second.append("a", new_events(1), seen)
+        positions = [e.position for e in second.read_all()]
+        assert positions == list(range(1, 3))  # the refused append took no position
+
+
+def test_postgres_unreachable_server_is_a_store_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="cannot connect"):
+        open_store(f"postgresql://nobody@/x?host={tmp_path}&port=1", connect_timeout=1.0)
