@@ -66,10 +66,12 @@ class EventStoreActor(BaseActor):
             # Whatever failed (encoding, I/O), nobody's events are durable: tell each requester,
             # so none waits for an answer that would never come.
             log.exception("store: group commit of %d appends failed", len(batch))
-            results = [StoreError(f"{type(e).__name__}: {e}")] * len(batch)
+            results = [StoreError(f"{type(e).__name__}: {e}") for _ in batch]
         self._answer(batch, results)
 
-    def _commit(self, batch: list[tuple[AppendToStream, Any]]) -> list[int | StoreError]:
+    def _commit(
+        self, batch: list[tuple[AppendToStream, Any]]
+    ) -> list[int | list[int] | StoreError]:
         assert self._store is not None
         requests = [
             AppendRequest(
@@ -85,7 +87,9 @@ class EventStoreActor(BaseActor):
         return self._store.append_batch(requests)
 
     def _answer(
-        self, batch: list[tuple[AppendToStream, Any]], results: list[int | StoreError]
+        self,
+        batch: list[tuple[AppendToStream, Any]],
+        results: list[int | list[int] | StoreError] | list[StoreError],
     ) -> None:
         for (request, requester), result in zip(batch, results, strict=True):
             if isinstance(result, int):

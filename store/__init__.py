@@ -9,12 +9,14 @@ from store.records import (
     AppendRequest,
     ConcurrencyError,
     DuplicateEventError,
+    MultiAppend,
     NewEvent,
     StoredEvent,
     StoreError,
     StreamHead,
 )
 from store.sqlite import SqliteEventStore
+from store.subscription import Subscription
 
 __all__ = [
     "CODEC",
@@ -25,11 +27,13 @@ __all__ = [
     "EventCodec",
     "EventStore",
     "InMemoryEventStore",
+    "MultiAppend",
     "NewEvent",
     "SqliteEventStore",
     "StoreError",
     "StoredEvent",
     "StreamHead",
+    "Subscription",
     "describe",
     "is_store_url",
     "open_store",

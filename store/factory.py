@@ -23,11 +23,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from store.interface import EventStore
+from store.interface import AppendPart, EventStore
 from store.memory import InMemoryEventStore
 from store.postgres import PostgresEventStore, safe_url
 from store.records import (
     AppendRequest,
+    MultiAppend,
     NewEvent,
     StoredEvent,
     StoreError,
@@ -150,7 +151,13 @@ class _MemoryHandle(EventStore):
         """See ``EventStore.append``."""
         return self._open(True).append(stream, events, expected_version)
 
-    def append_batch(self, requests: Sequence[AppendRequest]) -> list[int | StoreError]:
+    def append_many(self, parts: Sequence[AppendPart]) -> list[int]:
+        """See ``EventStore.append_many``."""
+        return self._open(True).append_many(parts)
+
+    def append_batch(
+        self, requests: Sequence[AppendRequest | MultiAppend]
+    ) -> list[int | list[int] | StoreError]:
         """See ``EventStore.append_batch``."""
         return self._open(True).append_batch(requests)
 
@@ -171,6 +178,18 @@ class _MemoryHandle(EventStore):
     def stream_heads(self, prefix: str) -> list[StreamHead]:
         """See ``EventStore.stream_heads``."""
         return self._open().stream_heads(prefix)
+
+    def wait_for_commit(self, after_position: int, timeout: float) -> bool:
+        """See ``EventStore.wait_for_commit``."""
+        return self._open().wait_for_commit(after_position, timeout)
+
+    def load_checkpoint(self, subscriber: str) -> int:
+        """See ``EventStore.load_checkpoint``."""
+        return self._open().load_checkpoint(subscriber)
+
+    def save_checkpoint(self, subscriber: str, position: int) -> None:
+        """See ``EventStore.save_checkpoint``."""
+        self._open(True).save_checkpoint(subscriber, position)
 
     def close(self) -> None:
         """Close this handle; the shared store goes with its last handle."""

@@ -24,6 +24,9 @@ from store.records import (
     StreamHead,
 )
 
+AppendPart = AppendRequest | tuple[str, int, Sequence[NewEvent]]
+"""One stream's share of ``append_many``: a request, or (stream, expected_version, events)."""
+
 
 class EventStore(ABC):
     """Append-only streams of events with per-stream versions and a global commit order.
@@ -47,15 +50,40 @@ class EventStore(ABC):
         """
 
     @abstractmethod
-    def append_batch(self, requests: Sequence[AppendRequest]) -> list[int | StoreError]:
+    def append_many(self, parts: Sequence[AppendPart]) -> list[int]:
+        """Append to several streams atomically: every part (``AppendRequest`` or a
+        ``(stream, expected_version, events)`` tuple) is checked and applied as ``append``
+        would, in order, and either all of them commit or none does (the first part's error is
+        raised). Returns each part's new version."""
+
+    @abstractmethod
+    def append_batch(
+        self, requests: Sequence[AppendRequest | MultiAppend]
+    ) -> list[int | list[int] | StoreError]:
         """Group commit: apply every request in one transaction (one durable write).
 
         Each request succeeds or fails on its own; the result list holds, in request order, the
-        new version (as ``append`` returns it) or the ``StoreError`` that request raised.
-        Requests to the same stream apply in order, so the second sees the first's events. An
-        error that is not about one request (I/O, a closed store) raises for the whole batch,
-        and then nothing of the batch is committed.
+        new version (as ``append`` returns it; a list of them, as ``append_many`` does, for a
+        ``MultiAppend``) or the ``StoreError`` that request raised. Requests to the same stream
+        apply in order, so the second sees the first's events. A refused request leaves no
+        trace, not even a gap in positions: the batch commits as if each accepted request had
+        committed alone. An error that is not about one request (I/O, a closed store) raises
+        for the whole batch, and then nothing of the batch is committed.
         """
+
+    @abstractmethod
+    def wait_for_commit(self, after_position: int, timeout: float) -> bool:
+        """Block until an event with a position above ``after_position`` is committed (True
+        at once if one is) or ``timeout`` seconds pass (False). Subscriptions
+        (``store.subscription``) wait here once they have caught up."""
+
+    @abstractmethod
+    def load_checkpoint(self, subscriber: str) -> int:
+        """The last position ``subscriber`` saved as handled (0 if it never did)."""
+
+    @abstractmethod
+    def save_checkpoint(self, subscriber: str, position: int) -> None:
+        """Durably record that ``subscriber`` has handled every event up to ``position``."""
 
     @abstractmethod
     def read_stream(
@@ -203,9 +231,7 @@ class BatchPlanner:
         return results
 
 
-def as_requests(
-    parts: Sequence[AppendRequest | tuple[str, int, Sequence[NewEvent]]],
-) -> tuple[AppendRequest, ...]:
+def as_requests(parts: Sequence[AppendPart]) -> tuple[AppendRequest, ...]:
     """``append_many``'s parts as requests: ``(stream, expected_version, events)`` tuples are
     accepted as well as ``AppendRequest``s."""
     return tuple(

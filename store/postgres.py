@@ -34,7 +34,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from store.interface import BatchPlanner, EventStore
+from store.interface import AppendPart, BatchPlanner, EventStore, as_requests
 from store.records import (
     AppendRequest,
     MultiAppend,
@@ -81,6 +81,19 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             )
             """,
             "INSERT INTO event_position (only_row, last) VALUES (true, 0)",
+        ),
+    ),
+    (
+        2,
+        "subscribers' checkpoints",
+        (
+            """
+            CREATE TABLE checkpoints (
+                subscriber text PRIMARY KEY,
+                position bigint NOT NULL,
+                saved_at timestamptz NOT NULL DEFAULT now()
+            )
+            """,
         ),
     ),
 )
@@ -206,13 +219,19 @@ class PostgresEventStore(EventStore):
         assert isinstance(result, int)
         return result
 
-    def append_batch(self, requests: Sequence[AppendRequest]) -> list[int | StoreError]:
+    def append_many(self, parts: Sequence[AppendPart]) -> list[int]:
+        """See ``EventStore.append_many``."""
+        (result,) = self._commit([MultiAppend(as_requests(parts))])
+        if isinstance(result, StoreError):
+            raise result
+        assert isinstance(result, list)
+        return result
+
+    def append_batch(
+        self, requests: Sequence[AppendRequest | MultiAppend]
+    ) -> list[int | list[int] | StoreError]:
         """See ``EventStore.append_batch``: one transaction under the position lock."""
-        results: list[int | StoreError] = []
-        for result in self._commit(requests):
-            assert not isinstance(result, list)
-            results.append(result)
-        return results
+        return self._commit(requests)
 
     def _commit(
         self, requests: Sequence[AppendRequest | MultiAppend]
@@ -331,6 +350,74 @@ class PostgresEventStore(EventStore):
             rows = conn.execute(query + " ORDER BY stream", params).fetchall()
         return [StreamHead(s, int(v), t) for s, v, t in rows if s.startswith(prefix)]
 
+    # --- subscriptions ------------------------------------------------------------------------
+
+    def wait_for_commit(self, after_position: int, timeout: float) -> bool:
+        """See ``EventStore.wait_for_commit``: wakes on the commit's NOTIFY; polls the position
+        counter every ``poll_interval`` seconds only in case a notification went missing, and
+        every 50 ms while it has no listening connection (it reconnects on each round)."""
+        deadline = time.monotonic() + max(timeout, 0.0)
+        with self._listen_lock:
+            while True:
+                listener = self._listening()  # LISTEN before looking: nothing slips between
+                if self._last_position() > after_position:
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                if listener is None:
+                    time.sleep(min(left, 0.05))
+                    continue
+                try:
+                    for note in listener.notifies(timeout=min(left, self._poll_interval)):
+                        if _position_of(note.payload) > after_position:
+                            return True
+                except psycopg.Error:
+                    self._drop_listener()
+
+    def _listening(self) -> psycopg.Connection[Any] | None:
+        if self._closed:
+            raise StoreError("the event store is closed")
+        if self._listener is not None and not self._listener.closed:
+            return self._listener
+        try:
+            conn = psycopg.connect(self._url, autocommit=True, connect_timeout=5)
+            conn.execute(f"LISTEN {CHANNEL}")
+        except psycopg.Error:
+            return None
+        self._listener = conn
+        return conn
+
+    def _drop_listener(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+
+    def _last_position(self) -> int:
+        with self._connection() as conn:
+            row = conn.execute("SELECT last FROM event_position").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def load_checkpoint(self, subscriber: str) -> int:
+        """See ``EventStore.load_checkpoint``."""
+        with self._connection() as conn:
+            row = conn.execute(
+                "SELECT position FROM checkpoints WHERE subscriber = %s", (subscriber,)
+            ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def save_checkpoint(self, subscriber: str, position: int) -> None:
+        """See ``EventStore.save_checkpoint``."""
+        if self._readonly:
+            raise StoreError(f"event store {safe_url(self._url)} is open read-only")
+        with self._connection() as conn:
+            conn.execute(
+                "INSERT INTO checkpoints (subscriber, position) VALUES (%s, %s)"
+                " ON CONFLICT (subscriber) DO UPDATE SET position = excluded.position,"
+                " saved_at = now()",
+                (subscriber, position),
+            )
+
     def close(self) -> None:
         """See ``EventStore.close``."""
         if self._closed:
@@ -341,6 +428,13 @@ class PostgresEventStore(EventStore):
         if listener is not None:
             listener.close()
         self._pool.close()
+
+
+def _position_of(payload: str) -> int:
+    try:
+        return int(payload)
+    except ValueError:
+        return 0
 
 
 def _schema_version(conn: psycopg.Connection[Any]) -> int:

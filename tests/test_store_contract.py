@@ -4,7 +4,9 @@ SQLite-only promises: durability across reopen, WAL/FULL pragmas and read-only r
 from __future__ import annotations
 
 import multiprocessing
+import random
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,11 +29,13 @@ from store import (
     DuplicateEventError,
     EventCodec,
     EventStore,
+    MultiAppend,
     NewEvent,
     SqliteEventStore,
     StoredEvent,
     StoreError,
     StreamHead,
+    Subscription,
     open_store,
     postgres,
 )
@@ -283,6 +287,236 @@ def test_closed_store_raises_store_error(store: EventStore) -> None:
     with pytest.raises(StoreError):
         store.append("a", new_events(1), NO_STREAM)
     store.close()
+
+
+# --- append_many: several streams, all or nothing --------------------------------------------
+
+
+def test_append_many_commits_every_stream_together(store: EventStore) -> None:
+    store.append("stock-a", new_events(2), NO_STREAM)
+    versions_ = store.append_many(
+        [("stock-a", 1, new_events(1)), AppendRequest("stock-b", new_events(2), NO_STREAM)]
+    )
+    assert versions_ == [2, 1]
+    everything = store.read_all()
+    assert [(e.stream, e.version) for e in everything] == [
+        ("stock-a", 0),
+        ("stock-a", 1),
+        ("stock-a", 2),
+        ("stock-b", 0),
+        ("stock-b", 1),
+    ]
+    assert len({e.recorded_at for e in everything[2:]}) == 1  # one commit
+
+
+@pytest.mark.parametrize("failing", ["first", "last"])
+def test_append_many_refused_part_leaves_nothing(store: EventStore, failing: str) -> None:
+    store.append("stock-a", new_events(1), NO_STREAM)
+    before = store.read_all()
+    stale = ("stock-a", NO_STREAM, new_events(1))
+    fine = [("stock-b", NO_STREAM, new_events(2)), ("stock-c", NO_STREAM, new_events(1))]
+    parts = [stale, *fine] if failing == "first" else [*fine, stale]
+    with pytest.raises(ConcurrencyError) as caught:
+        store.append_many(parts)
+    assert caught.value.stream == "stock-a"
+    assert store.read_all() == before
+    assert store.stream_version("stock-b") == NO_STREAM
+    store.append("d", new_events(1), NO_STREAM)
+    assert store.read_all()[-1].position == before[-1].position + 1  # no gap either
+
+
+def test_append_many_is_idempotent_and_refuses_duplicates(store: EventStore) -> None:
+    a, b = new_events(2), new_events(1)
+    parts = [("x", NO_STREAM, a), ("y", NO_STREAM, b)]
+    assert store.append_many(parts) == [1, 0]
+    assert store.append_many(parts) == [1, 0]  # a re-delivered request: no-op
+    with pytest.raises(DuplicateEventError):
+        store.append_many([("z", NO_STREAM, new_events(1)), ("w", NO_STREAM, b)])
+    assert store.stream_version("z") == NO_STREAM
+    assert len(store.read_all()) == 3
+    assert store.append_many([]) == []
+
+
+def test_append_batch_mixes_single_and_multi_stream_requests(store: EventStore) -> None:
+    store.append("a", new_events(1), NO_STREAM)
+    results = store.append_batch(
+        [
+            MultiAppend(
+                (AppendRequest("a", new_events(1), 0), AppendRequest("b", new_events(1), NO_STREAM))
+            ),
+            MultiAppend(
+                (AppendRequest("c", new_events(1), NO_STREAM), AppendRequest("a", new_events(1), 0))
+            ),
+            AppendRequest("a", new_events(1), 1),
+        ]
+    )
+    assert results[0] == [1, 0]
+    assert isinstance(results[1], ConcurrencyError)  # a is at 1 by then: c is not written
+    assert results[2] == 2
+    assert store.stream_version("c") == NO_STREAM
+    assert [e.position for e in store.read_all()] == list(range(1, 5))
+
+
+# --- read_all never skips, with writers in parallel ------------------------------------------
+
+
+WRITERS = 6
+APPENDS_PER_WRITER = 120
+
+
+def test_read_all_never_skips_with_concurrent_writers(store_url: str) -> None:
+    """Writers on separate connections (separate pools: as separate nodes would) commit
+    while a reader follows read_all; every event the reader ever sees must come after
+    everything it saw before, so at the end it has seen exactly the whole log, in order."""
+    writers = [open_store(store_url) for _ in range(WRITERS)]
+    reader = open_store(store_url, readonly=True) if store_url.startswith("sqlite") else writers[0]
+    done = threading.Event()
+    seen: list[StoredEvent] = []
+    errors: list[BaseException] = []
+
+    def write(n: int, store: EventStore) -> None:
+        rng = random.Random(n)
+        try:
+            for i in range(APPENDS_PER_WRITER):
+                stream = f"w{n}-{i % 7}"
+                parts = [AppendRequest(stream, new_events(rng.randint(1, 3)), NO_STREAM)]
+                if i % 7 != 0 or i < 7:
+                    head = store.stream_version(stream)
+                    parts = [AppendRequest(stream, parts[0].events, head)]
+                store.append_batch(
+                    [*parts, AppendRequest(f"shared-{n}-{i}", new_events(1), NO_STREAM)]
+                )
+        except BaseException as e:
+            errors.append(e)
+
+    def follow() -> None:
+        position = 0
+        while True:
+            finished = done.is_set()
+            page = reader.read_all(position, 50)
+            seen.extend(page)
+            if page:
+                position = page[-1].position
+            elif finished:
+                return
+
+    threads = [threading.Thread(target=write, args=(n, w)) for n, w in enumerate(writers)]
+    tail = threading.Thread(target=follow)
+    tail.start()
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    done.set()
+    tail.join()
+    try:
+        assert not errors, errors
+        everything: list[StoredEvent] = []
+        page = reader.read_all(0, 1000)
+        while page:
+            everything.extend(page)
+            page = reader.read_all(page[-1].position, 1000)
+        assert len(everything) >= WRITERS * APPENDS_PER_WRITER * 2
+        assert [e.position for e in seen] == [e.position for e in everything]
+        assert seen == everything
+        print(f"{len(everything)} events by {WRITERS} writers in {elapsed:.2f}s")
+    finally:
+        for w in writers:
+            w.close()
+        if reader not in writers:
+            reader.close()
+
+
+# --- subscriptions ---------------------------------------------------------------------------
+
+
+def test_subscription_catches_up_then_follows_live(store: EventStore) -> None:
+    store.append("a", new_events(3), NO_STREAM)
+    sub = Subscription(store, "projector", page=2)
+    assert sub.position == 0
+    assert versions(sub.poll(0)) == [0, 1]
+    assert versions(sub.poll(0)) == [2]
+    assert sub.poll(0.01) == []
+    got: list[StoredEvent] = []
+    waiting = threading.Thread(target=lambda: got.extend(sub.poll(5.0)))
+    waiting.start()
+    time.sleep(0.05)
+    store.append("b", new_events(1), NO_STREAM)
+    waiting.join(5.0)
+    assert [(e.stream, e.version) for e in got] == [("b", 0)]
+
+
+def test_subscription_checkpoint_is_durable_per_subscriber(store_url: str) -> None:
+    with open_store(store_url) as store:
+        store.append("a", new_events(4), NO_STREAM)
+        first = Subscription(store, "first")
+        assert len(first.poll(0)) == 4
+        first.position = store.read_all()[1].position  # handled two of them, then...
+        first.commit()
+        other = Subscription(store, "other")
+        assert len(other.poll(0)) == 4  # ...which is nobody else's business
+        if store_url.startswith("memory:"):
+            again = Subscription(store, "first")
+            assert versions(again.poll(0)) == [2, 3]
+            return
+    with open_store(store_url) as reopened:  # durable across a restart
+        again = Subscription(reopened, "first")
+        assert versions(again.poll(0)) == [2, 3]
+        again.commit()
+        assert Subscription(reopened, "first").poll(0) == []
+
+
+def test_subscription_run_hands_every_event_once_in_order(store: EventStore) -> None:
+    handled: list[StoredEvent] = []
+    stop = threading.Event()
+    sub = Subscription(store, "runner", page=3)
+    runner = threading.Thread(target=sub.run, args=(handled.append, stop, 0.05))
+    runner.start()
+    for n in range(5):
+        store.append(f"s{n}", new_events(2), NO_STREAM)
+    wait_for = time.monotonic() + 10
+    while len(handled) < 10 and time.monotonic() < wait_for:
+        time.sleep(0.01)
+    stop.set()
+    runner.join(5)
+    assert handled == store.read_all()
+    assert store.load_checkpoint("runner") == handled[-1].position
+
+
+def test_subscriber_hears_of_a_commit_within_milliseconds(store_url: str) -> None:
+    """Commit-to-delivery latency of a caught-up subscriber on another connection."""
+    if store_url.startswith("sqlite"):
+        pytest.skip("SQLite cannot notify other connections: its subscribers poll every 5 ms")
+    latencies: list[float] = []
+    with open_store(store_url) as writer, open_store(store_url, readonly=True) as follower:
+        sub = Subscription(follower, "latency")
+        received = threading.Event()
+        stop = threading.Event()
+
+        def listen() -> None:
+            while not stop.is_set():
+                if sub.poll(1.0):
+                    received.set()
+
+        thread = threading.Thread(target=listen)
+        thread.start()
+        try:
+            for _ in range(40):
+                received.clear()
+                time.sleep(0.01)  # let the subscriber block in its wait
+                writer.append(f"l-{uuid.uuid4().hex}", new_events(1), NO_STREAM)
+                committed = time.perf_counter()
+                assert received.wait(5.0)
+                latencies.append(time.perf_counter() - committed)
+        finally:
+            stop.set()
+            thread.join(5)
+    latencies.sort()
+    median, worst = latencies[len(latencies) // 2], latencies[-1]
+    print(f"commit-to-delivery: median {median * 1000:.2f} ms, max {worst * 1000:.2f} ms")
+    assert median < 0.05
 
 
 # --- codec -----------------------------------------------------------------------------------
