@@ -10,11 +10,20 @@ from messages.commands import (
     AppendDone,
     AppendRejected,
     AppendToStream,
+    AppendToStreams,
     FlushAppends,
     ServiceConfig,
     ServiceReady,
 )
-from store import CODEC, AppendRequest, ConcurrencyError, EventStore, StoreError, open_store
+from store import (
+    CODEC,
+    AppendRequest,
+    ConcurrencyError,
+    EventStore,
+    MultiAppend,
+    StoreError,
+    open_store,
+)
 
 
 class EventStoreActor(BaseActor):
@@ -30,7 +39,7 @@ class EventStoreActor(BaseActor):
     def __init__(self) -> None:
         super().__init__()
         self._store: EventStore | None = None
-        self._buffer: list[tuple[AppendToStream, Any]] = []
+        self._buffer: list[tuple[AppendToStream | AppendToStreams, Any]] = []
         self._flush_sent = False
 
     def receiveMsg_ServiceConfig(self, msg: ServiceConfig, sender: Any) -> None:
@@ -41,6 +50,13 @@ class EventStoreActor(BaseActor):
 
     def receiveMsg_AppendToStream(self, msg: AppendToStream, sender: Any) -> None:
         """Buffer the append; the flush that commits it is already queued or sent now."""
+        self._buffer.append((msg, sender))
+        if not self._flush_sent:
+            self._flush_sent = True
+            self.send(self.myAddress, FlushAppends())
+
+    def receiveMsg_AppendToStreams(self, msg: AppendToStreams, sender: Any) -> None:
+        """A multi-stream append joins the group commit like any other (all or nothing)."""
         self._buffer.append((msg, sender))
         if not self._flush_sent:
             self._flush_sent = True
@@ -70,34 +86,35 @@ class EventStoreActor(BaseActor):
         self._answer(batch, results)
 
     def _commit(
-        self, batch: list[tuple[AppendToStream, Any]]
+        self, batch: list[tuple[AppendToStream | AppendToStreams, Any]]
     ) -> list[int | list[int] | StoreError]:
         assert self._store is not None
         requests = [
-            AppendRequest(
-                stream=request.stream,
-                events=tuple(
-                    CODEC.encode(event, event_id)
-                    for event, event_id in zip(request.events, request.event_ids, strict=True)
-                ),
-                expected_version=request.expected_version,
-            )
+            MultiAppend(tuple(_request(part) for part in request.parts))
+            if isinstance(request, AppendToStreams)
+            else _request(request)
             for request, _ in batch
         ]
         return self._store.append_batch(requests)
 
     def _answer(
         self,
-        batch: list[tuple[AppendToStream, Any]],
+        batch: list[tuple[AppendToStream | AppendToStreams, Any]],
         results: list[int | list[int] | StoreError] | list[StoreError],
     ) -> None:
         for (request, requester), result in zip(batch, results, strict=True):
             if isinstance(result, int):
                 self.send(requester, AppendDone(ref=request.ref, version=result))
+            elif isinstance(result, list):
+                version = result[-1] if result else -1
+                self.send(
+                    requester,
+                    AppendDone(ref=request.ref, version=version, versions=tuple(result)),
+                )
             else:
                 error = "conflict" if isinstance(result, ConcurrencyError) else "store_error"
                 if error != "conflict":
-                    log.error("store: append to %s failed: %s", request.stream, result)
+                    log.error("store: append %s failed: %s", request.ref, result)
                 self.send(
                     requester, AppendRejected(ref=request.ref, error=error, message=str(result))
                 )
@@ -107,3 +124,14 @@ class EventStoreActor(BaseActor):
         if self._store is not None:
             self._store.close()
             self._store = None
+
+
+def _request(request: AppendToStream) -> AppendRequest:
+    return AppendRequest(
+        stream=request.stream,
+        events=tuple(
+            CODEC.encode(event, event_id)
+            for event, event_id in zip(request.events, request.event_ids, strict=True)
+        ),
+        expected_version=request.expected_version,
+    )

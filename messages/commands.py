@@ -214,11 +214,21 @@ class AppendToStream(ActorMessage):
     expected_version: int
 
 
+class AppendToStreams(ActorMessage):
+    """Append to several streams at once, each at its expected version: all or nothing
+    (``EventStore.append_many``); ref comes back in the reply."""
+
+    ref: str
+    parts: tuple[AppendToStream, ...]  # each part's own ref is unused
+
+
 class AppendDone(ActorMessage):
-    """The append committed; version is the stream's new last version."""
+    """The append committed; version is the stream's new last version (for AppendToStreams:
+    the last part's, and `versions` has each part's)."""
 
     ref: str
     version: int
+    versions: tuple[int, ...] = ()
 
 
 class AppendRejected(ActorMessage):
