@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT, Server, new_id, wait_until
+from tests.pg import PgServer
 from tests.test_end_to_end import LINES, PATHS
 
 
@@ -62,3 +63,19 @@ def test_memory_store_is_refused_on_a_process_base(base: str) -> None:
     )
     assert done.returncode == 2
     assert "one process's memory" in done.stderr
+
+
+@pytest.mark.parametrize("base", ["simple", pytest.param("queue", marks=pytest.mark.process)])
+def test_postgres_store_runs_the_whole_system(
+    start_server: Callable[..., Server], pg_server: PgServer, base: str
+) -> None:
+    url = pg_server.create_database()
+    server = start_server(store=url, base=base, step_timeout=0.5 if base == "simple" else 1.0)
+    assert "store=postgresql://" in server.ready_line
+    place_every_token(server)
+    assert server.stop() == 0, server.log()[-3000:]
+    # Durable: a second run on the same database finds every order and the same stock.
+    again = start_server(store=url, base=base)
+    report = again.client().audit()
+    assert report["ok"], report["checks"]
+    assert report["orders"] == len(PATHS)
