@@ -345,11 +345,9 @@ def test_cli_global_options_also_work_after_the_command(
 @pytest.mark.parametrize(
     ("status", "exit_code"), [("paid", 0), ("cancelled", 5), ("failed", 6), ("pending", 7)]
 )
+@pytest.mark.usefixtures("capsys")
 def test_cli_place_exit_status_tells_outcomes_apart(
-    status: str,
-    exit_code: int,
-    serve: Callable[[Handler], FakeServer],
-    capsys: pytest.CaptureFixture[str],
+    status: str, exit_code: int, serve: Callable[[Handler], FakeServer]
 ) -> None:
     def answer(conn: FakeConn) -> None:
         while (req := conn.recv()) is not None:
