@@ -1,7 +1,11 @@
 """Start the order service: the Thespian actor system and the client gateway in front of it.
 
-    python run.py [--base simple|queue|tcp] [--db PATH] [--host 127.0.0.1] [--port 7300]
-                  [--step-timeout SECONDS]
+    python run.py [--base simple|queue|tcp] [--store URL | --db PATH] [--host 127.0.0.1]
+                  [--port 7300] [--step-timeout SECONDS]
+
+--store takes sqlite:///PATH (the default, sqlite:///orders.db), postgresql://USER@HOST:PORT/DB
+or memory: (everything in this process, nothing durable; simple base only); --db PATH is short
+for sqlite:///PATH.
 
 Prints ``ready <host>:<port>`` once clients can connect. SIGINT/SIGTERM stop taking orders, let
 the orders in flight finish (up to --drain-timeout), shut the actors down and exit 0.
@@ -27,8 +31,10 @@ from messages.commands import Configure
 from runtime.bridge import ActorBridge, configure
 from runtime.logs import FORMATS, log_config
 from runtime.proc_tree import RUN_MARKER
+from store import describe, sqlite_path, store_url
 
 DEFAULT_DB = "orders.db"
+DEFAULT_STORE = f"sqlite:///{DEFAULT_DB}"
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -56,7 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="simple",
         help="Thespian system base (simple: one process)",
     )
-    parser.add_argument("--db", default=DEFAULT_DB, help="SQLite event store file (created)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--store",
+        help=f"event store URL: sqlite:///PATH, postgresql://USER@HOST:PORT/DB or memory: "
+        f"(default {DEFAULT_STORE})",
+    )
+    where.add_argument("--db", help="SQLite event store file (created): short for sqlite:///PATH")
     parser.add_argument("--host", default="127.0.0.1", help="gateway address")
     parser.add_argument("--port", type=int, default=7300, help="gateway port (0: any free)")
     parser.add_argument(
@@ -120,6 +132,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if "admin_token" not in args:
         args.admin_token = os.environ.get("ORDER_ADMIN_TOKEN")
+    if args.store is None:
+        args.store = store_url(args.db) if args.db is not None else DEFAULT_STORE
+    elif not args.store.startswith(("sqlite:///", "postgresql://", "postgres://", "memory:")):
+        parser.error(f"--store {args.store!r}: use sqlite:///PATH, postgresql://... or memory:")
+    path = sqlite_path(args.store)
+    if path is not None:
+        args.store = store_url(str(path))  # absolute: every actor process opens the same file
+    if args.store.startswith("memory:") and args.base != "simple":
+        parser.error(
+            f"--store {args.store} keeps the events in one process's memory, but the {args.base} "
+            "base runs each actor in a process of its own: use --base simple, or "
+            "sqlite:///PATH or postgresql://..."
+        )
     if args.step_timeout <= 0:
         parser.error("--step-timeout must be positive")
     if not _is_loopback(args.host) and not args.admin_token:
@@ -141,7 +166,6 @@ def _is_loopback(host: str) -> bool:
 
 async def serve(args: argparse.Namespace) -> int:
     """Run until SIGINT/SIGTERM; returns the exit status."""
-    db_path = str(Path(args.db).resolve())
     capabilities: dict[str, Any] = {}
     if args.base == "tcp":
         capabilities["Admin Port"] = args.admin_port
@@ -174,7 +198,7 @@ async def serve(args: argparse.Namespace) -> int:
                 bridge,
                 lambda req_id: Configure(
                     req_id=req_id,
-                    db_path=db_path,
+                    store_url=args.store,
                     synchronous=args.synchronous,
                     step_timeout=args.step_timeout,
                     crash_exits_process=args.base != "simple",
@@ -189,13 +213,15 @@ async def serve(args: argparse.Namespace) -> int:
             request_timeout=max(60.0, 10 * args.step_timeout),
             max_in_flight=20_000 if args.base == "simple" else 24,
         )
-        gateway = Gateway(bridge, db_path, limits=limits, admin_token=args.admin_token)
+        gateway = Gateway(bridge, args.store, limits=limits, admin_token=args.admin_token)
         if stop.is_set():
             await gateway.drain(0.0)  # stopped during start-up: tell the manager, then stop
             return 0  # the orders being recovered resume on the next start
         host, port = await gateway.start(args.host, args.port)
         print(
-            f"ready {host}:{port} base={args.base} db={db_path} recovering={recovered}", flush=True
+            f"ready {host}:{port} base={args.base} store={describe(args.store)} "
+            f"recovering={recovered}",
+            flush=True,
         )
         await stop.wait()
         _say(
@@ -240,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         # operator names a private-network address (runtime.thespian_fixes binds to it).
         os.environ.setdefault("THESPIAN_BASE_IPADDR", "127.0.0.1")
     # Thespian logs to $TMPDIR/thespian.log by default, shared by everything on the machine.
-    os.environ.setdefault("THESPLOG_FILE", str(Path(args.db).resolve().parent / "thespian.log"))
+    db = sqlite_path(args.store)
+    log_dir = db.parent if db is not None else Path.cwd()
+    os.environ.setdefault("THESPLOG_FILE", str(log_dir / "thespian.log"))
     logging.config.dictConfig(log_config(args.log_level, args.log_format))
     try:
         code = asyncio.run(serve(args))

@@ -10,7 +10,7 @@ from typing import Any
 
 from thespian.actors import ActorTypeDispatcher, PoisonMessage
 
-from messages.commands import AppendDone, AppendRejected, AppendToStream
+from messages.commands import AppendDone, AppendRejected, AppendToStream, AppendToStreams
 from messages.events import Event
 
 log = logging.getLogger("orders")
@@ -80,7 +80,7 @@ class Appender:
         self._actor: Any = weakref.proxy(actor)
         self._prefix = prefix
         self._counter = itertools.count()
-        self._pending: dict[str, tuple[AppendToStream, AppendCallback]] = {}
+        self._pending: dict[str, tuple[AppendToStream | AppendToStreams, AppendCallback]] = {}
         self.store: Any = None
 
     def append(
@@ -99,6 +99,31 @@ class Appender:
             events=tuple(events),
             event_ids=tuple(event_ids),
             expected_version=expected_version,
+        )
+        self._pending[ref] = (request, callback)
+        self._actor.send(self.store, request)
+        return ref
+
+    def append_many(
+        self,
+        parts: Sequence[tuple[str, Sequence[Event], Sequence[str], int]],
+        callback: AppendCallback,
+    ) -> str:
+        """Send one all-or-nothing append to several streams, each part (stream, events,
+        event ids, expected version); `callback` runs with the store's reply."""
+        ref = f"{self._prefix}:{next(self._counter)}"
+        request = AppendToStreams(
+            ref=ref,
+            parts=tuple(
+                AppendToStream(
+                    ref=ref,
+                    stream=stream,
+                    events=tuple(events),
+                    event_ids=tuple(ids),
+                    expected_version=expected,
+                )
+                for stream, events, ids, expected in parts
+            ),
         )
         self._pending[ref] = (request, callback)
         self._actor.send(self.store, request)

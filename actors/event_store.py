@@ -10,11 +10,20 @@ from messages.commands import (
     AppendDone,
     AppendRejected,
     AppendToStream,
+    AppendToStreams,
     FlushAppends,
     ServiceConfig,
     ServiceReady,
 )
-from store import CODEC, AppendRequest, ConcurrencyError, SqliteEventStore, StoreError
+from store import (
+    CODEC,
+    AppendRequest,
+    ConcurrencyError,
+    EventStore,
+    MultiAppend,
+    StoreError,
+    open_store,
+)
 
 
 class EventStoreActor(BaseActor):
@@ -29,18 +38,25 @@ class EventStoreActor(BaseActor):
 
     def __init__(self) -> None:
         super().__init__()
-        self._store: SqliteEventStore | None = None
-        self._buffer: list[tuple[AppendToStream, Any]] = []
+        self._store: EventStore | None = None
+        self._buffer: list[tuple[AppendToStream | AppendToStreams, Any]] = []
         self._flush_sent = False
 
     def receiveMsg_ServiceConfig(self, msg: ServiceConfig, sender: Any) -> None:
         """Open (creating if needed) the database as its only writer."""
         if self._store is None:
-            self._store = SqliteEventStore(msg.db_path, synchronous=msg.synchronous)
+            self._store = open_store(msg.store_url, synchronous=msg.synchronous)
         self.send(sender, ServiceReady(name=self.actor_name, pid=os.getpid()))
 
     def receiveMsg_AppendToStream(self, msg: AppendToStream, sender: Any) -> None:
         """Buffer the append; the flush that commits it is already queued or sent now."""
+        self._buffer.append((msg, sender))
+        if not self._flush_sent:
+            self._flush_sent = True
+            self.send(self.myAddress, FlushAppends())
+
+    def receiveMsg_AppendToStreams(self, msg: AppendToStreams, sender: Any) -> None:
+        """A multi-stream append joins the group commit like any other (all or nothing)."""
         self._buffer.append((msg, sender))
         if not self._flush_sent:
             self._flush_sent = True
@@ -66,35 +82,40 @@ class EventStoreActor(BaseActor):
             # Whatever failed (encoding, I/O), nobody's events are durable: tell each requester,
             # so none waits for an answer that would never come.
             log.exception("store: group commit of %d appends failed", len(batch))
-            results = [StoreError(f"{type(e).__name__}: {e}")] * len(batch)
+            results = [StoreError(f"{type(e).__name__}: {e}") for _ in batch]
         self._answer(batch, results)
 
-    def _commit(self, batch: list[tuple[AppendToStream, Any]]) -> list[int | StoreError]:
+    def _commit(
+        self, batch: list[tuple[AppendToStream | AppendToStreams, Any]]
+    ) -> list[int | list[int] | StoreError]:
         if self._store is None:
             raise NotConfiguredError("store: no ServiceConfig yet")
         requests = [
-            AppendRequest(
-                stream=request.stream,
-                events=tuple(
-                    CODEC.encode(event, event_id)
-                    for event, event_id in zip(request.events, request.event_ids, strict=True)
-                ),
-                expected_version=request.expected_version,
-            )
+            MultiAppend(tuple(_request(part) for part in request.parts))
+            if isinstance(request, AppendToStreams)
+            else _request(request)
             for request, _ in batch
         ]
         return self._store.append_batch(requests)
 
     def _answer(
-        self, batch: list[tuple[AppendToStream, Any]], results: list[int | StoreError]
+        self,
+        batch: list[tuple[AppendToStream | AppendToStreams, Any]],
+        results: list[int | list[int] | StoreError] | list[StoreError],
     ) -> None:
         for (request, requester), result in zip(batch, results, strict=True):
             if isinstance(result, int):
                 self.send(requester, AppendDone(ref=request.ref, version=result))
+            elif isinstance(result, list):
+                version = result[-1] if result else -1
+                self.send(
+                    requester,
+                    AppendDone(ref=request.ref, version=version, versions=tuple(result)),
+                )
             else:
                 error = "conflict" if isinstance(result, ConcurrencyError) else "store_error"
                 if error != "conflict":
-                    log.error("store: append to %s failed: %s", request.stream, result)
+                    log.error("store: append %s failed: %s", request.ref, result)
                 self.send(
                     requester, AppendRejected(ref=request.ref, error=error, message=str(result))
                 )
@@ -104,3 +125,14 @@ class EventStoreActor(BaseActor):
         if self._store is not None:
             self._store.close()
             self._store = None
+
+
+def _request(request: AppendToStream) -> AppendRequest:
+    return AppendRequest(
+        stream=request.stream,
+        events=tuple(
+            CODEC.encode(event, event_id)
+            for event, event_id in zip(request.events, request.event_ids, strict=True)
+        ),
+        expected_version=request.expected_version,
+    )

@@ -1,14 +1,30 @@
 """The Inventory actor: stock per product, all-or-nothing reservations keyed by order id.
 
-Its state is durable: every change is an event in stream ``inventory`` (this actor is its only
-writer) and a (re)started Inventory rebuilds itself from that stream. A change is applied in
-memory at once (so the next request sees it) and answered only after its event is committed.
+Its state is durable: every change is an event in the stream of the product it is about,
+``stock-{product_id}`` (a reservation across products is one atomic multi-stream append, with
+each product's share in its stream and the expected version of each), and a (re)started
+Inventory rebuilds itself from those streams. A change is applied in memory at once (so the
+next request sees it) and answered only after its events are committed.
+
+Appends carry expected versions, so another writer of the same streams (an Inventory of another
+node on a shared PostgreSQL store, or a previous incarnation of this one) makes them conflict
+rather than oversell. At most one append is in flight at a time: the changes made meanwhile go
+out together as the next one, each stream at the version the previous append left it, so an
+append is never built on one that may still be refused. On a refusal the Inventory rebuilds
+its book from the stock streams (catching up on what the other writer did), then handles again
+every request whose change was lost, at most ``MAX_ATTEMPTS`` times each; a reservation that
+keeps conflicting is then refused with that reason.
+
+A database made before the stock streams has the Inventory's whole history in one stream,
+``inventory``: the first start copies it, split by product, into the stock streams and ends it
+with ``InventoryMigrated``, all in one commit.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from actors.base import Appender, BaseActor, CommitGate, NotConfiguredError, log
@@ -29,15 +45,38 @@ from messages.commands import (
     StockReport,
 )
 from messages.errors import ErrorCode
-from messages.events import INVENTORY_STREAM, Event, StockReleased, StockReserved, StockSet
-from saga.stock import StockBook
-from store import CODEC, NO_STREAM, SqliteEventStore
+from messages.events import (
+    FENCES_STREAM,
+    INVENTORY_STREAM,
+    STOCK_PREFIX,
+    Event,
+    InventoryMigrated,
+    StockReleased,
+    StockReserved,
+    StockSet,
+    stock_stream,
+)
+from saga.stock import StockBook, split_by_stream
+from store import CODEC, NO_STREAM, open_store
 
 SEED_PRODUCTS = tuple(f"SKU-{n:03d}" for n in range(1, 11))
 SEED_ON_HAND = 1000
+MAX_ATTEMPTS = 5  # conflicts one request may meet before it is refused
 
 
 Reply = tuple[Any, Any]  # (recipient, message)
+
+
+@dataclass
+class Change:
+    """One request's events (by stream), its answers, and how to handle it again."""
+
+    parts: list[tuple[str, Event]]
+    on_commit: list[Callable[[], Reply]]
+    order_id: str | None
+    retry: Callable[[int], None] | None  # re-handle the request as attempt n
+    attempt: int
+    ids: list[str] = field(default_factory=list)
 
 
 class InventoryActor(BaseActor):
@@ -48,7 +87,9 @@ class InventoryActor(BaseActor):
     def __init__(self) -> None:
         super().__init__()
         self._book = StockBook()
-        self._version = NO_STREAM
+        self._versions: dict[str, int] = {}  # stream -> version committed (as far as we know)
+        self._in_flight: list[Change] = []
+        self._queued: list[Change] = []
         self._appender = Appender(self, "inventory")
         self._config: ServiceConfig | None = None
         self._gate = CommitGate()
@@ -56,34 +97,102 @@ class InventoryActor(BaseActor):
     # --- life cycle -----------------------------------------------------------------------
 
     def receiveMsg_ServiceConfig(self, msg: ServiceConfig, sender: Any) -> None:
-        """Load the inventory stream (seeding a new database), then report ready."""
+        """Load the stock streams (migrating or seeding the database first), report ready."""
         self._config = msg
         self._appender.store = msg.store
-        self._reload()
-        if self._version == NO_STREAM:
-            now = utcnow()
-            seed = [StockSet(product_id=p, on_hand=SEED_ON_HAND, set_at=now) for p in SEED_PRODUCTS]
-            self._record(seed, on_commit=[])
+        self._reload(migrate=True)
         self.send(sender, ServiceReady(name=self.actor_name, pid=os.getpid()))
 
-    def _reload(self) -> None:
+    def _reload(self, migrate: bool = False) -> None:
+        """Rebuild the book from the stock streams; forget every change not yet committed."""
         if self._config is None:
             raise NotConfiguredError("inventory: no ServiceConfig yet")
-        with SqliteEventStore(self._config.db_path, readonly=True) as reader:
-            stored = reader.read_stream(INVENTORY_STREAM)
-        self._book = StockBook()
-        for record in stored:
-            self._book.apply(CODEC.decode(record))
-        self._version = stored[-1].version if stored else NO_STREAM
+        with open_store(self._config.store_url, readonly=True) as reader:
+            self._book = StockBook()
+            self._versions = {}
+            streams = [h.stream for h in reader.stream_heads(STOCK_PREFIX)]
+            for stream in (*streams, FENCES_STREAM):
+                stored = reader.read_stream(stream)
+                for record in stored:
+                    self._book.apply(CODEC.decode(record))
+                if stored:
+                    self._versions[stream] = stored[-1].version
+            legacy = reader.read_stream(INVENTORY_STREAM) if migrate and not streams else []
+        self._in_flight, self._queued = [], []
         self._appender.forget_all()
         self._gate.clear()
+        if not migrate or streams:
+            return
+        if legacy and legacy[-1].type != InventoryMigrated.__name__:
+            self._migrate(reader_events=legacy)
+        elif not legacy and not self._versions:
+            self._seed()
+
+    def _seed(self, attempt: int = 1) -> None:
+        """Stock a new database: the seed products whose streams do not exist yet."""
+        now = utcnow()
+        seed = [
+            StockSet(product_id=p, on_hand=SEED_ON_HAND, set_at=now)
+            for p in SEED_PRODUCTS
+            if stock_stream(p) not in self._versions
+        ]
+        if seed and attempt <= MAX_ATTEMPTS:
+            self._record(seed, on_commit=[], retry=self._seed, attempt=attempt)
+
+    def _migrate(self, reader_events: Sequence[Any]) -> None:
+        """Copy the old ``inventory`` stream into the stock streams, split by product, and
+        close it with ``InventoryMigrated``: one commit, at the old stream's head (an old
+        Inventory still writing to it conflicts, and so does a second migration)."""
+        parts: list[tuple[str, Event]] = []
+        ids: list[str] = []
+        for record in reader_events:
+            event = CODEC.decode(record)
+            for stream, share in split_by_stream(event):
+                parts.append((stream, share))
+                ids.append(f"{record.event_id}/{stream}")  # a re-run is an idempotent replay
+        marker = InventoryMigrated(
+            events=len(reader_events), streams=len({s for s, _ in parts}), migrated_at=utcnow()
+        )
+        log.warning(
+            "inventory: migrating %d events of the old %r stream into %d stock streams",
+            len(reader_events),
+            INVENTORY_STREAM,
+            marker.streams,
+        )
+        for _, share in parts:
+            self._book.apply(share)
+        change = Change(
+            parts=parts,
+            on_commit=[],
+            order_id=None,
+            retry=lambda _attempt: self._reload(migrate=True),
+            attempt=1,
+            ids=ids,
+        )
+        self._queued.append(change)
+        self._versions[INVENTORY_STREAM] = reader_events[-1].version
+        change.parts.insert(0, (INVENTORY_STREAM, marker))
+        change.ids.insert(0, f"{reader_events[-1].event_id}/migrated")
+        self._send_next()
 
     # --- requests -------------------------------------------------------------------------
 
-    def receiveMsg_ReserveStock(self, msg: ReserveStock, sender: Any) -> None:
+    def receiveMsg_ReserveStock(self, msg: ReserveStock, sender: Any, attempt: int = 1) -> None:
         """Hold every item for the order or none; a repeated request gets the same answer."""
         if self._gate.busy(msg.order_id):
             self._gate.defer(msg.order_id, lambda: self.receiveMsg_ReserveStock(msg, sender))
+            return
+        if attempt > MAX_ATTEMPTS:
+            self.send(
+                sender,
+                InventoryUnavailableReply(
+                    order_id=msg.order_id,
+                    unavailable_items=(),
+                    reason=f"the stock of these products kept changing under the reservation "
+                    f"(another writer of the same stock streams): {MAX_ATTEMPTS} attempts "
+                    "conflicted",
+                ),
+            )
             return
         if msg.order_id in self._book.reservations:
             self.send(sender, self._reserve_answer(msg))
@@ -105,7 +214,11 @@ class InventoryActor(BaseActor):
             reserved_at=utcnow(),
         )
         self._record(
-            [event], on_commit=[lambda: (sender, self._reserve_answer(msg))], order_id=msg.order_id
+            [event],
+            on_commit=[lambda: (sender, self._reserve_answer(msg))],
+            order_id=msg.order_id,
+            retry=lambda n: self.receiveMsg_ReserveStock(msg, sender, n),
+            attempt=attempt,
         )
 
     def _reserve_answer(
@@ -120,10 +233,15 @@ class InventoryActor(BaseActor):
             )
         return InventoryReservedReply(order_id=msg.order_id, reservation_id=held.reservation_id)
 
-    def receiveMsg_ReleaseStock(self, msg: ReleaseStock, sender: Any) -> None:
+    def receiveMsg_ReleaseStock(self, msg: ReleaseStock, sender: Any, attempt: int = 1) -> None:
         """Give back what the order holds; release is idempotent and fences later reserves."""
         if self._gate.busy(msg.order_id):
             self._gate.defer(msg.order_id, lambda: self.receiveMsg_ReleaseStock(msg, sender))
+            return
+        if attempt > MAX_ATTEMPTS:
+            # Compensation is retried by whoever asked (it waits for the answer); refusing it
+            # would leave the stock held.
+            log.error("inventory: release of %s conflicted %d times", msg.order_id, attempt - 1)
             return
 
         def answer() -> Reply:
@@ -144,10 +262,27 @@ class InventoryActor(BaseActor):
             reason=msg.reason,
             released_at=utcnow(),
         )
-        self._record([event], on_commit=[answer], order_id=msg.order_id)
+        self._record(
+            [event],
+            on_commit=[answer],
+            order_id=msg.order_id,
+            retry=lambda n: self.receiveMsg_ReleaseStock(msg, sender, n),
+            attempt=attempt,
+        )
 
-    def receiveMsg_SetStock(self, msg: SetStock, sender: Any) -> None:
+    def receiveMsg_SetStock(self, msg: SetStock, sender: Any, attempt: int = 1) -> None:
         """Set units on hand; refused below the units already reserved (that would oversell)."""
+        if attempt > MAX_ATTEMPTS:
+            self.send(
+                sender,
+                Refused(
+                    req_id=msg.req_id,
+                    code=ErrorCode.CONFLICT,
+                    message=f"{msg.product_id}: its stock kept changing under this request "
+                    f"({MAX_ATTEMPTS} attempts conflicted); try again",
+                ),
+            )
+            return
         reserved = self._book.reserved.get(msg.product_id, 0)
         if msg.on_hand < reserved:
             self.send(
@@ -167,6 +302,8 @@ class InventoryActor(BaseActor):
             on_commit=[
                 lambda: (sender, StockReport(req_id=msg.req_id, stock=self._book.report(report)))
             ],
+            retry=lambda n: self.receiveMsg_SetStock(msg, sender, n),
+            attempt=attempt,
         )
 
     def receiveMsg_GetStock(self, msg: GetStock, sender: Any) -> None:
@@ -180,31 +317,64 @@ class InventoryActor(BaseActor):
         events: Sequence[Event],
         on_commit: list[Callable[[], Reply]],
         order_id: str | None = None,
+        retry: Callable[[int], None] | None = None,
+        attempt: int = 1,
     ) -> None:
-        """Apply now, append at the next version, answer once committed."""
+        """Apply now, append (to each product's stream) with the next batch, answer once
+        committed."""
         for event in events:
             self._book.apply(event)
-        expected = self._version
-        self._version += len(events)
+        parts = [share for event in events for share in split_by_stream(event)]
+        change = Change(parts, on_commit, order_id, retry, attempt)
+        change.ids = [CODEC.new_id() for _ in parts]
         if order_id is not None:
             self._gate.hold(order_id)
+        self._queued.append(change)
+        self._send_next()
 
-        def committed(reply: AppendDone | AppendRejected) -> None:
-            if isinstance(reply, AppendRejected):
-                # Our view and the stream disagree (a previous incarnation's append landed, or
-                # the store failed): rebuild from what is durable; waiting requesters time out
-                # and retry, and retries are idempotent.
-                log.error("inventory: append rejected (%s); reloading", reply.message)
-                self._reload()
-                return
-            for make in on_commit:
+    def _send_next(self) -> None:
+        """Send every queued change as one multi-stream append, unless one is in flight."""
+        if self._in_flight or not self._queued:
+            return
+        batch, self._queued = self._queued, []
+        self._in_flight = batch
+        by_stream: dict[str, tuple[list[Event], list[str]]] = {}
+        for change in batch:
+            for (stream, event), event_id in zip(change.parts, change.ids, strict=True):
+                events, ids = by_stream.setdefault(stream, ([], []))
+                events.append(event)
+                ids.append(event_id)
+        parts = [
+            (stream, events, ids, self._versions.get(stream, NO_STREAM))
+            for stream, (events, ids) in by_stream.items()
+        ]
+        self._appender.append_many(parts, self._committed)
+
+    def _committed(self, reply: AppendDone | AppendRejected) -> None:
+        batch, self._in_flight = self._in_flight, []
+        if isinstance(reply, AppendRejected):
+            # Another writer got to some of these streams first (or the store failed): catch
+            # up from what is durable, then handle the lost requests again.
+            lost = batch + self._queued
+            log.warning(
+                "inventory: append of %d changes refused (%s); catching up and retrying",
+                len(batch),
+                reply.message,
+            )
+            self._reload()
+            for change in lost:
+                if change.retry is not None:
+                    change.retry(change.attempt + 1)
+            return
+        streams = list(dict.fromkeys(stream for change in batch for stream, _ in change.parts))
+        for stream, version in zip(streams, reply.versions, strict=True):
+            self._versions[stream] = version
+        for change in batch:
+            for make in change.on_commit:
                 self.send(*make())
-            if order_id is not None:
-                self._gate.committed(order_id)
-
-        self._appender.append(
-            INVENTORY_STREAM, events, [CODEC.new_id() for _ in events], expected, committed
-        )
+            if change.order_id is not None:
+                self._gate.committed(change.order_id)
+        self._send_next()
 
     def receiveMsg_AppendDone(self, msg: AppendDone, sender: Any) -> None:
         """A recorded change is durable."""

@@ -46,7 +46,7 @@ from messages.events import (
     PaymentVoided,
     payment_stream,
 )
-from store import CODEC, NO_STREAM, SqliteEventStore
+from store import CODEC, NO_STREAM, EventStore, open_store
 
 DECLINE_MESSAGE = "Your card was declined."
 MAX_CACHED_RECORDS = 50_000
@@ -90,7 +90,7 @@ class PaymentActor(BaseActor):
     def __init__(self) -> None:
         super().__init__()
         self._config: ServiceConfig | None = None
-        self._reader: SqliteEventStore | None = None
+        self._reader: EventStore | None = None
         # A cache of what the payment streams say, least recently used first; every record is
         # durable, so one evicted is simply read again (only records with nothing uncommitted
         # and no slow charge pending are evicted).
@@ -104,7 +104,7 @@ class PaymentActor(BaseActor):
         self._config = msg
         self._appender.store = msg.store
         if self._reader is None:
-            self._reader = SqliteEventStore(msg.db_path, readonly=True)
+            self._reader = open_store(msg.store_url, readonly=True)
         self.send(sender, ServiceReady(name=self.actor_name, pid=os.getpid()))
 
     def _record_of(self, order_id: str) -> PaymentRecord:

@@ -24,7 +24,7 @@ from gateway.ops import Ops
 from gateway.parsing import Parser
 from gateway.reads import StoreReads
 from messages.wire import MAX_FRAME
-from store import SqliteEventStore
+from store import open_store
 
 log = logging.getLogger("orders.gateway")
 
@@ -95,13 +95,13 @@ class Gateway:
     def __init__(
         self,
         bridge: Bridge,
-        db_path: str,
+        store_url: str,
         *,
         limits: GatewayLimits,
         admin_token: str | None = None,
         clock: Clock | None = None,
     ) -> None:
-        self._db_path = db_path
+        self._store_url = store_url
         self._limits = limits
         self._clock = clock or LoopClock()
         self._reads = StoreReads(limits.request_timeout)
@@ -118,7 +118,7 @@ class Gateway:
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         """Listen; returns the bound address (port 0 picks a free one)."""
-        self._reads.open(SqliteEventStore(self._db_path, readonly=True))
+        self._reads.open(open_store(self._store_url, readonly=True))
         parser = Parser(self._ops.table())
         limits, clock, connections = self._limits, self._clock, self.connections
         self._server = await asyncio.get_running_loop().create_server(

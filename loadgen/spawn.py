@@ -46,6 +46,7 @@ class SpawnedServer:
         *,
         base: str = "simple",
         db: Path | None = None,
+        store: str | None = None,
         step_timeout: float | None = None,
         extra: Sequence[str] = (),
         ready_timeout: float = READY_TIMEOUT,
@@ -58,7 +59,9 @@ class SpawnedServer:
         self.base = base
         self.log_path = self.dir / f"run-{tag}.log"
         self.run_id = uuid.uuid4().hex
-        cmd = [sys.executable, str(ROOT / "run.py"), "--base", base, "--db", str(self.db)]
+        # `store` (a URL: memory:, postgresql://...) instead of the SQLite file `db`.
+        where = ["--store", store] if store is not None else ["--db", str(self.db)]
+        cmd = [sys.executable, str(ROOT / "run.py"), "--base", base, *where]
         cmd += ["--port", "0"]
         if step_timeout is not None:
             cmd += ["--step-timeout", str(step_timeout)]

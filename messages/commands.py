@@ -131,7 +131,7 @@ class Configure(ActorMessage):
     """Boot the OrderManager: open the database, start the services, recover unfinished orders."""
 
     req_id: int
-    db_path: str
+    store_url: str  # store.open_store: sqlite:///PATH, postgresql://..., memory:[NAME]
     synchronous: str
     step_timeout: float
     crash_exits_process: bool
@@ -153,7 +153,7 @@ class ServiceConfig(ActorMessage):
     """Sent by the manager to a (re)started service actor."""
 
     name: str
-    db_path: str
+    store_url: str
     synchronous: str
     store: Any
     step_timeout: float
@@ -227,11 +227,21 @@ class AppendToStream(ActorMessage):
     expected_version: int
 
 
+class AppendToStreams(ActorMessage):
+    """Append to several streams at once, each at its expected version: all or nothing
+    (``EventStore.append_many``); ref comes back in the reply."""
+
+    ref: str
+    parts: tuple[AppendToStream, ...]  # each part's own ref is unused
+
+
 class AppendDone(ActorMessage):
-    """The append committed; version is the stream's new last version."""
+    """The append committed; version is the stream's new last version (for AppendToStreams:
+    the last part's, and `versions` has each part's)."""
 
     ref: str
     version: int
+    versions: tuple[int, ...] = ()
 
 
 class AppendRejected(ActorMessage):

@@ -1,7 +1,11 @@
 """Domain events: what happened, immutable, one class per fact (DESIGN.md section 4).
 
-Order events live in stream ``order-{order_id}``; the Inventory actor's facts in stream
-``inventory``; the payment provider's in ``payment-{order_id}``.
+Order events live in stream ``order-{order_id}``; the Inventory actor's facts in one stream
+per product, ``stock-{product_id}`` (a reservation across products is one atomic append to
+each product's stream, with that product's items), plus ``inventory-fences`` for orders
+released before they reserved anything; the payment provider's in ``payment-{order_id}``.
+Databases made before that kept the Inventory's facts in one stream, ``inventory``: the first
+start copies it into the new streams and ends it with ``InventoryMigrated``.
 """
 
 from __future__ import annotations
@@ -134,7 +138,8 @@ class StockSet(Event):
 
 
 class StockReserved(Event):
-    """The Inventory actor held units for an order (all lines or none)."""
+    """The Inventory actor held units for an order (all lines or none). In a product's
+    stream, ``items`` are that product's share of the reservation."""
 
     order_id: str
     reservation_id: str
@@ -151,6 +156,15 @@ class StockReleased(Event):
     items: tuple[Item, ...]
     reason: str
     released_at: datetime
+
+
+class InventoryMigrated(Event):
+    """The last event of the old single ``inventory`` stream: its events were copied, split
+    by product, into the ``stock-`` streams (and ``inventory-fences``) in the same commit."""
+
+    events: int
+    streams: int
+    migrated_at: datetime
 
 
 # --- payment stream --------------------------------------------------------------------------
@@ -208,6 +222,7 @@ ALL_EVENT_TYPES: tuple[type[Event], ...] = (
     StockSet,
     StockReserved,
     StockReleased,
+    InventoryMigrated,
     ChargeSucceeded,
     ChargeDeclined,
     ChargeRefunded,
@@ -240,3 +255,11 @@ def payment_stream(order_id: str) -> str:
 
 
 INVENTORY_STREAM = "inventory"
+"""The Inventory's single stream of databases made before per-product stock streams."""
+STOCK_PREFIX = "stock-"
+FENCES_STREAM = "inventory-fences"
+
+
+def stock_stream(product_id: str) -> str:
+    """The stream of one product's stock: levels set, its share of reservations, releases."""
+    return f"{STOCK_PREFIX}{product_id}"

@@ -14,12 +14,15 @@ from typing import Any
 
 from messages.base import OrderStatus
 from messages.events import (
+    FENCES_STREAM,
     INVENTORY_STREAM,
     ORDER_STREAM_PREFIX,
     PAYMENT_STREAM_PREFIX,
+    STOCK_PREFIX,
     ChargeRefunded,
     ChargeSucceeded,
     Event,
+    InventoryMigrated,
     InventoryReleased,
     OrderPaid,
     OrderPlaced,
@@ -84,10 +87,9 @@ def audit(store: EventStore) -> dict[str, Any]:
     """Check every invariant; ``{"ok", "checks": {name: {"ok", "violations"}}, ...}``."""
     orders: dict[str, _Order] = defaultdict(_Order)
     payments: dict[str, _Payments] = defaultdict(_Payments)
-    book = StockBook()
-    reservations: dict[str, StockReserved] = {}
-    released: Counter[str] = Counter()
-    fences = 0
+    stock_events: list[Event] = []  # the stock streams (and fences), in commit order
+    legacy: list[Event] = []  # the old single inventory stream, if not migrated
+    migrated = False
     for stored in _scan(store):
         stream = stored.stream
         if stream.startswith(ORDER_STREAM_PREFIX):
@@ -99,16 +101,33 @@ def audit(store: EventStore) -> dict[str, Any]:
                 record.charges.append((event.payment_id, event.amount))
             elif isinstance(event, ChargeRefunded):
                 record.refunds.append((event.payment_id, event.amount))
+        elif stream.startswith(STOCK_PREFIX) or stream == FENCES_STREAM:
+            stock_events.append(CODEC.decode(stored))
         elif stream == INVENTORY_STREAM:
             event = CODEC.decode(stored)
-            book.apply(event)
-            if isinstance(event, StockReserved):
-                reservations[event.reservation_id] = event
-            elif isinstance(event, StockReleased):
-                if event.reservation_id:
-                    released[event.reservation_id] += 1
-                else:
-                    fences += 1
+            if isinstance(event, InventoryMigrated):
+                migrated = True  # its events were copied into the stock streams
+            else:
+                legacy.append(event)
+
+    # A reservation across products is one event per product in the stock streams (one
+    # event in the old stream): count its shares, and each share's releases.
+    book = StockBook()
+    reservations: dict[str, tuple[str, Counter[str]]] = {}  # id -> (order id, units held)
+    releases: Counter[tuple[str, str]] = Counter()  # (reservation id, product) -> times
+    fences = 0
+    for event in stock_events if migrated else [*legacy, *stock_events]:
+        book.apply(event)
+        if isinstance(event, StockReserved):
+            _, units = reservations.setdefault(event.reservation_id, (event.order_id, Counter()))
+            for item in event.items:
+                units[item.product_id] += item.quantity
+        elif isinstance(event, StockReleased):
+            if event.reservation_id:
+                for product in {item.product_id for item in event.items}:
+                    releases[event.reservation_id, product] += 1
+            else:
+                fences += 1
 
     terminal, versions, stock, reservation_check, money = (_Check() for _ in range(5))
     in_flight = sorted(o for o, rec in orders.items() if rec.placed and not rec.statuses)
@@ -128,26 +147,27 @@ def audit(store: EventStore) -> dict[str, Any]:
 
     # 3. stock: nothing oversold, nothing leaked
     held_by_orders: Counter[str] = Counter()
-    for reservation_id, reserved in reservations.items():
-        status = orders[reserved.order_id].status if reserved.order_id in orders else None
-        count = released[reservation_id]
-        if count > 1:
+    released: dict[str, int] = {}
+    for reservation_id, (order_id, units) in reservations.items():
+        status = orders[order_id].status if order_id in orders else None
+        counts = {releases[reservation_id, product] for product in units}
+        count = released[reservation_id] = max(counts, default=0)
+        if len(counts) > 1:
             reservation_check.fail(
-                f"{reservation_id} ({reserved.order_id}): released {count} times"
+                f"{reservation_id} ({order_id}): released for some of its products only"
             )
+        if count > 1:
+            reservation_check.fail(f"{reservation_id} ({order_id}): released {count} times")
         if count == 0:
             if status in (OrderStatus.PAID, OrderStatus.PENDING):
-                for item in reserved.items:
-                    held_by_orders[item.product_id] += item.quantity
+                held_by_orders.update(units)
             else:
                 reservation_check.fail(
-                    f"{reservation_id}: held for order {reserved.order_id} which is {status}"
+                    f"{reservation_id}: held for order {order_id} which is {status}"
                 )
         elif status == OrderStatus.PAID:
-            reservation_check.fail(
-                f"{reservation_id}: released although {reserved.order_id} is paid"
-            )
-    held_reservations = {r.order_id for rid, r in reservations.items() if not released[rid]}
+            reservation_check.fail(f"{reservation_id}: released although {order_id} is paid")
+    held_reservations = {o for rid, (o, _) in reservations.items() if not released[rid]}
     for order_id, rec in orders.items():
         if rec.status == OrderStatus.PAID and order_id not in held_reservations:
             reservation_check.fail(f"{order_id}: paid without a held reservation")

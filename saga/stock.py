@@ -11,7 +11,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from messages.base import Item, UnavailableItem
-from messages.events import Event, StockReleased, StockReserved, StockSet
+from messages.events import (
+    FENCES_STREAM,
+    Event,
+    StockReleased,
+    StockReserved,
+    StockSet,
+    stock_stream,
+)
 
 Units = tuple[tuple[str, int], ...]  # (product id, quantity) per product
 
@@ -49,8 +56,14 @@ class StockBook:
             self.on_hand[event.product_id] = event.on_hand
             self.reserved.setdefault(event.product_id, 0)
         elif isinstance(event, StockReserved):
+            # One product's share of a reservation (the stock streams), or all of it (the old
+            # single inventory stream): shares of one reservation add up.
             units = units_of(event.items)
-            self.reservations[event.order_id] = Reservation(event.reservation_id, units)
+            held = self.reservations.get(event.order_id)
+            if held is not None and held.reservation_id == event.reservation_id:
+                held.units += units
+            else:
+                self.reservations[event.order_id] = Reservation(event.reservation_id, units)
             for product_id, quantity in units:
                 self.reserved[product_id] = self.reserved.get(product_id, 0) + quantity
         elif isinstance(event, StockReleased):
@@ -59,7 +72,9 @@ class StockBook:
                 self.reservations[event.order_id] = Reservation("", (), released=True)
                 return
             held.released = True
-            for product_id, quantity in held.units:
+            # The event names what it gives back: the whole reservation, or one product's
+            # share of it (each share is released in its own product's stream).
+            for product_id, quantity in units_of(event.items):
                 self.reserved[product_id] -= quantity
 
     def shortfall(self, items: tuple[Item, ...]) -> tuple[UnavailableItem, ...]:
@@ -90,3 +105,22 @@ class StockBook:
             for p in wanted
             if p in self.on_hand
         }
+
+
+def split_by_stream(event: Event) -> list[tuple[str, Event]]:
+    """Where an inventory event goes in the per-product layout: a level into its product's
+    stream, a reservation or a release as one event per product (with that product's items)
+    in each product's stream, a fence (a release holding nothing) into the fences stream."""
+    if isinstance(event, StockSet):
+        return [(stock_stream(event.product_id), event)]
+    if isinstance(event, StockReserved | StockReleased):
+        if not event.items:
+            return [(FENCES_STREAM, event)]
+        by_product: dict[str, list[Item]] = {}
+        for item in event.items:
+            by_product.setdefault(item.product_id, []).append(item)
+        return [
+            (stock_stream(product_id), event.model_copy(update={"items": tuple(items)}))
+            for product_id, items in by_product.items()
+        ]
+    return []

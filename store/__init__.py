@@ -1,6 +1,7 @@
 """The event store: append-only streams of events, in SQLite or in memory (DESIGN.md 5)."""
 
 from store.codec import CODEC, EventCodec
+from store.factory import describe, is_store_url, open_store, sqlite_path, store_url
 from store.interface import EventStore
 from store.memory import InMemoryEventStore
 from store.records import (
@@ -8,12 +9,14 @@ from store.records import (
     AppendRequest,
     ConcurrencyError,
     DuplicateEventError,
+    MultiAppend,
     NewEvent,
     StoredEvent,
     StoreError,
     StreamHead,
 )
 from store.sqlite import SqliteEventStore
+from store.subscription import Subscription
 
 __all__ = [
     "CODEC",
@@ -24,9 +27,16 @@ __all__ = [
     "EventCodec",
     "EventStore",
     "InMemoryEventStore",
+    "MultiAppend",
     "NewEvent",
     "SqliteEventStore",
     "StoreError",
     "StoredEvent",
     "StreamHead",
+    "Subscription",
+    "describe",
+    "is_store_url",
+    "open_store",
+    "sqlite_path",
+    "store_url",
 ]

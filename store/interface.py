@@ -7,7 +7,8 @@ helpers here, so the in-memory store cannot drift from the SQLite one in what it
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Self
 
@@ -16,11 +17,15 @@ from store.records import (
     AppendRequest,
     ConcurrencyError,
     DuplicateEventError,
+    MultiAppend,
     NewEvent,
     StoredEvent,
     StoreError,
     StreamHead,
 )
+
+AppendPart = AppendRequest | tuple[str, int, Sequence[NewEvent]]
+"""One stream's share of ``append_many``: a request, or (stream, expected_version, events)."""
 
 
 class EventStore(ABC):
@@ -45,15 +50,40 @@ class EventStore(ABC):
         """
 
     @abstractmethod
-    def append_batch(self, requests: Sequence[AppendRequest]) -> list[int | StoreError]:
+    def append_many(self, parts: Sequence[AppendPart]) -> list[int]:
+        """Append to several streams atomically: every part (``AppendRequest`` or a
+        ``(stream, expected_version, events)`` tuple) is checked and applied as ``append``
+        would, in order, and either all of them commit or none does (the first part's error is
+        raised). Returns each part's new version."""
+
+    @abstractmethod
+    def append_batch(
+        self, requests: Sequence[AppendRequest | MultiAppend]
+    ) -> list[int | list[int] | StoreError]:
         """Group commit: apply every request in one transaction (one durable write).
 
         Each request succeeds or fails on its own; the result list holds, in request order, the
-        new version (as ``append`` returns it) or the ``StoreError`` that request raised.
-        Requests to the same stream apply in order, so the second sees the first's events. An
-        error that is not about one request (I/O, a closed store) raises for the whole batch,
-        and then nothing of the batch is committed.
+        new version (as ``append`` returns it; a list of them, as ``append_many`` does, for a
+        ``MultiAppend``) or the ``StoreError`` that request raised. Requests to the same stream
+        apply in order, so the second sees the first's events. A refused request leaves no
+        trace, not even a gap in positions: the batch commits as if each accepted request had
+        committed alone. An error that is not about one request (I/O, a closed store) raises
+        for the whole batch, and then nothing of the batch is committed.
         """
+
+    @abstractmethod
+    def wait_for_commit(self, after_position: int, timeout: float) -> bool:
+        """Block until an event with a position above ``after_position`` is committed (True
+        at once if one is) or ``timeout`` seconds pass (False). Subscriptions
+        (``store.subscription``) wait here once they have caught up."""
+
+    @abstractmethod
+    def load_checkpoint(self, subscriber: str) -> int:
+        """The last position ``subscriber`` saved as handled (0 if it never did)."""
+
+    @abstractmethod
+    def save_checkpoint(self, subscriber: str, position: int) -> None:
+        """Durably record that ``subscriber`` has handled every event up to ``position``."""
 
     @abstractmethod
     def read_stream(
@@ -107,8 +137,9 @@ def validate_append(stream: str, events: Sequence[NewEvent], expected_version: i
     if not all(ids):
         raise StoreError(f"stream {stream!r}: event ids must not be empty")
     if len(set(ids)) != len(ids):
-        repeated = tuple(sorted({i for i in ids if ids.count(i) > 1}))
-        raise DuplicateEventError(stream, repeated, "event id repeated within one append")
+        # One pass (ids.count per id was quadratic: 2 s for 10,000 ids).
+        repeated = sorted(i for i, n in Counter(ids).items() if n > 1)
+        raise DuplicateEventError(stream, tuple(repeated), "event id repeated within one append")
 
 
 def replayed_version(
@@ -134,6 +165,81 @@ def replayed_version(
     ):
         raise DuplicateEventError(stream, ids, "event ids are stored elsewhere")
     return places[-1][1]
+
+
+class BatchPlanner:
+    """Decides appends against what a store holds, writing nothing: the rows to insert, each
+    request's result, the streams' new heads.
+
+    ``head(stream)`` gives a stream's stored (version, last type) or None, ``stored(event_id)``
+    an id's stored (stream, version) or None; what earlier requests of the same batch planned
+    overlays both, so requests to one stream apply in order. A request that fails plans
+    nothing (a ``MultiAppend`` neither, whichever of its parts failed), so the batch commits as
+    if each accepted request had committed alone. The in-memory and PostgreSQL stores decide
+    through this one class.
+    """
+
+    def __init__(
+        self,
+        head: Callable[[str], tuple[int, str] | None],
+        stored: Callable[[str], tuple[str, int] | None],
+    ) -> None:
+        self._head = head
+        self._stored = stored
+        self.heads: dict[str, tuple[int, str]] = {}  # stream -> (version, last type) planned
+        self.ids: dict[str, tuple[str, int]] = {}  # event id -> (stream, version) planned
+        self.rows: list[tuple[str, int, NewEvent]] = []  # (stream, version, event) to insert
+
+    def plan(self, request: AppendRequest | MultiAppend) -> int | list[int]:
+        """Plan one request; returns what ``append`` (or ``append_many``) would return, or
+        raises the ``StoreError`` it would raise."""
+        if isinstance(request, AppendRequest):
+            return self._plan((request,))[0]
+        return self._plan(request.parts)
+
+    def _plan(self, parts: Sequence[AppendRequest]) -> list[int]:
+        heads: dict[str, tuple[int, str]] = {}
+        ids: dict[str, tuple[str, int]] = {}
+        rows: list[tuple[str, int, NewEvent]] = []
+        results: list[int] = []
+        for part in parts:
+            stream, events = part.stream, part.events
+            validate_append(stream, events, part.expected_version)
+            found: dict[str, tuple[str, int]] = {}
+            for event in events:
+                place = ids.get(event.event_id) or self.ids.get(event.event_id)
+                if place is None:
+                    place = self._stored(event.event_id)
+                if place is not None:
+                    found[event.event_id] = place
+            replayed = replayed_version(stream, events, found)
+            if replayed is not None:
+                results.append(replayed)
+                continue
+            head = heads.get(stream) or self.heads.get(stream) or self._head(stream)
+            current = NO_STREAM if head is None else head[0]
+            check_expected(stream, part.expected_version, current)
+            for offset, event in enumerate(events):
+                rows.append((stream, current + 1 + offset, event))
+                ids[event.event_id] = (stream, current + 1 + offset)
+            if events:
+                heads[stream] = (current + len(events), events[-1].type)
+            results.append(current + len(events))
+        self.heads.update(heads)
+        self.ids.update(ids)
+        self.rows.extend(rows)
+        return results
+
+
+def as_requests(parts: Sequence[AppendPart]) -> tuple[AppendRequest, ...]:
+    """``append_many``'s parts as requests: ``(stream, expected_version, events)`` tuples are
+    accepted as well as ``AppendRequest``s."""
+    return tuple(
+        part
+        if isinstance(part, AppendRequest)
+        else AppendRequest(stream=part[0], events=tuple(part[2]), expected_version=part[1])
+        for part in parts
+    )
 
 
 def check_expected(stream: str, expected_version: int, actual_version: int) -> None:

@@ -6,10 +6,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from store.interface import EventStore, check_expected, replayed_version, validate_append
+from store.interface import AppendPart, BatchPlanner, EventStore, as_requests
 from store.records import (
     NO_STREAM,
     AppendRequest,
+    MultiAppend,
     NewEvent,
     StoredEvent,
     StoreError,
@@ -26,67 +27,72 @@ class InMemoryEventStore(EventStore):
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._lock = threading.Lock()
+        self._committed = threading.Condition(self._lock)
         self._all: list[StoredEvent] = []
         self._streams: dict[str, list[StoredEvent]] = {}
         self._by_id: dict[str, StoredEvent] = {}
+        self._checkpoints: dict[str, int] = {}
         self._closed = False
 
     def append(self, stream: str, events: Sequence[NewEvent], expected_version: int) -> int:
         """See ``EventStore.append``."""
-        with self._lock:
-            self._check_open()
-            return self._append_locked(stream, events, expected_version, self._clock())
+        (result,) = self._commit([AppendRequest(stream, tuple(events), expected_version)], True)
+        assert isinstance(result, int)
+        return result
 
-    def append_batch(self, requests: Sequence[AppendRequest]) -> list[int | StoreError]:
+    def append_many(self, parts: Sequence[AppendPart]) -> list[int]:
+        """See ``EventStore.append_many``."""
+        (result,) = self._commit([MultiAppend(as_requests(parts))], True)
+        assert isinstance(result, list)
+        return result
+
+    def append_batch(
+        self, requests: Sequence[AppendRequest | MultiAppend]
+    ) -> list[int | list[int] | StoreError]:
         """See ``EventStore.append_batch``."""
-        results: list[int | StoreError] = []
+        return self._commit(requests, False)
+
+    def _commit(
+        self, requests: Sequence[AppendRequest | MultiAppend], single: bool
+    ) -> list[int | list[int] | StoreError]:
         with self._lock:
             self._check_open()
-            now = self._clock()
+            # Every request is decided before the first mutation, so a refused one leaves no
+            # trace; `single` raises its error as append/append_many do.
+            planner = BatchPlanner(self._head, self._stored)
+            results: list[int | list[int] | StoreError] = []
             for request in requests:
                 try:
-                    results.append(
-                        self._append_locked(
-                            request.stream, request.events, request.expected_version, now
-                        )
-                    )
+                    results.append(planner.plan(request))
                 except StoreError as e:
+                    if single:
+                        raise
                     results.append(e)
-        return results
+            now = self._clock()
+            for stream, version, event in planner.rows:
+                stored = StoredEvent(
+                    stream=stream,
+                    version=version,
+                    position=len(self._all) + 1,
+                    event_id=event.event_id,
+                    type=event.type,
+                    payload=event.payload,
+                    recorded_at=now,
+                )
+                self._all.append(stored)
+                self._streams.setdefault(stream, []).append(stored)
+                self._by_id[stored.event_id] = stored
+            if planner.rows:
+                self._committed.notify_all()
+            return results
 
-    def _append_locked(
-        self, stream: str, events: Sequence[NewEvent], expected_version: int, now: float
-    ) -> int:
-        # Every check runs before the first mutation, so a failing request leaves no trace.
-        validate_append(stream, events, expected_version)
-        found = {
-            e.event_id: (s.stream, s.version)
-            for e in events
-            if (s := self._by_id.get(e.event_id)) is not None
-        }
-        replayed = replayed_version(stream, events, found)
-        if replayed is not None:
-            return replayed
-        history = self._streams.get(stream, [])
-        current = len(history) - 1
-        check_expected(stream, expected_version, current)
-        if not events:
-            return current
-        history = self._streams.setdefault(stream, history)
-        for offset, event in enumerate(events):
-            stored = StoredEvent(
-                stream=stream,
-                version=current + 1 + offset,
-                position=len(self._all) + 1,
-                event_id=event.event_id,
-                type=event.type,
-                payload=event.payload,
-                recorded_at=now,
-            )
-            self._all.append(stored)
-            history.append(stored)
-            self._by_id[stored.event_id] = stored
-        return history[-1].version
+    def _head(self, stream: str) -> tuple[int, str] | None:
+        history = self._streams.get(stream)
+        return (history[-1].version, history[-1].type) if history else None
+
+    def _stored(self, event_id: str) -> tuple[str, int] | None:
+        stored = self._by_id.get(event_id)
+        return None if stored is None else (stored.stream, stored.version)
 
     def read_stream(
         self, stream: str, from_version: int = 0, limit: int | None = None
@@ -123,10 +129,34 @@ class InMemoryEventStore(EventStore):
                 if name.startswith(prefix)
             ]
 
+    def wait_for_commit(self, after_position: int, timeout: float) -> bool:
+        """See ``EventStore.wait_for_commit``: woken by the commit itself."""
+        with self._lock:
+            self._check_open()
+            return (
+                self._committed.wait_for(
+                    lambda: self._closed or len(self._all) > after_position, max(timeout, 0.0)
+                )
+                and len(self._all) > after_position
+            )
+
+    def load_checkpoint(self, subscriber: str) -> int:
+        """See ``EventStore.load_checkpoint``."""
+        with self._lock:
+            self._check_open()
+            return self._checkpoints.get(subscriber, 0)
+
+    def save_checkpoint(self, subscriber: str, position: int) -> None:
+        """See ``EventStore.save_checkpoint`` (as durable as the rest of this store)."""
+        with self._lock:
+            self._check_open()
+            self._checkpoints[subscriber] = position
+
     def close(self) -> None:
         """See ``EventStore.close``."""
         with self._lock:
             self._closed = True
+            self._committed.notify_all()
 
     def _check_open(self) -> None:
         if self._closed:

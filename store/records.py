@@ -54,6 +54,14 @@ class AppendRequest:
 
 
 @dataclass(frozen=True)
+class MultiAppend:
+    """One all-or-nothing append to several streams (``EventStore.append_many``), as one
+    request of a group commit."""
+
+    parts: tuple[AppendRequest, ...]
+
+
+@dataclass(frozen=True)
 class StreamHead:
     """A stream's last version and the type name of its last event."""
 

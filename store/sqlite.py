@@ -16,12 +16,20 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from store.interface import EventStore, check_expected, replayed_version, validate_append
+from store.interface import (
+    AppendPart,
+    EventStore,
+    as_requests,
+    check_expected,
+    replayed_version,
+    validate_append,
+)
 from store.records import (
     NO_STREAM,
     AppendRequest,
     ConcurrencyError,
     DuplicateEventError,
+    MultiAppend,
     NewEvent,
     StoredEvent,
     StoreError,
@@ -48,6 +56,12 @@ _SCHEMA = (
         last_type TEXT NOT NULL
     ) WITHOUT ROWID
     """,
+    """
+    CREATE TABLE IF NOT EXISTS checkpoints (
+        subscriber TEXT PRIMARY KEY,
+        position INTEGER NOT NULL
+    ) WITHOUT ROWID
+    """,
 )
 
 _COLUMNS = "stream, version, position, event_id, type, payload, recorded_at"
@@ -64,6 +78,7 @@ _SYNCHRONOUS_MODES = frozenset({"FULL", "NORMAL", "EXTRA"})
 # SQLite's default limit on bound parameters is 32766 since 3.32 but 999 before; stay below both.
 _MAX_IDS_PER_QUERY = 500
 _BUSY_TIMEOUT_S = 10.0
+_POLL_S = 0.005  # wait_for_commit's polling period (SQLite cannot notify other connections)
 
 
 class SqliteEventStore(EventStore):
@@ -90,6 +105,7 @@ class SqliteEventStore(EventStore):
         self._readonly = readonly
         self._clock = clock
         self._lock = threading.RLock()
+        self._committed = threading.Condition()  # notified after each write commits
         self._conn: sqlite3.Connection | None = None
         conn = self._open_reader() if readonly else self._open_writer(synchronous.upper())
         self._conn = conn
@@ -187,6 +203,8 @@ class SqliteEventStore(EventStore):
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+        with self._committed:
+            self._committed.notify_all()
 
     # --- writing ------------------------------------------------------------------------------
 
@@ -197,25 +215,53 @@ class SqliteEventStore(EventStore):
                 conn, stream, events, expected_version, self._clock()
             )
 
-    def append_batch(self, requests: Sequence[AppendRequest]) -> list[int | StoreError]:
+    def append_many(self, parts: Sequence[AppendPart]) -> list[int]:
+        """See ``EventStore.append_many``."""
+        requests = as_requests(parts)
+        with self._write_transaction() as conn:
+            return self._append_many_in_transaction(conn, requests, self._clock())
+
+    def append_batch(
+        self, requests: Sequence[AppendRequest | MultiAppend]
+    ) -> list[int | list[int] | StoreError]:
         """See ``EventStore.append_batch``: one transaction, one savepoint per request."""
-        results: list[int | StoreError] = []
+        results: list[int | list[int] | StoreError] = []
         if not requests:
             return results
         with self._write_transaction() as conn:
             now = self._clock()
             for request in requests:
-                # A refused request leaves no rows behind (see _append_in_transaction), so it
-                # fails alone without a savepoint per request (two statements fewer each).
                 try:
-                    version = self._append_in_transaction(
-                        conn, request.stream, request.events, request.expected_version, now
-                    )
+                    if isinstance(request, MultiAppend):
+                        results.append(self._append_many_in_transaction(conn, request.parts, now))
+                    else:
+                        results.append(
+                            self._append_in_transaction(
+                                conn, request.stream, request.events, request.expected_version, now
+                            )
+                        )
                 except StoreError as e:
                     results.append(e)
-                else:
-                    results.append(version)
         return results
+
+    def _append_many_in_transaction(
+        self, conn: sqlite3.Connection, parts: Sequence[AppendRequest], now: float
+    ) -> list[int]:
+        """Every part or none: the parts' own savepoints nest in this one."""
+        conn.execute("SAVEPOINT many")
+        try:
+            versions = [
+                self._append_in_transaction(
+                    conn, part.stream, part.events, part.expected_version, now
+                )
+                for part in parts
+            ]
+        except BaseException:
+            conn.execute("ROLLBACK TO many")
+            conn.execute("RELEASE many")
+            raise
+        conn.execute("RELEASE many")
+        return versions
 
     def _append_in_transaction(
         self,
@@ -225,6 +271,9 @@ class SqliteEventStore(EventStore):
         expected_version: int,
         now: float,
     ) -> int:
+        """One append inside the open transaction, under a savepoint: a refused append is
+        rolled back to it and leaves no trace, not even a used AUTOINCREMENT value (so the
+        positions of a group commit are those of its appends committed one by one)."""
         validate_append(stream, events, expected_version)
         current = self._head_version(conn, stream)
         if expected_version != current:
@@ -238,6 +287,7 @@ class SqliteEventStore(EventStore):
             check_expected(stream, expected_version, current)
         if not events:
             return current
+        conn.execute("SAVEPOINT append")
         try:
             conn.executemany(
                 _INSERT_EVENT,
@@ -246,17 +296,11 @@ class SqliteEventStore(EventStore):
                     for i, e in enumerate(events)
                 ],
             )
+            last = current + len(events)
+            conn.execute(_UPSERT_STREAM, (stream, last, events[-1].type))
         except sqlite3.IntegrityError as e:
-            # Drop the rows this insert added before the collision (this append's ids at
-            # versions past `current`), so a refused append leaves nothing behind.
-            ids = [ev.event_id for ev in events]
-            for start in range(0, len(ids), _MAX_IDS_PER_QUERY):
-                chunk = ids[start : start + _MAX_IDS_PER_QUERY]
-                conn.execute(
-                    f"DELETE FROM events WHERE stream = ? AND version > ?"
-                    f" AND event_id IN ({', '.join('?' * len(chunk))})",
-                    (stream, current, *chunk),
-                )
+            conn.execute("ROLLBACK TO append")
+            conn.execute("RELEASE append")
             if "event_id" in str(e):
                 # Ids already stored: maybe this very append, committed before (a replay).
                 found = self._find_event_ids(conn, [ev.event_id for ev in events])
@@ -274,8 +318,11 @@ class SqliteEventStore(EventStore):
             raise ConcurrencyError(
                 stream, expected_version, NO_STREAM if actual is None else actual
             ) from e
-        last = current + len(events)
-        conn.execute(_UPSERT_STREAM, (stream, last, events[-1].type))
+        except BaseException:
+            conn.execute("ROLLBACK TO append")
+            conn.execute("RELEASE append")
+            raise
+        conn.execute("RELEASE append")
         return last
 
     @staticmethod
@@ -331,7 +378,7 @@ class SqliteEventStore(EventStore):
         # LIKE would not use the index (it is case-insensitive by default) and treats % and _
         # as wildcards; a half-open range [prefix, successor) does and treats no character
         # specially. TEXT compares as UTF-8 bytes, i.e. in code point order, like Python str.
-        upper = _prefix_successor(prefix)
+        upper = prefix_successor(prefix)
         sql = "SELECT stream, version, last_type FROM streams WHERE stream >= ?"
         params: tuple[str, ...] = (prefix,)
         if upper is not None:
@@ -340,6 +387,50 @@ class SqliteEventStore(EventStore):
         with self._connection() as conn:
             rows = conn.execute(sql + " ORDER BY stream", params).fetchall()
         return [StreamHead(s, v, t) for s, v, t in rows if s.startswith(prefix)]
+
+    def wait_for_commit(self, after_position: int, timeout: float) -> bool:
+        """See ``EventStore.wait_for_commit``. SQLite tells no other connection of a commit:
+        this polls the last position every ``_POLL_S`` (an indexed lookup of the largest
+        rowid), and a commit through this very object ends the wait at once."""
+        deadline = time.monotonic() + max(timeout, 0.0)
+        while True:
+            with self._connection() as conn:
+                row = conn.execute("SELECT MAX(position) FROM events").fetchone()
+            if row[0] is not None and row[0] > after_position:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            with self._committed:
+                self._committed.wait(min(left, _POLL_S))
+
+    def load_checkpoint(self, subscriber: str) -> int:
+        """See ``EventStore.load_checkpoint``."""
+        with self._connection() as conn:
+            if self._readonly and not self._has_checkpoints(conn):
+                return 0  # a file from before checkpoints, opened read-only
+            row = conn.execute(
+                "SELECT position FROM checkpoints WHERE subscriber = ?", (subscriber,)
+            ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def save_checkpoint(self, subscriber: str, position: int) -> None:
+        """See ``EventStore.save_checkpoint``."""
+        with self._write_transaction() as conn:
+            conn.execute(
+                "INSERT INTO checkpoints (subscriber, position) VALUES (?, ?)"
+                " ON CONFLICT (subscriber) DO UPDATE SET position = excluded.position",
+                (subscriber, position),
+            )
+
+    @staticmethod
+    def _has_checkpoints(conn: sqlite3.Connection) -> bool:
+        return (
+            conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'checkpoints'"
+            ).fetchone()
+            is not None
+        )
 
     def close(self) -> None:
         """See ``EventStore.close``; the writer's close checkpoints the WAL into the file."""
@@ -356,7 +447,7 @@ def _stored(rows: Iterable[tuple[str, int, int, str, str, bytes, float]]) -> lis
     return [StoredEvent(*row) for row in rows]
 
 
-def _prefix_successor(prefix: str) -> str | None:
+def prefix_successor(prefix: str) -> str | None:
     """The smallest string greater than every string starting with ``prefix`` (None if none,
     i.e. for the empty prefix or one made only of the largest code point)."""
     chars = list(prefix)

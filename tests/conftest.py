@@ -12,6 +12,7 @@ import pytest
 
 from loadgen.spawn import ROOT, SpawnedServer
 from runtime import thespian_fixes
+from tests.pg import PgServer, find_bin_dir
 
 __all__ = ["ROOT", "Server", "new_id", "wait_until"]
 
@@ -20,6 +21,23 @@ __all__ = ["ROOT", "Server", "new_id", "wait_until"]
 def _thespian_fixes() -> None:
     """Tests that start an actor system themselves get the same patched Thespian as run.py."""
     thespian_fixes.apply()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """A real PostgreSQL server for the whole session, in a temp dir, stopped at the end
+    (whatever happened); tests that need it are skipped only if its binaries are absent."""
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        pytest.skip(
+            "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found under "
+            "/usr/lib/postgresql/*/bin or on PATH"
+        )
+    server = PgServer(bin_dir)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 class Server(SpawnedServer):

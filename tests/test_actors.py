@@ -77,7 +77,7 @@ def services(asys: Any, db: Path, step_timeout: float = 0.5) -> dict[str, Any]:
     """A store, an Inventory and a Payment actor on `db`, configured and ready."""
     store = asys.createActor(EventStoreActor)
     config = {
-        "db_path": str(db),
+        "store_url": f"sqlite:///{db}",
         "synchronous": "FULL",
         "step_timeout": step_timeout,
         "crash_exits_process": False,
@@ -129,7 +129,8 @@ def test_inventory_reserve_is_idempotent_and_release_fences(system: Any, tmp_pat
     assert isinstance(late, InventoryUnavailableReply)
     stock = ask(system, inventory, GetStock(req_id=2, product_ids=("SKU-001",)))
     assert stock.stock["SKU-001"]["reserved"] == 0
-    assert stream_types(db, "inventory")[-3:] == ["StockReserved", "StockReleased", "StockReleased"]
+    assert stream_types(db, "stock-SKU-001")[-2:] == ["StockReserved", "StockReleased"]
+    assert stream_types(db, "inventory-fences") == ["StockReleased"]  # the fence: no product
 
 
 def test_inventory_is_all_or_nothing(system: Any, tmp_path: Path) -> None:
@@ -222,7 +223,7 @@ def test_manager_runs_orders_through_sagas(system: Any, tmp_path: Path) -> None:
         manager,
         Configure(
             req_id=1,
-            db_path=str(db),
+            store_url=f"sqlite:///{db}",
             synchronous="FULL",
             step_timeout=0.5,
             crash_exits_process=False,
@@ -255,7 +256,7 @@ def test_manager_runs_orders_through_sagas(system: Any, tmp_path: Path) -> None:
         "tok_timeout": ("cancelled", "OrderCancelled"),
     }
     with SqliteEventStore(db, readonly=True) as reader:
-        events = decode_stream(reader.read_stream("inventory"))
+        events = decode_stream(reader.read_stream("stock-SKU-001"))
     assert sum(type(e).__name__ == "StockReserved" for e in events) == 4
     assert sum(type(e).__name__ == "StockReleased" for e in events) == 3
 
@@ -329,7 +330,7 @@ def place_with_poison(
         manager = asys.createActor(OrderManager)
         configure = Configure(
             req_id=1,
-            db_path=str(db),
+            store_url=f"sqlite:///{db}",
             synchronous="FULL",
             step_timeout=0.5,
             crash_exits_process=False,

@@ -294,10 +294,11 @@ def test_amounts_come_back_in_cents_and_times_in_one_utc_format(client: Client) 
 
 
 def test_read_stream_pages(client: Client) -> None:
-    first = client.call("read_stream", {"stream": "inventory", "limit": 3})
+    first = client.call("read_stream", {"stream": "stock-SKU-001", "limit": 3})
     assert [e["version"] for e in first["events"]] == [0, 1, 2]
     second = client.call(
-        "read_stream", {"stream": "inventory", "from_version": first["next_version"], "limit": 3}
+        "read_stream",
+        {"stream": "stock-SKU-001", "from_version": first["next_version"], "limit": 3},
     )
     assert [e["version"] for e in second["events"]] == [3, 4, 5]
 

@@ -3,7 +3,11 @@ SQLite-only promises: durability across reopen, WAL/FULL pragmas and read-only r
 
 from __future__ import annotations
 
+import multiprocessing
+import random
 import sqlite3
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import closing
@@ -12,6 +16,7 @@ from decimal import Decimal
 from itertools import pairwise
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from messages.base import OrderLine
@@ -24,24 +29,36 @@ from store import (
     DuplicateEventError,
     EventCodec,
     EventStore,
-    InMemoryEventStore,
+    MultiAppend,
     NewEvent,
     SqliteEventStore,
     StoredEvent,
     StoreError,
     StreamHead,
+    Subscription,
+    open_store,
+    postgres,
 )
+from store import store_url as store_url_of
+from tests.pg import PgServer
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EventStore]:
-    """Each backend in turn; SQLite on a real file."""
-    backend: EventStore
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of a new, empty store of each backend in turn: SQLite on a real file,
+    PostgreSQL in a schema of its own on the session's real server."""
     if request.param == "memory":
-        backend = InMemoryEventStore()
-    else:
-        backend = SqliteEventStore(tmp_path / "events.db")
-    with backend:
+        return f"memory:{uuid.uuid4().hex}"
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'events.db'}"
+    server: PgServer = request.getfixturevalue("pg_server")
+    return server.create_schema()
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[EventStore]:
+    """A writer on each backend in turn."""
+    with open_store(store_url) as backend:
         yield backend
 
 
@@ -272,6 +289,236 @@ def test_closed_store_raises_store_error(store: EventStore) -> None:
     store.close()
 
 
+# --- append_many: several streams, all or nothing --------------------------------------------
+
+
+def test_append_many_commits_every_stream_together(store: EventStore) -> None:
+    store.append("stock-a", new_events(2), NO_STREAM)
+    versions_ = store.append_many(
+        [("stock-a", 1, new_events(1)), AppendRequest("stock-b", new_events(2), NO_STREAM)]
+    )
+    assert versions_ == [2, 1]
+    everything = store.read_all()
+    assert [(e.stream, e.version) for e in everything] == [
+        ("stock-a", 0),
+        ("stock-a", 1),
+        ("stock-a", 2),
+        ("stock-b", 0),
+        ("stock-b", 1),
+    ]
+    assert len({e.recorded_at for e in everything[2:]}) == 1  # one commit
+
+
+@pytest.mark.parametrize("failing", ["first", "last"])
+def test_append_many_refused_part_leaves_nothing(store: EventStore, failing: str) -> None:
+    store.append("stock-a", new_events(1), NO_STREAM)
+    before = store.read_all()
+    stale = ("stock-a", NO_STREAM, new_events(1))
+    fine = [("stock-b", NO_STREAM, new_events(2)), ("stock-c", NO_STREAM, new_events(1))]
+    parts = [stale, *fine] if failing == "first" else [*fine, stale]
+    with pytest.raises(ConcurrencyError) as caught:
+        store.append_many(parts)
+    assert caught.value.stream == "stock-a"
+    assert store.read_all() == before
+    assert store.stream_version("stock-b") == NO_STREAM
+    store.append("d", new_events(1), NO_STREAM)
+    assert store.read_all()[-1].position == before[-1].position + 1  # no gap either
+
+
+def test_append_many_is_idempotent_and_refuses_duplicates(store: EventStore) -> None:
+    a, b = new_events(2), new_events(1)
+    parts = [("x", NO_STREAM, a), ("y", NO_STREAM, b)]
+    assert store.append_many(parts) == [1, 0]
+    assert store.append_many(parts) == [1, 0]  # a re-delivered request: no-op
+    with pytest.raises(DuplicateEventError):
+        store.append_many([("z", NO_STREAM, new_events(1)), ("w", NO_STREAM, b)])
+    assert store.stream_version("z") == NO_STREAM
+    assert len(store.read_all()) == 3
+    assert store.append_many([]) == []
+
+
+def test_append_batch_mixes_single_and_multi_stream_requests(store: EventStore) -> None:
+    store.append("a", new_events(1), NO_STREAM)
+    results = store.append_batch(
+        [
+            MultiAppend(
+                (AppendRequest("a", new_events(1), 0), AppendRequest("b", new_events(1), NO_STREAM))
+            ),
+            MultiAppend(
+                (AppendRequest("c", new_events(1), NO_STREAM), AppendRequest("a", new_events(1), 0))
+            ),
+            AppendRequest("a", new_events(1), 1),
+        ]
+    )
+    assert results[0] == [1, 0]
+    assert isinstance(results[1], ConcurrencyError)  # a is at 1 by then: c is not written
+    assert results[2] == 2
+    assert store.stream_version("c") == NO_STREAM
+    assert [e.position for e in store.read_all()] == list(range(1, 5))
+
+
+# --- read_all never skips, with writers in parallel ------------------------------------------
+
+
+WRITERS = 6
+APPENDS_PER_WRITER = 120
+
+
+def test_read_all_never_skips_with_concurrent_writers(store_url: str) -> None:
+    """Writers on separate connections (separate pools: as separate nodes would) commit
+    while a reader follows read_all; every event the reader ever sees must come after
+    everything it saw before, so at the end it has seen exactly the whole log, in order."""
+    writers = [open_store(store_url) for _ in range(WRITERS)]
+    reader = open_store(store_url, readonly=True) if store_url.startswith("sqlite") else writers[0]
+    done = threading.Event()
+    seen: list[StoredEvent] = []
+    errors: list[BaseException] = []
+
+    def write(n: int, store: EventStore) -> None:
+        rng = random.Random(n)
+        try:
+            for i in range(APPENDS_PER_WRITER):
+                stream = f"w{n}-{i % 7}"
+                parts = [AppendRequest(stream, new_events(rng.randint(1, 3)), NO_STREAM)]
+                if i % 7 != 0 or i < 7:
+                    head = store.stream_version(stream)
+                    parts = [AppendRequest(stream, parts[0].events, head)]
+                store.append_batch(
+                    [*parts, AppendRequest(f"shared-{n}-{i}", new_events(1), NO_STREAM)]
+                )
+        except BaseException as e:
+            errors.append(e)
+
+    def follow() -> None:
+        position = 0
+        while True:
+            finished = done.is_set()
+            page = reader.read_all(position, 50)
+            seen.extend(page)
+            if page:
+                position = page[-1].position
+            elif finished:
+                return
+
+    threads = [threading.Thread(target=write, args=(n, w)) for n, w in enumerate(writers)]
+    tail = threading.Thread(target=follow)
+    tail.start()
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    done.set()
+    tail.join()
+    try:
+        assert not errors, errors
+        everything: list[StoredEvent] = []
+        page = reader.read_all(0, 1000)
+        while page:
+            everything.extend(page)
+            page = reader.read_all(page[-1].position, 1000)
+        assert len(everything) >= WRITERS * APPENDS_PER_WRITER * 2
+        assert [e.position for e in seen] == [e.position for e in everything]
+        assert seen == everything
+        print(f"{len(everything)} events by {WRITERS} writers in {elapsed:.2f}s")
+    finally:
+        for w in writers:
+            w.close()
+        if reader not in writers:
+            reader.close()
+
+
+# --- subscriptions ---------------------------------------------------------------------------
+
+
+def test_subscription_catches_up_then_follows_live(store: EventStore) -> None:
+    store.append("a", new_events(3), NO_STREAM)
+    sub = Subscription(store, "projector", page=2)
+    assert sub.position == 0
+    assert versions(sub.poll(0)) == [0, 1]
+    assert versions(sub.poll(0)) == [2]
+    assert sub.poll(0.01) == []
+    got: list[StoredEvent] = []
+    waiting = threading.Thread(target=lambda: got.extend(sub.poll(5.0)))
+    waiting.start()
+    time.sleep(0.05)
+    store.append("b", new_events(1), NO_STREAM)
+    waiting.join(5.0)
+    assert [(e.stream, e.version) for e in got] == [("b", 0)]
+
+
+def test_subscription_checkpoint_is_durable_per_subscriber(store_url: str) -> None:
+    with open_store(store_url) as store:
+        store.append("a", new_events(4), NO_STREAM)
+        first = Subscription(store, "first")
+        assert len(first.poll(0)) == 4
+        first.position = store.read_all()[1].position  # handled two of them, then...
+        first.commit()
+        other = Subscription(store, "other")
+        assert len(other.poll(0)) == 4  # ...which is nobody else's business
+        if store_url.startswith("memory:"):
+            again = Subscription(store, "first")
+            assert versions(again.poll(0)) == [2, 3]
+            return
+    with open_store(store_url) as reopened:  # durable across a restart
+        again = Subscription(reopened, "first")
+        assert versions(again.poll(0)) == [2, 3]
+        again.commit()
+        assert Subscription(reopened, "first").poll(0) == []
+
+
+def test_subscription_run_hands_every_event_once_in_order(store: EventStore) -> None:
+    handled: list[StoredEvent] = []
+    stop = threading.Event()
+    sub = Subscription(store, "runner", page=3)
+    runner = threading.Thread(target=sub.run, args=(handled.append, stop, 0.05))
+    runner.start()
+    for n in range(5):
+        store.append(f"s{n}", new_events(2), NO_STREAM)
+    wait_for = time.monotonic() + 10
+    while len(handled) < 10 and time.monotonic() < wait_for:
+        time.sleep(0.01)
+    stop.set()
+    runner.join(5)
+    assert handled == store.read_all()
+    assert store.load_checkpoint("runner") == handled[-1].position
+
+
+def test_subscriber_hears_of_a_commit_within_milliseconds(store_url: str) -> None:
+    """Commit-to-delivery latency of a caught-up subscriber on another connection."""
+    if store_url.startswith("sqlite"):
+        pytest.skip("SQLite cannot notify other connections: its subscribers poll every 5 ms")
+    latencies: list[float] = []
+    with open_store(store_url) as writer, open_store(store_url, readonly=True) as follower:
+        sub = Subscription(follower, "latency")
+        received = threading.Event()
+        stop = threading.Event()
+
+        def listen() -> None:
+            while not stop.is_set():
+                if sub.poll(1.0):
+                    received.set()
+
+        thread = threading.Thread(target=listen)
+        thread.start()
+        try:
+            for _ in range(40):
+                received.clear()
+                time.sleep(0.01)  # let the subscriber block in its wait
+                writer.append(f"l-{uuid.uuid4().hex}", new_events(1), NO_STREAM)
+                committed = time.perf_counter()
+                assert received.wait(5.0)
+                latencies.append(time.perf_counter() - committed)
+        finally:
+            stop.set()
+            thread.join(5)
+    latencies.sort()
+    median, worst = latencies[len(latencies) // 2], latencies[-1]
+    print(f"commit-to-delivery: median {median * 1000:.2f} ms, max {worst * 1000:.2f} ms")
+    assert median < 0.05
+
+
 # --- codec -----------------------------------------------------------------------------------
 
 
@@ -415,3 +662,137 @@ def test_sqlite_unique_key_is_the_last_word_on_versions(tmp_path: Path) -> None:
         assert isinstance(results[0], ConcurrencyError)
         assert results[1] == 0
         assert versions(writer.read_stream("a")) == [0, 1]
+
+
+def test_refused_request_in_a_group_commit_leaves_no_gap_in_positions(store: EventStore) -> None:
+    """A request refused half-way through its insert (its second id is taken) is rolled back
+    entirely: the positions after it are those the store gives had it never been sent."""
+    taken = new_events(1)
+    store.append("a", taken, NO_STREAM)
+    results = store.append_batch(
+        [
+            AppendRequest("b", (*new_events(2), *taken), NO_STREAM),
+            AppendRequest("c", new_events(2), NO_STREAM),
+        ]
+    )
+    assert isinstance(results[0], DuplicateEventError)
+    assert results[1] == 1
+    assert store.stream_version("b") == NO_STREAM
+    everything = store.read_all()
+    assert [(e.stream, e.version) for e in everything] == [("a", 0), ("c", 0), ("c", 1)]
+    first = everything[0].position
+    assert [e.position for e in everything] == [first, first + 1, first + 2]
+    store.append("d", new_events(1), NO_STREAM)
+    assert store.read_all(everything[-1].position)[0].position == first + 3
+
+
+def test_many_repeated_ids_are_refused_quickly(store: EventStore) -> None:
+    events = new_events(10_000)
+    started = time.perf_counter()
+    with pytest.raises(DuplicateEventError) as caught:
+        store.append("a", (*events, events[17], events[4]), NO_STREAM)
+    assert time.perf_counter() - started < 0.5  # was 2 s: ids.count per id
+    assert caught.value.event_ids == tuple(sorted((events[17].event_id, events[4].event_id)))
+    assert store.read_all() == []
+
+
+# --- open_store ------------------------------------------------------------------------------
+
+
+def test_open_store_chooses_the_backend_by_url(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    with open_store(f"sqlite:///{path}") as writer:
+        assert isinstance(writer, SqliteEventStore)
+        writer.append("a", new_events(1), NO_STREAM)
+    with open_store(str(path), readonly=True) as reader:  # a bare path is a SQLite file
+        assert reader.stream_version("a") == 0
+    assert store_url_of(str(path)) == f"sqlite:///{path}"
+    assert store_url_of("memory:x") == "memory:x"
+    with pytest.raises(StoreError, match="unknown event store URL"):
+        open_store("mysql://localhost/orders")
+
+
+def test_memory_store_is_shared_by_name_until_the_last_close() -> None:
+    name = f"memory:{uuid.uuid4().hex}"
+    first, second = open_store(name), open_store(name, readonly=True)
+    other = open_store(f"memory:{uuid.uuid4().hex}")
+    first.append("a", new_events(2), NO_STREAM)
+    assert second.stream_version("a") == 1
+    assert other.stream_version("a") == NO_STREAM
+    with pytest.raises(StoreError, match="read-only"):
+        second.append("b", new_events(1), NO_STREAM)
+    first.close()
+    first.close()
+    with pytest.raises(StoreError, match="closed"):
+        first.read_all()
+    assert len(second.read_all()) == 2  # still open through the other handle
+    second.close()
+    other.close()
+    with open_store(name) as again:  # the last close dropped it: nothing is durable
+        assert again.read_all() == []
+
+
+def test_memory_store_refuses_another_process() -> None:
+    """A forked process (a process base's actor) inherits the registry: it must not use its
+    private copy of the store as if it were shared."""
+    name = f"memory:{uuid.uuid4().hex}"
+    with open_store(name) as parent:
+        parent.append("a", new_events(1), NO_STREAM)
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(1) as pool:
+            message = pool.apply(_open_in_child, (name,))
+    assert "lives in process" in message
+
+
+def _open_in_child(name: str) -> str:
+    try:
+        open_store(name)
+    except StoreError as e:
+        return str(e)
+    return "opened"
+
+
+# --- PostgreSQL only -------------------------------------------------------------------------
+
+
+def test_postgres_schema_is_created_versioned_and_never_downgraded(pg_server: PgServer) -> None:
+    url = pg_server.create_schema()
+    with pytest.raises(StoreError, match="start the writer first"):
+        open_store(url, readonly=True)
+    with open_store(url) as writer:
+        writer.append("a", new_events(2), NO_STREAM)
+    with open_store(url) as again, psycopg.connect(url) as conn:  # a second start: no-op
+        assert again.stream_version("a") == 1
+        rows = conn.execute("SELECT version, description FROM schema_version").fetchall()
+        assert [v for v, _ in rows] == [m[0] for m in postgres.MIGRATIONS]
+        conn.execute("INSERT INTO schema_version (version, description) VALUES (999, 'future')")
+        conn.commit()
+    with pytest.raises(StoreError, match="newer than this code"):
+        open_store(url)
+
+
+def test_postgres_readonly_store_reads_and_refuses_writes(pg_server: PgServer) -> None:
+    url = pg_server.create_schema()
+    with open_store(url) as writer, open_store(url, readonly=True) as reader:
+        writer.append("a", new_events(2), NO_STREAM)
+        assert reader.read_all() == writer.read_all()
+        with pytest.raises(StoreError, match="read-only"):
+            reader.append("a", new_events(1), 1)
+        assert reader.stream_heads("") == [StreamHead("a", 1, "Happened")]
+
+
+def test_postgres_stale_second_node_gets_concurrency_error(pg_server: PgServer) -> None:
+    url = pg_server.create_schema()
+    with open_store(url) as first, open_store(url) as second:
+        first.append("a", new_events(1), NO_STREAM)
+        seen = second.stream_version("a")
+        first.append("a", new_events(1), 0)
+        with pytest.raises(ConcurrencyError):
+            second.append("a", new_events(1), seen)
+        positions = [e.position for e in second.read_all()]
+        assert positions == list(range(1, 3))  # the refused append took no position
+
+
+def test_postgres_unreachable_server_is_a_store_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="cannot connect"):
+        open_store(f"postgresql://nobody@/x?host={tmp_path}&port=1", connect_timeout=1.0)

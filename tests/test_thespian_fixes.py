@@ -151,7 +151,7 @@ def test_finished_sagas_leave_nothing_behind(simple: Any, tmp_path: Path) -> Non
         manager,
         Configure(
             req_id=1,
-            db_path=str(tmp_path / "o.db"),
+            store_url=f"sqlite:///{tmp_path / 'o.db'}",
             synchronous="NORMAL",
             step_timeout=5.0,
             crash_exits_process=False,

@@ -53,7 +53,7 @@ from messages.errors import ErrorCode
 from messages.events import Event, order_stream
 from saga.supervision import SupervisionPolicy
 from saga.views import decode_stream
-from store import CODEC, SqliteEventStore
+from store import CODEC, EventStore, open_store
 
 MAX_SAGAS_RECOVERING_PROCESS = 16  # recovery sagas started at once on the process bases
 WATCHDOG_PERIOD = 0.5  # seconds between liveness checks of service and saga processes
@@ -80,7 +80,7 @@ class OrderManager(BaseActor):
         super().__init__()
         self._parts: Parts | None = None
         self._boot: tuple[Any, int] | None = None
-        self._reader: SqliteEventStore | None = None
+        self._reader: EventStore | None = None
         self._appender = Appender(self, "manager")
         self._orders = LiveOrders()
         self._placement = Placement(self._orders, self)
@@ -130,7 +130,7 @@ class OrderManager(BaseActor):
         if ready == Ready.STALE:
             return
         if ready == Ready.FIRST and msg.name == STORE:
-            self._reader = SqliteEventStore(self._p.config.db_path, readonly=True)
+            self._reader = open_store(self._p.config.store_url, readonly=True)
             return
         if ready == Ready.RESTARTED:
             log.warning(
@@ -161,7 +161,7 @@ class OrderManager(BaseActor):
         return self._parts
 
     @property
-    def _store_reader(self) -> SqliteEventStore:
+    def _store_reader(self) -> EventStore:
         if self._reader is None:
             raise NotConfiguredError("the store is not open yet")
         return self._reader

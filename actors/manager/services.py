@@ -87,7 +87,7 @@ class Services:
             address,
             ServiceConfig(
                 name=name,
-                db_path=config.db_path,
+                store_url=config.store_url,
                 synchronous=config.synchronous,
                 store=self.addresses.get(STORE),
                 step_timeout=config.step_timeout,
