@@ -12,7 +12,8 @@ CLI (`python client.py [--host H] [--port P] [--timeout S] COMMAND ...`):
 
     place --order-id ID --customer C --line SKU:QTY:UNIT_PRICE [--line ...]
           [--payment-method TOKEN] [--no-wait]
-    status ID | events ID | stock [SKU ...] | set-stock SKU QTY | audit | ping
+    status ID | events ID | stock [SKU ...] | set-stock SKU QTY | add-product SKU QTY
+    audit | ping
 
 `--host`/`--port` default to the ORDER_HOST / ORDER_PORT environment variables, else
 127.0.0.1:7300. Results are printed as JSON on stdout; errors go to stderr as one line,
@@ -305,11 +306,13 @@ class Client:
         return self.call("stock", {"product_ids": list(product_ids)})
 
     def set_stock(self, product_id: str, on_hand: int, admin_token: str | None = None) -> Any:
-        """Set a product's on-hand quantity (with the admin token when the server has one)."""
-        args: dict[str, Any] = {"product_id": product_id, "on_hand": on_hand}
-        if admin_token is not None:
-            args["admin_token"] = admin_token
-        return self.call("set_stock", args)
+        """Set an existing product's on-hand quantity (with the admin token when the server
+        has one); `not_found` for a product that does not exist."""
+        return self.call("set_stock", _stock_args(product_id, on_hand, admin_token))
+
+    def add_product(self, product_id: str, on_hand: int, admin_token: str | None = None) -> Any:
+        """Add a new product with its on-hand quantity; `conflict` if it exists."""
+        return self.call("add_product", _stock_args(product_id, on_hand, admin_token))
 
     def audit(self) -> Any:
         """Run the store invariant checks (DESIGN.md section 7)."""
@@ -355,6 +358,13 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative integer")
     return value
+
+
+def _stock_args(product_id: str, on_hand: int, admin_token: str | None) -> dict[str, Any]:
+    args: dict[str, Any] = {"product_id": product_id, "on_hand": on_hand}
+    if admin_token is not None:
+        args["admin_token"] = admin_token
+    return args
 
 
 def _json_default(value: Any) -> Any:
@@ -483,6 +493,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     set_stock.add_argument("sku", metavar="SKU")
     set_stock.add_argument("qty", type=non_negative_int, metavar="QTY")
+    add_product = command(
+        "add-product",
+        "add a new product with its on-hand quantity",
+        "Add a product (set-stock only changes existing ones, so a typo never makes a product;\n"
+        "needs --admin-token when the server has one). Exit 4 if it exists.",
+    )
+    add_product.add_argument("sku", metavar="SKU")
+    add_product.add_argument("qty", type=non_negative_int, metavar="QTY")
     command(
         "audit",
         "check the store invariants; exit 1 if any fails",
@@ -507,6 +525,8 @@ def _run(client: Client, args: argparse.Namespace) -> Any:
         return client.stock(args.skus)
     if command == "set-stock":
         return client.set_stock(args.sku, args.qty, args.admin_token)
+    if command == "add-product":
+        return client.add_product(args.sku, args.qty, args.admin_token)
     if command == "audit":
         return client.audit()
     if command == "ping":

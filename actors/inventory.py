@@ -36,6 +36,7 @@ from messages.commands import (
     InventoryReleasedReply,
     InventoryReservedReply,
     InventoryUnavailableReply,
+    ProductsKnown,
     Refused,
     ReleaseStock,
     ReserveStock,
@@ -92,6 +93,7 @@ class InventoryActor(BaseActor):
         self._queued: list[Change] = []
         self._appender = Appender(self, "inventory")
         self._config: ServiceConfig | None = None
+        self._manager: Any = None  # told which products exist
         self._gate = CommitGate()
 
     # --- life cycle -----------------------------------------------------------------------
@@ -100,8 +102,13 @@ class InventoryActor(BaseActor):
         """Load the stock streams (migrating or seeding the database first), report ready."""
         self._config = msg
         self._appender.store = msg.store
+        self._manager = sender
         self._reload(migrate=True)
-        self.send(sender, ServiceReady(name=self.actor_name, pid=os.getpid()))
+        products = tuple(sorted(self._book.on_hand))
+        self.send(sender, ServiceReady(name=self.actor_name, pid=os.getpid(), products=products))
+
+    def _tell_products(self) -> None:
+        self.send(self._manager, ProductsKnown(products=tuple(sorted(self._book.on_hand))))
 
     def _reload(self, migrate: bool = False) -> None:
         """Rebuild the book from the stock streams; forget every change not yet committed."""
@@ -283,6 +290,16 @@ class InventoryActor(BaseActor):
                 ),
             )
             return
+        exists = msg.product_id in self._book.on_hand
+        if exists == msg.create:
+            code, why = (
+                (ErrorCode.CONFLICT, "exists already; set its stock with set_stock")
+                if exists
+                else (ErrorCode.NOT_FOUND, "is no product; add it with add_product")
+            )
+            refused = Refused(req_id=msg.req_id, code=code, message=f"{msg.product_id} {why}")
+            self.send(sender, refused)
+            return
         reserved = self._book.reserved.get(msg.product_id, 0)
         if msg.on_hand < reserved:
             self.send(
@@ -297,11 +314,15 @@ class InventoryActor(BaseActor):
             return
         event = StockSet(product_id=msg.product_id, on_hand=msg.on_hand, set_at=utcnow())
         report = (msg.product_id,)
+
+        def answer() -> Reply:
+            if msg.create:
+                self._tell_products()  # before the answer: an order may follow at once
+            return sender, StockReport(req_id=msg.req_id, stock=self._book.report(report))
+
         self._record(
             [event],
-            on_commit=[
-                lambda: (sender, StockReport(req_id=msg.req_id, stock=self._book.report(report)))
-            ],
+            on_commit=[answer],
             retry=lambda n: self.receiveMsg_SetStock(msg, sender, n),
             attempt=attempt,
         )

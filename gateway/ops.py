@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from typing import Any
+from typing import Any, TypeVar
 
 from gateway.asking import ManagerClient
 from gateway.parsing import OpTable
@@ -24,6 +24,7 @@ from messages.commands import (
 from messages.errors import ErrorCode, ServiceError
 from messages.events import order_stream
 from messages.requests import (
+    AddProductArgs,
     AdminArgs,
     GetOrderArgs,
     NoArgs,
@@ -36,6 +37,19 @@ from saga.audit import audit
 from saga.views import decode_stream, event_view, order_view
 
 DRAIN_ASK_TIMEOUT = 2.0  # seconds a drain waits for the manager's answer before asking again
+
+
+_Reply = TypeVar("_Reply")
+
+
+def expect(reply: Any, kind: type[_Reply]) -> _Reply:
+    """The manager's reply as the kind the op asked for; anything else is an internal error
+    (never an assert: those vanish under ``python -O``)."""
+    if not isinstance(reply, kind):
+        raise ServiceError(
+            ErrorCode.INTERNAL, f"expected {kind.__name__}, got {type(reply).__name__}"
+        )
+    return reply
 
 
 class Ops:
@@ -59,6 +73,7 @@ class Ops:
             "read_stream": (ReadStreamArgs, self.read_stream),
             "stock": (StockArgs, self.stock),
             "set_stock": (SetStockArgs, self.set_stock),
+            "add_product": (AddProductArgs, self.add_product),
             "audit": (NoArgs, self.audit),
             "system_info": (AdminArgs, self.system_info),
         }
@@ -81,7 +96,7 @@ class Ops:
                 wait=args.wait,
             )
         )
-        assert isinstance(reply, OrderReply)
+        reply = expect(reply, OrderReply)
         return reply.order
 
     async def get_order(self, args: GetOrderArgs) -> Any:
@@ -114,7 +129,7 @@ class Ops:
         reply = await self._manager.ask(
             lambda req_id: GetStock(req_id=req_id, product_ids=args.product_ids)
         )
-        assert isinstance(reply, StockReport)
+        reply = expect(reply, StockReport)
         missing = [p for p in args.product_ids if p not in reply.stock]
         if missing:
             raise ServiceError(ErrorCode.NOT_FOUND, f"unknown products: {', '.join(missing[:20])}")
@@ -126,7 +141,19 @@ class Ops:
         reply = await self._manager.ask(
             lambda req_id: SetStock(req_id=req_id, product_id=args.product_id, on_hand=args.on_hand)
         )
-        assert isinstance(reply, StockReport)
+        reply = expect(reply, StockReport)
+        return reply.stock
+
+    async def add_product(self, args: AddProductArgs) -> Any:
+        """`add_product` (admin): a new product with its units on hand (`conflict` if it
+        exists); `set_stock` only changes products that exist, so a typo never makes one."""
+        self._check_admin("add_product", args.admin_token)
+        reply = await self._manager.ask(
+            lambda req_id: SetStock(
+                req_id=req_id, product_id=args.product_id, on_hand=args.on_hand, create=True
+            )
+        )
+        reply = expect(reply, StockReport)
         return reply.stock
 
     async def audit(self, args: NoArgs) -> Any:
@@ -151,7 +178,7 @@ class Ops:
     async def identities(self) -> dict[str, int]:
         """The OS pids of the manager, services and live sagas."""
         reply = await self._manager.ask(lambda req_id: Identify(req_id=req_id))
-        assert isinstance(reply, Identities)
+        reply = expect(reply, Identities)
         return reply.pids
 
     async def drain(self, deadline: float, hurry: asyncio.Event | None = None) -> int:
@@ -169,7 +196,7 @@ class Ops:
                     control=True,
                     timeout=min(max(left, 0.1), DRAIN_ASK_TIMEOUT),
                 )
-                assert isinstance(reply, DrainStatus)
+                reply = expect(reply, DrainStatus)
                 in_flight = reply.in_flight
             if in_flight == 0 or loop.time() >= end:
                 break

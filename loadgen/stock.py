@@ -18,11 +18,12 @@ from messages.base import OrderStatus
 
 @dataclass(frozen=True, slots=True)
 class StockChange:
-    """One `set_stock` the run will make."""
+    """One `set_stock` (or, for a product that does not exist yet, `add_product`) of the run."""
 
     sku: str
     on_hand_before: int
     on_hand_after: int
+    new: bool = False
 
     def __str__(self) -> str:
         return f"{self.sku} {self.on_hand_before}->{self.on_hand_after}"
@@ -65,7 +66,9 @@ def stock_changes(
         level = _level(client, SCARCE_SKU)
         scarce_before = int(level.get("reserved", 0))
         changes.append(
-            StockChange(SCARCE_SKU, int(level.get("on_hand", 0)), scarce_before + scarce)
+            StockChange(
+                SCARCE_SKU, int(level.get("on_hand", 0)), scarce_before + scarce, new=not level
+            )
         )
     return changes, scarce_before
 
@@ -89,12 +92,12 @@ def describe_changes(changes: Sequence[StockChange], plan: Sequence[PlannedOrder
 
 
 def apply_changes(client: Client, changes: Sequence[StockChange], admin_token: str | None) -> None:
-    """Make the `set_stock` calls."""
+    """Make the `set_stock` / `add_product` calls."""
     for change in changes:
         args: dict[str, Any] = {"product_id": change.sku, "on_hand": change.on_hand_after}
         if admin_token:
             args["admin_token"] = admin_token
-        client.call("set_stock", args)
+        client.call("add_product" if change.new else "set_stock", args)
 
 
 def check_scarce(

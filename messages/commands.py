@@ -82,11 +82,22 @@ class GetStock(ActorMessage):
 
 
 class SetStock(ActorMessage):
-    """Set a product's units on hand (an operator's correction or a delivery)."""
+    """Set a product's units on hand (an operator's correction or a delivery). With `create`
+    the product must be new (``add_product``); without, it must exist (``set_stock``), so a
+    typo in a product id never makes a product."""
 
     req_id: int
     product_id: str
     on_hand: int
+    create: bool = False
+
+
+class ProductsKnown(ActorMessage):
+    """Inventory to the manager: the products that exist, when one is added (on start they
+    come with ServiceReady), so an order naming an unknown product is refused before anything
+    is recorded."""
+
+    products: tuple[str, ...]
 
 
 class StockReport(ActorMessage):
@@ -162,10 +173,11 @@ class ServiceConfig(ActorMessage):
 
 
 class ServiceReady(ActorMessage):
-    """A service finished loading its durable state."""
+    """A service finished loading its durable state (Inventory: with the products that exist)."""
 
     name: str
     pid: int
+    products: tuple[str, ...] = ()
 
 
 class IAm(ActorMessage):

@@ -108,7 +108,15 @@ class StockArgs(Frozen):
 
 
 class SetStockArgs(Frozen):
-    """`set_stock`: a product's units on hand (created if new)."""
+    """`set_stock`: an existing product's units on hand (``add_product`` makes a new one)."""
+
+    product_id: ProductId
+    on_hand: Annotated[StrictInt, Field(ge=0, le=1_000_000_000)]
+    admin_token: Annotated[str, StringConstraints(max_length=256)] | None = None
+
+
+class AddProductArgs(Frozen):
+    """`add_product` (admin): a new product with its units on hand."""
 
     product_id: ProductId
     on_hand: Annotated[StrictInt, Field(ge=0, le=1_000_000_000)]

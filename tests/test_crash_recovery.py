@@ -220,7 +220,7 @@ def crash_cycles(
         totals["recovered_on_start"] += recovering(server)
         clients = [server.client() for _ in range(4)]
         if cycle == 0:
-            clients[0].set_stock("SKU-SCARCE", 15)
+            clients[0].add_product("SKU-SCARCE", 15)
         futures: dict[str, Future[Any]] = {}
         for n in range(orders):
             order_id = f"crash-{cycle}-{n}-{new_id()}"

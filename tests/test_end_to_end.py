@@ -333,8 +333,32 @@ def test_no_wait_answers_once_placed_and_the_order_finishes(client: Client) -> N
     assert final["status"] == "cancelled"
 
 
+def test_products_are_explicit_and_a_typo_makes_none(client: Client) -> None:
+    product = f"SKU-N{new_id('p')[-6:]}"
+    for call in (lambda: client.set_stock(product, 5), lambda: client.stock([product])):
+        with pytest.raises(ClientError) as err:
+            call()
+        assert err.value.code == "not_found"
+    order_id = new_id("typo")
+    lines = [{"product_id": product, "quantity": 1, "unit_price": "1.00"}]
+    with pytest.raises(ClientError) as err:
+        client.place_order(order_id, "c", lines)
+    assert err.value.code == "invalid"
+    assert product in err.value.message
+    with pytest.raises(ClientError) as err:
+        client.get_order(order_id)  # nothing was recorded for it
+    assert err.value.code == "not_found"
+    assert client.add_product(product, 5)[product] == {"on_hand": 5, "reserved": 0, "available": 5}
+    with pytest.raises(ClientError) as err:
+        client.add_product(product, 7)
+    assert err.value.code == "conflict"
+    assert client.place_order(order_id, "c", lines)["status"] == "paid"
+    assert client.set_stock(product, 9)[product]["on_hand"] == 9
+
+
 def test_set_stock_then_orders_cannot_oversell(client: Client) -> None:
     product = f"SKU-T{new_id('p')[-6:]}"
+    client.add_product(product, 1)
     assert client.set_stock(product, 3)[product] == {"on_hand": 3, "reserved": 0, "available": 3}
     lines = [{"product_id": product, "quantity": 1, "unit_price": "2.50"}]
     futures = [

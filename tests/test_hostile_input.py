@@ -602,7 +602,7 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     server = Server(tmp_path_factory.mktemp("hostile"))
     try:
         with Client(server.host, server.port, timeout=IO_TIMEOUT) as client:
-            client.set_stock(HEALTH_SKU, 1_000_000)
+            client.add_product(HEALTH_SKU, 1_000_000)
         yield server
     finally:
         assert server.stop() == 0, server.log()[-3000:]

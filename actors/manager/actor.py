@@ -40,6 +40,7 @@ from messages.commands import (
     OrderReply,
     PaymentVoidedReply,
     PlaceOrder,
+    ProductsKnown,
     Refused,
     SagaAborted,
     SagaFinished,
@@ -129,6 +130,7 @@ class OrderManager(BaseActor):
         ready = services.ready(msg, sender)
         if ready == Ready.STALE:
             return
+        self._stock.products_known(ProductsKnown(products=msg.products))
         if ready == Ready.FIRST and msg.name == STORE:
             self._reader = open_store(self._p.config.store_url, readonly=True)
             return
@@ -318,6 +320,14 @@ class OrderManager(BaseActor):
     def receiveMsg_GetStock(self, msg: GetStock, sender: Any) -> None:
         """Ask Inventory; its answer goes back to the gateway."""
         self._stock.forward(msg, sender)
+
+    def receiveMsg_ProductsKnown(self, msg: ProductsKnown, sender: Any) -> None:
+        """Inventory says which products exist."""
+        self._stock.products_known(msg)
+
+    def unknown_products(self, product_ids: Sequence[str]) -> list[str]:
+        """Those of `product_ids` that are no product (PlacementHost)."""
+        return self._stock.unknown(product_ids)
 
     def receiveMsg_SetStock(self, msg: SetStock, sender: Any) -> None:
         """Ask Inventory; its answer goes back to the gateway."""

@@ -40,6 +40,9 @@ class PlacementHost(Protocol):
     def accepting(self) -> bool:
         """Whether new orders are accepted now (booted, not draining)."""
 
+    def unknown_products(self, product_ids: Sequence[str]) -> list[str]:
+        """Those of `product_ids` that are no product (Inventory's list)."""
+
 
 def refuse(send: Callable[[Any, Any], None], waiter: Waiter, code: ErrorCode, message: str) -> None:
     """Answer a request with a wire error code."""
@@ -83,6 +86,12 @@ class Placement:
                 ErrorCode.UNAVAILABLE,
                 "the system is not accepting orders now",
             )
+            return
+        unknown = self._host.unknown_products([line.product_id for line in msg.lines])
+        if unknown:
+            # Nothing is recorded: a typo in a product id is bad input, not a cancelled order.
+            message = f"unknown products {', '.join(unknown)} (add them with add_product)"
+            refuse(self._host.send, waiter, ErrorCode.INVALID, message)
             return
         live = LiveOrder(placed=placed)
         (live.waiters if msg.wait else live.acks).append(waiter)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from messages.commands import GetStock, Refused, SetStock, StockReport
+from messages.commands import GetStock, ProductsKnown, Refused, SetStock, StockReport
 from messages.errors import ErrorCode
 
 INVENTORY = "inventory"
@@ -21,6 +21,15 @@ class StockForwarder:
         self._inventory = inventory
         self._send = send
         self._waiting: dict[int, Any] = {}  # req_id -> gateway
+        self._products: frozenset[str] = frozenset()
+
+    def products_known(self, msg: ProductsKnown) -> None:
+        """Inventory's list of products (products are never removed)."""
+        self._products = self._products | frozenset(msg.products)
+
+    def unknown(self, product_ids: Sequence[str]) -> list[str]:
+        """Those of `product_ids` Inventory has not named, in order, once each."""
+        return [p for p in dict.fromkeys(product_ids) if p not in self._products]
 
     def forward(self, msg: GetStock | SetStock, sender: Any) -> None:
         """Ask Inventory, or refuse at once while it is restarting."""
