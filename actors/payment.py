@@ -38,6 +38,7 @@ from messages.commands import (
     ServiceReady,
     VoidPayment,
 )
+from messages.errors import ExpectedFailureError
 from messages.events import (
     ChargeDeclined,
     ChargeRefunded,
@@ -52,7 +53,7 @@ DECLINE_MESSAGE = "Your card was declined."
 MAX_CACHED_RECORDS = 50_000
 
 
-class PaymentProviderError(RuntimeError):
+class PaymentProviderError(ExpectedFailureError):
     """What tok_error makes the provider raise."""
 
 

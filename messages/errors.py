@@ -37,3 +37,9 @@ class ServiceError(Exception):
 
     def __repr__(self) -> str:
         return f"ServiceError({self.code.value!r}, {self.message!r})"
+
+
+class ExpectedFailureError(RuntimeError):
+    """A failure the system is built to survive (a test token's provider error): the actor
+    raises it so that supervision compensates, and the log shows it as one warning line with
+    the message (which names the order), not as a traceback per retry."""

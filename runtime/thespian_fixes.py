@@ -63,6 +63,8 @@ from thespian.system.timing import (
 )
 from thespian.system.transport import IPBase, MultiprocessQueueTransport
 
+from messages.errors import ExpectedFailureError
+
 QUEUE_DEPTH = 2000
 _sequence = itertools.count()
 
@@ -155,6 +157,15 @@ def _run_single_send(self: Any, ps: Any) -> None:
         if target is not None and target._inst is not None:
             try:
                 target._inst.receiveMessage(msg, ps.sender)
+            except ExpectedFailureError as e:
+                # Built to be survived: the saga's supervision reports it (one warning line);
+                # here it is detail, once, without a traceback per retry.
+                if ps.attempts == 0:
+                    logging.getLogger("Thespian").info("%s (%s)", e, type(msg).__name__)
+                ps.attempts += 1
+                ps.fail_details = str(e)
+                with self._private_lock:
+                    self._pendingSends.append(ps)
             except Exception:
                 logging.getLogger("Thespian").warning(
                     "Failure of Actor %s during message processing (attempt %s)",

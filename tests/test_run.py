@@ -28,3 +28,18 @@ def test_json_logs_are_one_object_per_line_and_stopping_is_announced(
         assert record["time"].endswith("Z")
     assert said[0].startswith("run.py: stopping: no new orders")
     assert said[-1] == "run.py: stopped"
+
+
+def test_an_expected_failure_is_one_warning_line_naming_the_order(
+    start_server: Callable[..., Server],
+) -> None:
+    server = start_server()  # the default log level: warnings
+    order = new_id("err")
+    with server.client() as client:
+        assert client.place_order(order, "c", LINES, "tok_error")["status"] == "failed"
+    assert server.stop() == 0
+    logged = [line for line in server.log().splitlines() if not line.startswith("run.py: ")]
+    assert "Traceback" not in server.log()
+    assert len(logged) == 1, logged
+    assert " WARNING " in logged[0]
+    assert order in logged[0]
