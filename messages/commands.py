@@ -147,6 +147,7 @@ class Configure(ActorMessage):
     step_timeout: float
     crash_exits_process: bool
     payment_latency: float = 0.0
+    payment_provider: str = "simulated"  # providers.open_provider: simulated or http://...
     warm_sagas: int = 0  # saga actors created ahead of need (process bases)
     # Sagas of one order that may fail before the supervisor ends the order itself
     # (saga.supervision.MAX_SAGA_FAILURES; messages cannot import saga).
@@ -170,6 +171,7 @@ class ServiceConfig(ActorMessage):
     step_timeout: float
     crash_exits_process: bool
     payment_latency: float = 0.0
+    payment_provider: str = "simulated"
 
 
 class ServiceReady(ActorMessage):

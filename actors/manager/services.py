@@ -93,6 +93,7 @@ class Services:
                 step_timeout=config.step_timeout,
                 crash_exits_process=config.crash_exits_process,
                 payment_latency=config.payment_latency,
+                payment_provider=config.payment_provider,
             ),
         )
 
