@@ -1,7 +1,7 @@
 """Start the order service: the Thespian actor system and the client gateway in front of it.
 
     python run.py [--base simple|queue|tcp] [--store URL | --db PATH] [--host 127.0.0.1]
-                  [--port 7300] [--step-timeout SECONDS]
+                  [--port 7300] [--step-timeout SECONDS] [--payment-provider simulated|URL]
 
 --store takes sqlite:///PATH (the default, sqlite:///orders.db), postgresql://USER@HOST:PORT/DB
 or memory: (everything in this process, nothing durable; simple base only); --db PATH is short
@@ -95,6 +95,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds the simulated provider takes to approve tok_visa",
     )
     parser.add_argument(
+        "--payment-provider",
+        default="simulated",
+        metavar="simulated|URL",
+        help="who moves the money: simulated (the test tokens) or http://HOST:PORT, a "
+        "Stripe-style HTTP API (providers/http_payment.py)",
+    )
+    parser.add_argument(
         "--warm-sagas",
         type=int,
         default=8,
@@ -145,6 +152,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "base runs each actor in a process of its own: use --base simple, or "
             "sqlite:///PATH or postgresql://..."
         )
+    if args.payment_provider != "simulated" and not args.payment_provider.startswith(
+        ("http://", "https://")
+    ):
+        parser.error(f"--payment-provider {args.payment_provider!r}: use simulated or http://...")
     if args.step_timeout <= 0:
         parser.error("--step-timeout must be positive")
     if not _is_loopback(args.host) and not args.admin_token:
@@ -204,6 +215,7 @@ async def serve(args: argparse.Namespace) -> int:
                     crash_exits_process=args.base != "simple",
                     warm_sagas=args.warm_sagas if args.base != "simple" else 0,
                     payment_latency=args.payment_latency,
+                    payment_provider=args.payment_provider,
                 ),
                 120.0,
             ),
