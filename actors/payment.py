@@ -243,7 +243,7 @@ class PaymentActor(BaseActor):
             return
         # What Thespian sends when a service raises on a request: the saga treats it as the
         # step failing (and voids, or asks again while compensating).
-        log.error("payment: %s for %s failed: %s", type(msg).__name__, msg.order_id, error)
+        log.warning("payment: %s for %s failed: %s", type(msg).__name__, msg.order_id, error)
         self.send(sender, PoisonMessage(msg, f"{type(error).__name__}: {error}"))
 
     def _charge_later(self, msg: ChargePayment, sender: Any, charge: Charge) -> None:
