@@ -989,6 +989,7 @@ SERVICE_REQUESTS = {
     Service.INVENTORY: ("reserve", "release"),
     Service.PAYMENT: ("charge", "void"),
     Service.STORE: (),
+    Service.SHIPPING: (),
 }
 
 
