@@ -35,6 +35,7 @@ from messages.commands import (
     ShipmentCreatedReply,
     ShipmentRefusedReply,
 )
+from messages.errors import ExpectedFailureError
 from messages.events import (
     Event,
     ShipmentCancelled,
@@ -51,8 +52,8 @@ MAX_CACHED_RECORDS = 50_000
 CARRIER_TOKENS = ("ship_standard", "ship_refused", "ship_timeout", "ship_error")
 
 
-class CarrierError(RuntimeError):
-    """What ship_error makes the carrier raise."""
+class CarrierError(ExpectedFailureError):
+    """What ship_error makes the carrier raise (expected: one warning line, no traceback)."""
 
 
 @dataclass

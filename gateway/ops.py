@@ -109,8 +109,7 @@ class Ops:
         reply = await self._manager.ask(
             lambda req_id: CancelOrder(req_id=req_id, order_id=args.order_id, reason=args.reason)
         )
-        assert isinstance(reply, OrderReply)
-        return reply.order
+        return expect(reply, OrderReply).order
 
     async def get_order(self, args: GetOrderArgs) -> Any:
         """`get_order`: the order's view from its stream."""

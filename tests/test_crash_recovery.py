@@ -356,7 +356,7 @@ def test_kill_whole_system_between_order_paid_and_shipping_and_mid_shipping(
     db = tmp_path / "ship.db"
     server = start_server(base=base, db=db, step_timeout=30.0)
     client = server.client()
-    client.set_stock("SKU-SHIP", 100)
+    client.add_product("SKU-SHIP", 100)
     line = [{"product_id": "SKU-SHIP", "quantity": 1, "unit_price": "2.00"}]
     waiting = [new_id("wait") for _ in range(3)]
     for order_id in waiting:
