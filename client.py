@@ -11,7 +11,9 @@ may arrive in any order.
 CLI (`python client.py [--host H] [--port P] [--timeout S] COMMAND ...`):
 
     place --order-id ID --customer C --line SKU:QTY:UNIT_PRICE [--line ...]
-          [--payment-method TOKEN] [--no-wait]
+          [--payment-method TOKEN] [--ship-to "NAME;LINE1;CITY;POSTAL;CC" [--carrier TOKEN]]
+          [--no-wait]
+    cancel ID [--reason R]
     status ID | events ID | stock [SKU ...] | set-stock SKU QTY | add-product SKU QTY
     audit | ping
 
@@ -276,22 +278,34 @@ class Client:
         lines: Sequence[Mapping[str, Any]],
         payment_method: str = "tok_visa",
         wait: bool = True,
+        *,
+        shipping: Mapping[str, Any] | None = None,
     ) -> Any:
         """Place an order; with `wait` the reply is the terminal status object.
 
         `lines` are `{"product_id", "quantity", "unit_price"}` maps; a Decimal unit price is
-        sent as its string form so the server parses it exactly.
+        sent as its string form so the server parses it exactly. `shipping` is
+        `{"address": {"name", "line1", "city", "postal_code", "country"}, "carrier"}`.
         """
-        return self.call(
-            "place_order",
-            {
-                "order_id": order_id,
-                "customer_id": customer_id,
-                "lines": [dict(line) for line in lines],
-                "payment_method": payment_method,
-                "wait": wait,
-            },
-        )
+        args: dict[str, Any] = {
+            "order_id": order_id,
+            "customer_id": customer_id,
+            "lines": [dict(line) for line in lines],
+            "payment_method": payment_method,
+            "wait": wait,
+        }
+        if shipping is not None:
+            args["shipping"] = shipping
+        return self.call("place_order", args)
+
+    def cancel_order(self, order_id: str, reason: str | None = None) -> Any:
+        """Cancel an order: the cancelled order's status object once it is cancelled (also
+        if it was already); `conflict` if it is too late (shipped, failed, or paid without
+        shipping)."""
+        args: dict[str, Any] = {"order_id": order_id}
+        if reason is not None:
+            args["reason"] = reason
+        return self.call("cancel_order", args)
 
     def get_order(self, order_id: str) -> Any:
         """The order's current status object."""
@@ -349,6 +363,20 @@ def parse_line(text: str) -> dict[str, Any]:
     return {"product_id": sku, "quantity": quantity, "unit_price": str(price)}
 
 
+SHIP_TO_FIELDS = ("name", "line1", "city", "postal_code", "country")
+
+
+def parse_ship_to(text: str) -> dict[str, str]:
+    """Parse `NAME;LINE1;CITY;POSTAL;CC` into a shipping address; the server checks each
+    field (lengths, the ISO 3166 country code)."""
+    parts = [part.strip() for part in text.split(";")]
+    if len(parts) != len(SHIP_TO_FIELDS) or not all(parts):
+        raise argparse.ArgumentTypeError(
+            f"bad --ship-to {text!r}: expected NAME;LINE1;CITY;POSTAL;CC, every part non-empty"
+        )
+    return dict(zip(SHIP_TO_FIELDS, parts, strict=True))
+
+
 def non_negative_int(text: str) -> int:
     """argparse type: an integer >= 0."""
     try:
@@ -383,6 +411,8 @@ exit codes:
   3  cannot connect to the server, or the connection was lost
   4  server error not_found or conflict
   place --exit-status only: 5 cancelled, 6 failed, 7 still pending (0: paid or shipped)
+  cancel: 4 (conflict) when it is too late: the order shipped, failed or was paid without
+  shipping
 
 Global options (--host, --port, --timeout, --admin-token) go before or after the command.
 """
@@ -444,9 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
     place = command(
         "place",
         "place an order (waits for its terminal status)",
-        "Place an order and print its status once terminal (paid, cancelled or failed).\n"
-        "Payment tokens: tok_visa (approved), tok_chargeDeclined, tok_error, tok_timeout,\n"
-        "tok_late, tok_crash (see README).",
+        "Place an order and print its status once terminal (paid, shipped, cancelled or\n"
+        "failed). Payment tokens: tok_visa (approved), tok_chargeDeclined, tok_error,\n"
+        "tok_timeout, tok_late, tok_crash. With --ship-to the paid order is shipped; carrier\n"
+        "tokens: ship_standard (default), ship_refused, ship_timeout, ship_error (see README).",
     )
     place.add_argument("--order-id", required=True)
     place.add_argument("--customer", required=True)
@@ -460,6 +491,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     place.add_argument("--payment-method", default="tok_visa", help="default %(default)s")
     place.add_argument(
+        "--ship-to",
+        type=parse_ship_to,
+        metavar="NAME;LINE1;CITY;POSTAL;CC",
+        help="ship the order to this address (CC: ISO 3166 alpha-2 country code)",
+    )
+    place.add_argument(
+        "--carrier", help="carrier token for --ship-to (default ship_standard)", default=None
+    )
+    place.add_argument(
         "--no-wait", dest="wait", action="store_false", help="reply once OrderPlaced is durable"
     )
     place.add_argument(
@@ -467,6 +507,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="exit 5 if the order ends cancelled, 6 failed, 7 still pending (0 paid)",
     )
+
+    cancel = command(
+        "cancel",
+        "cancel an order (waits until it is cancelled)",
+        "Cancel an order and print it once cancelled (also if it was already). While it is\n"
+        "pending the saga stops and gives back what it holds; while it is paid and waiting\n"
+        "for shipment the charge is refunded, the stock released and the shipment cancelled.\n"
+        "Exit 4 (conflict) if it is too late: shipped, failed, or paid without shipping.",
+    )
+    cancel.add_argument("order_id", help="the id the order was placed with")
+    cancel.add_argument("--reason", help="why (recorded in OrderCancelled)")
 
     status = command(
         "status",
@@ -514,9 +565,21 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(client: Client, args: argparse.Namespace) -> Any:
     command: str = args.command
     if command == "place":
+        shipping: dict[str, Any] | None = None
+        if args.ship_to is not None:
+            shipping = {"address": args.ship_to}
+            if args.carrier is not None:
+                shipping["carrier"] = args.carrier
         return client.place_order(
-            args.order_id, args.customer, args.lines, args.payment_method, wait=args.wait
+            args.order_id,
+            args.customer,
+            args.lines,
+            args.payment_method,
+            wait=args.wait,
+            shipping=shipping,
         )
+    if command == "cancel":
+        return client.cancel_order(args.order_id, args.reason)
     if command == "status":
         return client.get_order(args.order_id)
     if command == "events":
@@ -549,7 +612,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
     try:
         # Everything is validated here, before any connection is attempted.
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command == "place" and args.carrier is not None and args.ship_to is None:
+            parser.error("--carrier needs --ship-to")
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
     try:

@@ -35,6 +35,7 @@ from messages.commands import (
     GetStock,
     InventoryReleasedReply,
     InventoryReservedReply,
+    InventoryShippedReply,
     InventoryUnavailableReply,
     ProductsKnown,
     Refused,
@@ -43,6 +44,7 @@ from messages.commands import (
     ServiceConfig,
     ServiceReady,
     SetStock,
+    ShipStock,
     StockReport,
 )
 from messages.errors import ErrorCode
@@ -55,6 +57,7 @@ from messages.events import (
     StockReleased,
     StockReserved,
     StockSet,
+    StockShipped,
     stock_stream,
 )
 from saga.stock import StockBook, split_by_stream
@@ -262,6 +265,12 @@ class InventoryActor(BaseActor):
         if held is not None and held.released:
             self.send(*answer())
             return
+        if held is not None and held.shipped:
+            # The units left with the shipment: nothing to give back, and whoever asked must
+            # learn that the order shipped (a compensation that comes too late).
+            reply = InventoryShippedReply(order_id=msg.order_id, reservation_id=held.reservation_id)
+            self.send(sender, reply)
+            return
         event = StockReleased(
             order_id=msg.order_id,
             reservation_id=held.reservation_id if held else "",
@@ -274,6 +283,41 @@ class InventoryActor(BaseActor):
             on_commit=[answer],
             order_id=msg.order_id,
             retry=lambda n: self.receiveMsg_ReleaseStock(msg, sender, n),
+            attempt=attempt,
+        )
+
+    def receiveMsg_ShipStock(self, msg: ShipStock, sender: Any, attempt: int = 1) -> None:
+        """Consume the order's reservation (its units leave on_hand and reserved), once: a
+        repeated request gets the same answer; a released or unknown one is refused."""
+        if self._gate.busy(msg.order_id):
+            self._gate.defer(msg.order_id, lambda: self.receiveMsg_ShipStock(msg, sender))
+            return
+        if attempt > MAX_ATTEMPTS:
+            log.error("inventory: shipment of %s conflicted %d times", msg.order_id, attempt - 1)
+            return  # the shipping saga re-sends on its step timeout
+        held = self._book.reservations.get(msg.order_id)
+        if held is None or held.released or not held.reservation_id:
+            reason = "nothing is held for the order (released, or never reserved)"
+            refusal = InventoryUnavailableReply(
+                order_id=msg.order_id, unavailable_items=(), reason=reason
+            )
+            self.send(sender, refusal)
+            return
+        reply = InventoryShippedReply(order_id=msg.order_id, reservation_id=held.reservation_id)
+        if held.shipped:
+            self.send(sender, reply)
+            return
+        event = StockShipped(
+            order_id=msg.order_id,
+            reservation_id=held.reservation_id,
+            items=held.items(),
+            shipped_at=utcnow(),
+        )
+        self._record(
+            [event],
+            on_commit=[lambda: (sender, reply)],
+            order_id=msg.order_id,
+            retry=lambda n: self.receiveMsg_ShipStock(msg, sender, n),
             attempt=attempt,
         )
 

@@ -1,4 +1,5 @@
-"""The OrderSaga actor: one per order, a thin shell around ``saga.machine``.
+"""The OrderSaga actor: one per order, a thin shell around ``saga.machine``; and the plumbing
+every workflow actor shares (``WorkflowActor``: the step timer, appends, failure reports).
 
 It feeds the services' replies to the machine as they are and turns the machine's commands into
 messages. Anything that raises inside it is reported to the supervising OrderManager (which
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -20,7 +22,10 @@ from messages.base import utcnow
 from messages.commands import (
     AppendDone,
     AppendRejected,
+    CancelSaga,
+    CancelShipment,
     ChargePayment,
+    CreateShipment,
     IAm,
     InventoryReleasedReply,
     InventoryReservedReply,
@@ -33,31 +38,65 @@ from messages.commands import (
     SagaAborted,
     SagaFinished,
     ServiceMoved,
+    ShipStock,
     StartSaga,
     VoidPayment,
 )
-from messages.events import order_stream
+from messages.events import Event, OrderPlaced, order_stream
 from saga import machine as sm
 from saga.views import order_view
 
 ENV = sm.Env(now=utcnow)
 STEP_TIMER = "step"  # the payload of the saga's one pending wakeup
 
+# Which service a request went to: a PoisonMessage for it is that service's failed step.
+SERVICE_OF_REQUEST: dict[type, sm.Service] = {
+    ReserveStock: sm.Service.INVENTORY,
+    ReleaseStock: sm.Service.INVENTORY,
+    ShipStock: sm.Service.INVENTORY,
+    ChargePayment: sm.Service.PAYMENT,
+    VoidPayment: sm.Service.PAYMENT,
+    CreateShipment: sm.Service.SHIPPING,
+    CancelShipment: sm.Service.SHIPPING,
+}
 
-class OrderSaga(BaseActor):
-    """Drives one order to a terminal state: reserve, charge, record; compensate on failure."""
+
+class WorkflowActor(BaseActor):
+    """What a workflow actor (one per order and workflow) shares, whatever its machine:
+    failures reported to the manager instead of retried, the step deadline on one pending
+    Thespian timer, appends through the EventStore actor, service addresses that move, and the
+    end of the actor once its order's part is over. A subclass keeps its machine's state and
+    implements ``_feed``, ``_running_order`` and ``_drop_state``."""
 
     actor_name = "saga"
 
     def __init__(self) -> None:
         super().__init__()
-        self._state: sm.SagaState | None = None
         self._manager: Any = None
         self._services: dict[sm.Service, Any] = {}
         self._step_timeout = 5.0
         self._appender = Appender(self, "saga")
         self._deadline: tuple[int, float] | None = None  # (token, monotonic time) of the step
         self._timer_pending = False
+
+    @classmethod
+    def wants(cls, placed: OrderPlaced) -> bool:  # noqa: ARG003 -- overridden by some
+        """Whether the workflow runs for this order when its trigger event is committed."""
+        return True
+
+    # --- what a subclass provides ---------------------------------------------------------
+
+    def _feed(self, msg: Any) -> None:
+        """Feed one input to the machine and carry out its commands."""
+        raise NotImplementedError
+
+    def _running_order(self) -> str | None:
+        """The order id while the workflow runs, None once it ended (or before it started)."""
+        raise NotImplementedError
+
+    def _drop_state(self) -> None:
+        """Forget the machine's state: late replies are dropped from now on."""
+        raise NotImplementedError
 
     # --- plumbing -------------------------------------------------------------------------
 
@@ -69,78 +108,62 @@ class OrderSaga(BaseActor):
             log.exception("saga %s failed handling %s", self._order_id, type(message).__name__)
             order_id = message.order_id if isinstance(message, StartSaga) else self._order_id
             manager = sender if isinstance(message, StartSaga) else self._manager
-            if manager is not None and (self._state is not None or isinstance(message, StartSaga)):
+            running = self._running_order() is not None
+            if manager is not None and (running or isinstance(message, StartSaga)):
                 self.send(
                     manager, SagaAborted(order_id=order_id, reason=f"{type(e).__name__}: {e}")
                 )
-                self._state = None
+                self._drop_state()
                 self.send(self.myAddress, ActorExitRequest())
             return None
 
     @property
     def _order_id(self) -> str:
-        return self._state.order.order_id if self._state else "?"
+        return self._running_order() or "?"
 
-    def _feed(self, msg: sm.SagaInput) -> None:
-        if self._state is None:
-            return  # finished or aborted: late replies are dropped
-        self._state, commands = sm.decide(self._state, msg, ENV)
-        for command in commands:
-            self._carry_out(command)
+    def _begin(self, msg: StartSaga, sender: Any) -> None:
+        """Take the start's addresses and settings (the manager is `sender`)."""
+        self._manager = sender
+        self._services = {
+            sm.Service.INVENTORY: msg.inventory,
+            sm.Service.PAYMENT: msg.payment,
+            sm.Service.SHIPPING: msg.shipping,
+        }
+        self._appender.store = msg.store
+        self._step_timeout = msg.step_timeout
+        if msg.report_pid:
+            self.send(sender, IAm(name=f"saga:{msg.order_id}", pid=os.getpid()))
 
-    def _carry_out(self, command: sm.Command) -> None:
-        state = self._state
-        if state is None:
-            raise RuntimeError(f"saga: {type(command).__name__} after the saga ended")
-        order_id = state.order.order_id
-        if isinstance(command, sm.AppendEvents):
-            self._appender.append(
-                order_stream(order_id),
-                command.events,
-                command.event_ids,
-                command.expected_version,
-                self._on_appended,
-            )
-        elif isinstance(command, sm.RequestReserve):
-            self.send(
-                self._services[sm.Service.INVENTORY],
-                ReserveStock(order_id=order_id, items=command.items),
-            )
-        elif isinstance(command, sm.RequestCharge):
-            self.send(
-                self._services[sm.Service.PAYMENT],
-                ChargePayment(
-                    order_id=order_id, amount=command.amount, payment_method=command.payment_method
-                ),
-            )
-        elif isinstance(command, sm.RequestRelease):
-            self.send(
-                self._services[sm.Service.INVENTORY],
-                ReleaseStock(order_id=order_id, reason=command.reason),
-            )
-        elif isinstance(command, sm.RequestVoid):
-            self.send(
-                self._services[sm.Service.PAYMENT],
-                VoidPayment(order_id=order_id, reason=command.reason),
-            )
-        elif isinstance(command, sm.StartTimer):
-            self._arm(command.token)
-        elif isinstance(command, sm.Finish):
-            self.send(
-                self._manager,
-                SagaFinished(
-                    order_id=order_id,
-                    reason=command.reason,
-                    order=order_view(order_id, state.recorded),
-                    saga_key=str(self.myAddress),
-                ),
-            )
-            self._state = None
-            self.send(self.myAddress, ActorExitRequest())
-        elif isinstance(command, sm.Abort):
-            self.send(self._manager, SagaAborted(order_id=order_id, reason=command.reason))
-            self._state = None
-            self.send(self.myAddress, ActorExitRequest())
+    def _append(self, order_id: str, command: sm.AppendEvents) -> None:
+        self._appender.append(
+            order_stream(order_id),
+            command.events,
+            command.event_ids,
+            command.expected_version,
+            self._on_appended,
+        )
+
+    def _request(self, service: sm.Service, msg: Any) -> None:
+        self.send(self._services[service], msg)
+
+    def _finish(self, order_id: str, reason: str, recorded: Sequence[Event]) -> None:
+        """The workflow's part of the order is over (its last event is committed)."""
+        self.send(
+            self._manager,
+            SagaFinished(
+                order_id=order_id,
+                reason=reason,
+                order=order_view(order_id, recorded),
+                saga_key=str(self.myAddress),
+            ),
+        )
+        self._drop_state()
+        self.send(self.myAddress, ActorExitRequest())
+
+    def _abort(self, order_id: str, reason: str) -> None:
+        self.send(self._manager, SagaAborted(order_id=order_id, reason=reason))
+        self._drop_state()
+        self.send(self.myAddress, ActorExitRequest())
 
     def _on_appended(self, reply: AppendDone | AppendRejected) -> None:
         if isinstance(reply, AppendDone):
@@ -152,33 +175,7 @@ class OrderSaga(BaseActor):
             # step of the store; the machine re-sends the same events when the timer fires.
             log.error("saga %s: append failed: %s", self._order_id, reply.message)
 
-    # --- messages -------------------------------------------------------------------------
-
-    def receiveMsg_StartSaga(self, msg: StartSaga, sender: Any) -> None:
-        """Start from OrderPlaced, or from a recovered stream."""
-        if self._state is not None:
-            return  # a re-delivered start: we are already running
-        self._manager = sender
-        self._services = {sm.Service.INVENTORY: msg.inventory, sm.Service.PAYMENT: msg.payment}
-        self._appender.store = msg.store
-        self._step_timeout = msg.step_timeout
-        if msg.report_pid:
-            self.send(sender, IAm(name=f"saga:{msg.order_id}", pid=os.getpid()))
-        self._state = sm.recover(msg.events, compensate=msg.compensate)
-        if self._state.phase == sm.Phase.DONE:
-            self._state = None
-            self.send(
-                sender,
-                SagaFinished(
-                    order_id=msg.order_id,
-                    reason="already terminal",
-                    order=order_view(msg.order_id, msg.events),
-                    saga_key=str(self.myAddress),
-                ),
-            )
-            self.send(self.myAddress, ActorExitRequest())
-            return
-        self._feed(sm.Start())
+    # --- messages every workflow takes ------------------------------------------------------
 
     def receiveMsg_ServiceMoved(self, msg: ServiceMoved, sender: Any) -> None:
         """A service restarted elsewhere: what we asked the old one is lost."""
@@ -189,30 +186,22 @@ class OrderSaga(BaseActor):
             self._services[service] = msg.address
         self._feed(sm.ServiceRestarted(service=service))
 
-    def receiveMsg_InventoryReservedReply(self, msg: InventoryReservedReply, sender: Any) -> None:
-        """Inventory held the order."""
-        self._feed(msg)
-
-    def receiveMsg_InventoryUnavailableReply(
-        self, msg: InventoryUnavailableReply, sender: Any
-    ) -> None:
-        """Inventory could not hold the order."""
-        self._feed(msg)
+    def receiveMsg_CancelSaga(self, msg: CancelSaga, sender: Any) -> None:
+        """The customer wants the order cancelled: the machine decides what that means now."""
+        self._feed(sm.CancelRequested(reason=msg.reason))
 
     def receiveMsg_InventoryReleasedReply(self, msg: InventoryReleasedReply, sender: Any) -> None:
         """Inventory released the order."""
         self._feed(msg)
 
-    def receiveMsg_PaymentProcessedReply(self, msg: PaymentProcessedReply, sender: Any) -> None:
-        """The provider charged."""
-        self._feed(msg)
-
-    def receiveMsg_PaymentFailedReply(self, msg: PaymentFailedReply, sender: Any) -> None:
-        """The provider declined."""
+    def receiveMsg_InventoryUnavailableReply(
+        self, msg: InventoryUnavailableReply, sender: Any
+    ) -> None:
+        """Inventory could not hold (or ship) the order."""
         self._feed(msg)
 
     def receiveMsg_PaymentVoidedReply(self, msg: PaymentVoidedReply, sender: Any) -> None:
-        """The provider voided."""
+        """The provider voided (refunding a charge that stood)."""
         self._feed(msg)
 
     def receiveMsg_AppendDone(self, msg: AppendDone, sender: Any) -> None:
@@ -240,7 +229,7 @@ class OrderSaga(BaseActor):
         if msg.payload != STEP_TIMER:
             return
         self._timer_pending = False
-        if self._deadline is None or self._state is None:
+        if self._deadline is None or self._running_order() is None:
             return
         token, due = self._deadline
         left = due - time.monotonic()
@@ -253,13 +242,83 @@ class OrderSaga(BaseActor):
     def receiveMsg_PoisonMessage(self, msg: PoisonMessage, sender: Any) -> None:
         """A service raised on our request: that step failed."""
         request = msg.poisonMessage
-        services: dict[type, sm.Service] = {
-            ReserveStock: sm.Service.INVENTORY,
-            ReleaseStock: sm.Service.INVENTORY,
-            ChargePayment: sm.Service.PAYMENT,
-            VoidPayment: sm.Service.PAYMENT,
-        }
-        service = services.get(type(request), sm.Service.STORE)
+        service = SERVICE_OF_REQUEST.get(type(request), sm.Service.STORE)
         reason = (msg.details or "").strip().splitlines()[-1:] or ["raised"]
         log.warning("saga %s: %s raised on %s", self._order_id, service, type(request).__name__)
         self._feed(sm.StepFailed(service=service, reason=reason[0]))
+
+
+class OrderSaga(WorkflowActor):
+    """Drives one order to a terminal state: reserve, charge, record; compensate on failure."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._state: sm.SagaState | None = None
+
+    def _running_order(self) -> str | None:
+        return self._state.order.order_id if self._state else None
+
+    def _drop_state(self) -> None:
+        self._state = None
+
+    def _feed(self, msg: sm.SagaInput) -> None:
+        if self._state is None:
+            return  # finished or aborted: late replies are dropped
+        self._state, commands = sm.decide(self._state, msg, ENV)
+        for command in commands:
+            self._carry_out(command)
+
+    def _carry_out(self, command: sm.Command) -> None:
+        state = self._state
+        if state is None:
+            raise RuntimeError(f"saga: {type(command).__name__} after the saga ended")
+        order_id = state.order.order_id
+        if isinstance(command, sm.AppendEvents):
+            self._append(order_id, command)
+        elif isinstance(command, sm.RequestReserve):
+            self._request(
+                sm.Service.INVENTORY, ReserveStock(order_id=order_id, items=command.items)
+            )
+        elif isinstance(command, sm.RequestCharge):
+            charge = ChargePayment(
+                order_id=order_id, amount=command.amount, payment_method=command.payment_method
+            )
+            self._request(sm.Service.PAYMENT, charge)
+        elif isinstance(command, sm.RequestRelease):
+            self._request(
+                sm.Service.INVENTORY, ReleaseStock(order_id=order_id, reason=command.reason)
+            )
+        elif isinstance(command, sm.RequestVoid):
+            self._request(sm.Service.PAYMENT, VoidPayment(order_id=order_id, reason=command.reason))
+        elif isinstance(command, sm.StartTimer):
+            self._arm(command.token)
+        elif isinstance(command, sm.Finish):
+            self._finish(order_id, command.reason, state.recorded)
+        elif isinstance(command, sm.Abort):
+            self._abort(order_id, command.reason)
+
+    # --- messages -------------------------------------------------------------------------
+
+    def receiveMsg_StartSaga(self, msg: StartSaga, sender: Any) -> None:
+        """Start from OrderPlaced, or from a recovered stream."""
+        if self._state is not None:
+            return  # a re-delivered start: we are already running
+        self._begin(msg, sender)
+        state = sm.recover(msg.events, compensate=msg.compensate, cancel=msg.cancel)
+        if state.phase == sm.Phase.DONE:
+            self._finish(msg.order_id, "already terminal", msg.events)
+            return
+        self._state = state
+        self._feed(sm.Start())
+
+    def receiveMsg_InventoryReservedReply(self, msg: InventoryReservedReply, sender: Any) -> None:
+        """Inventory held the order."""
+        self._feed(msg)
+
+    def receiveMsg_PaymentProcessedReply(self, msg: PaymentProcessedReply, sender: Any) -> None:
+        """The provider charged."""
+        self._feed(msg)
+
+    def receiveMsg_PaymentFailedReply(self, msg: PaymentFailedReply, sender: Any) -> None:
+        """The provider declined."""
+        self._feed(msg)

@@ -11,6 +11,7 @@ from gateway.asking import ManagerClient
 from gateway.parsing import OpTable
 from gateway.reads import StoreReads
 from messages.commands import (
+    CancelOrder,
     Drain,
     DrainStatus,
     GetStock,
@@ -26,6 +27,7 @@ from messages.events import order_stream
 from messages.requests import (
     AddProductArgs,
     AdminArgs,
+    CancelOrderArgs,
     GetOrderArgs,
     NoArgs,
     PlaceOrderArgs,
@@ -70,6 +72,7 @@ class Ops:
             "ping": (NoArgs, self.ping),
             "place_order": (PlaceOrderArgs, self.place_order),
             "get_order": (GetOrderArgs, self.get_order),
+            "cancel_order": (CancelOrderArgs, self.cancel_order),
             "read_stream": (ReadStreamArgs, self.read_stream),
             "stock": (StockArgs, self.stock),
             "set_stock": (SetStockArgs, self.set_stock),
@@ -94,10 +97,19 @@ class Ops:
                 lines=args.lines,
                 payment_method=args.payment_method,
                 wait=args.wait,
+                shipping=args.shipping,
             )
         )
         reply = expect(reply, OrderReply)
         return reply.order
+
+    async def cancel_order(self, args: CancelOrderArgs) -> Any:
+        """`cancel_order`: the order's view once it is cancelled; `conflict` if it ended
+        otherwise (shipped, failed, paid without shipping), `not_found` if there is none."""
+        reply = await self._manager.ask(
+            lambda req_id: CancelOrder(req_id=req_id, order_id=args.order_id, reason=args.reason)
+        )
+        return expect(reply, OrderReply).order
 
     async def get_order(self, args: GetOrderArgs) -> Any:
         """`get_order`: the order's view from its stream."""

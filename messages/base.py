@@ -10,13 +10,16 @@ from decimal import Decimal
 from typing import Annotated
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     PlainSerializer,
     StrictInt,
+    StrictStr,
     StringConstraints,
     TypeAdapter,
+    field_validator,
 )
 
 # Money travels as a decimal string so no float ever touches an amount; a number is accepted on
@@ -80,12 +83,16 @@ class OrderStatus(enum.StrEnum):
     """What a client sees of an order: ``pending`` until its terminal event is recorded."""
 
     PENDING = "pending"
-    PAID = "paid"
+    PAID = "paid"  # terminal for an order placed without shipping; else waiting for shipment
+    SHIPPED = "shipped"
     CANCELLED = "cancelled"
     FAILED = "failed"
 
 
-TERMINAL_STATUSES = frozenset({OrderStatus.PAID, OrderStatus.CANCELLED, OrderStatus.FAILED})
+# The statuses an order can end in (``paid`` ends only an order placed without shipping).
+TERMINAL_STATUSES = frozenset(
+    {OrderStatus.PAID, OrderStatus.SHIPPED, OrderStatus.CANCELLED, OrderStatus.FAILED}
+)
 
 
 class Frozen(BaseModel):
@@ -115,6 +122,67 @@ class UnavailableItem(Frozen):
     product_id: str
     requested: int
     available: int
+
+
+# ISO 3166-1 alpha-2: the officially assigned country codes.
+COUNTRY_CODES = frozenset(
+    # One string, split: a list literal takes a line per code.
+    """
+    AD AE AF AG AI AL AM AO AQ AR AS AT AU AW AX AZ BA BB BD BE BF BG BH BI BJ BL BM BN BO BQ
+    BR BS BT BV BW BY BZ CA CC CD CF CG CH CI CK CL CM CN CO CR CU CV CW CX CY CZ DE DJ DK DM
+    DO DZ EC EE EG EH ER ES ET FI FJ FK FM FO FR GA GB GD GE GF GG GH GI GL GM GN GP GQ GR GS
+    GT GU GW GY HK HM HN HR HT HU ID IE IL IM IN IO IQ IR IS IT JE JM JO JP KE KG KH KI KM KN
+    KP KR KW KY KZ LA LB LC LI LK LR LS LT LU LV LY MA MC MD ME MF MG MH MK ML MM MN MO MP MQ
+    MR MS MT MU MV MW MX MY MZ NA NC NE NF NG NI NL NO NP NR NU NZ OM PA PE PF PG PH PK PL PM
+    PN PR PS PT PW PY QA RE RO RS RU RW SA SB SC SD SE SG SH SI SJ SK SL SM SN SO SR SS ST SV
+    SX SY SZ TC TD TF TG TH TJ TK TL TM TN TO TR TT TV TW TZ UA UG UM US UY UZ VA VC VE VG VI
+    VN VU WF WS YE YT ZA ZM ZW
+    """.split()  # noqa: SIM905
+)
+
+
+def _country_code(code: str) -> str:
+    if code not in COUNTRY_CODES:
+        raise ValueError(f"{code!r} is not an ISO 3166-1 alpha-2 country code")
+    return code
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be blank")
+    return text
+
+
+# Required address text: strictly a string, not blank, bounded in length.
+NotBlank = AfterValidator(_not_blank)
+
+
+CarrierToken = Annotated[
+    StrictStr, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_]+$")
+]
+DEFAULT_CARRIER = "ship_standard"
+
+
+class ShippingAddress(Frozen):
+    """Where an order goes; every field required and bounded (country: ISO 3166 alpha-2)."""
+
+    name: Annotated[StrictStr, StringConstraints(min_length=1, max_length=128), NotBlank]
+    line1: Annotated[StrictStr, StringConstraints(min_length=1, max_length=200), NotBlank]
+    city: Annotated[StrictStr, StringConstraints(min_length=1, max_length=100), NotBlank]
+    postal_code: Annotated[StrictStr, StringConstraints(min_length=1, max_length=16), NotBlank]
+    country: Annotated[StrictStr, StringConstraints(min_length=2, max_length=2)]
+
+    @field_validator("country")
+    @classmethod
+    def _iso_country(cls, code: str) -> str:
+        return _country_code(code)
+
+
+class Shipping(Frozen):
+    """An order's shipping request: the address and the carrier (a test token, section 9)."""
+
+    address: ShippingAddress
+    carrier: CarrierToken = DEFAULT_CARRIER
 
 
 def order_total(lines: tuple[OrderLine, ...] | list[OrderLine]) -> Decimal:

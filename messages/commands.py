@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import ConfigDict, Field
 
-from messages.base import Frozen, Item, OrderLine, UnavailableItem
+from messages.base import Frozen, Item, OrderLine, Shipping, ShippingAddress, UnavailableItem
 from messages.errors import ErrorCode
 from messages.events import Event
 
@@ -46,6 +46,16 @@ class PlaceOrder(ActorMessage):
     lines: tuple[OrderLine, ...]
     payment_method: str
     wait: bool
+    shipping: Shipping | None = None
+
+
+class CancelOrder(ActorMessage):
+    """A customer's cancellation (DESIGN.md section 9); answered with the order's view once it
+    is cancelled, or refused (`conflict`: it ended otherwise; `not_found`)."""
+
+    req_id: int
+    order_id: str
+    reason: str
 
 
 class Batch(ActorMessage):
@@ -203,6 +213,16 @@ class StartSaga(ActorMessage):
     store: Any
     step_timeout: float
     report_pid: bool = False  # process bases: tell the manager our pid for its watchdog
+    shipping: Any = None  # the Shipping actor (the ShippingSaga talks to it)
+    cancel: str | None = None  # the customer asked to cancel (the reason), before this start
+
+
+class CancelSaga(ActorMessage):
+    """The customer wants the order cancelled: the running saga decides what that means in
+    the state it is in (DESIGN.md section 9)."""
+
+    order_id: str
+    reason: str
 
 
 class ServiceMoved(ActorMessage):
@@ -303,6 +323,21 @@ class ReleaseStock(ActorMessage):
     reason: str
 
 
+class ShipStock(ActorMessage):
+    """Consume the order's reservation: its units leave on_hand and reserved (once)."""
+
+    order_id: str
+
+
+class InventoryShippedReply(ActorMessage):
+    """Inventory's answer: the order's reservation was consumed by its shipment (now or
+    earlier; also the answer to a release of a shipped order, which gives nothing back).
+    Reports the stock streams' ``StockShipped``; the order event is ``OrderShipped``."""
+
+    order_id: str
+    reservation_id: str
+
+
 class InventoryReleasedReply(ActorMessage):
     """Inventory's answer: nothing is held for the order any more; reservation_id is what was
     given back (now or earlier), None if nothing was ever held."""
@@ -351,6 +386,56 @@ class PaymentVoidedReply(ActorMessage):
     order_id: str
     refunded_payment_id: str | None
     amount: Decimal | None
+
+
+# --- Shipping (the carrier) ---------------------------------------------------------------------
+
+
+class CreateShipment(ActorMessage):
+    """Ask the carrier to ship the order's items to the address; idempotent per order id."""
+
+    order_id: str
+    carrier: str
+    address: ShippingAddress
+    items: tuple[Item, ...]
+
+
+class ShipmentCreatedReply(ActorMessage):
+    """The carrier's answer: the shipment exists (``ShipmentCreated``)."""
+
+    order_id: str
+    shipment_id: str
+    carrier: str
+    tracking_number: str
+
+
+class ShipmentRefusedReply(ActorMessage):
+    """The carrier's answer: it will not ship the order (``ShipmentRefused``), or shipping was
+    cancelled before it asked."""
+
+    order_id: str
+    reason: str
+
+
+class CancelShipment(ActorMessage):
+    """Guarantee that no shipment stands for the order, now or later."""
+
+    order_id: str
+    reason: str
+
+
+class ShipmentCancelledReply(ActorMessage):
+    """The carrier's answer: no shipment stands (``ShipmentVoided``); shipment_id is one that
+    was cancelled to get there."""
+
+    order_id: str
+    shipment_id: str | None
+
+
+class LateShipment(ActorMessage):
+    """Wakeup payload: a slow (ship_timeout) shipment is created now."""
+
+    request: CreateShipment
 
 
 class LateCharge(ActorMessage):

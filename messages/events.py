@@ -3,16 +3,18 @@
 Order events live in stream ``order-{order_id}``; the Inventory actor's facts in one stream
 per product, ``stock-{product_id}`` (a reservation across products is one atomic append to
 each product's stream, with that product's items), plus ``inventory-fences`` for orders
-released before they reserved anything; the payment provider's in ``payment-{order_id}``.
+released before they reserved anything; the payment provider's in ``payment-{order_id}``; the
+carrier's in ``shipment-{order_id}``.
 Databases made before that kept the Inventory's facts in one stream, ``inventory``: the first
 start copies it into the new streams and ends it with ``InventoryMigrated``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 
-from messages.base import Frozen, Item, Money, OrderLine, OrderStatus, UnavailableItem
+from messages.base import Frozen, Item, Money, OrderLine, OrderStatus, Shipping, UnavailableItem
 
 # --- order stream ----------------------------------------------------------------------------
 
@@ -30,6 +32,8 @@ class OrderPlaced(Event):
     total_amount: Money
     payment_method: str
     placed_at: datetime
+    # Added with shipping (DESIGN.md section 9): events stored before it read as no shipping.
+    shipping: Shipping | None = None
 
 
 class InventoryReserved(Event):
@@ -113,17 +117,62 @@ class OrderFulfillmentFailed(Event):
     failed_at: datetime
 
 
+class OrderShipped(Event):
+    """Terminal for an order placed with shipping: the carrier has it, and the reservation was
+    consumed (on_hand and reserved both fell by the shipped units)."""
+
+    order_id: str
+    shipment_id: str
+    carrier: str
+    tracking_number: str
+    items: tuple[Item, ...]
+    shipped_at: datetime
+
+
+class ShipmentFailed(Event):
+    """The shipment could not be made (refused, timed out, failed); compensation follows."""
+
+    order_id: str
+    reason: str
+    failed_at: datetime
+
+
 TERMINAL_EVENTS: dict[type[Event], OrderStatus] = {
     OrderPaid: OrderStatus.PAID,
+    OrderShipped: OrderStatus.SHIPPED,
     OrderCancelled: OrderStatus.CANCELLED,
     OrderFulfillmentFailed: OrderStatus.FAILED,
 }
 TERMINAL_TYPE_NAMES: frozenset[str] = frozenset(t.__name__ for t in TERMINAL_EVENTS)
+# OrderPaid ends only an order placed without shipping; these end every order.
+FINAL_TYPE_NAMES: frozenset[str] = TERMINAL_TYPE_NAMES - {OrderPaid.__name__}
 
 
 def status_of_terminal(event: Event) -> OrderStatus | None:
-    """The order status a terminal event stands for, or None for a non-terminal event."""
+    """The status a terminal event stands for, or None for a non-terminal event. OrderPaid
+    stands for ``paid`` also in an order placed with shipping, where it ends the OrderSaga's
+    part but not the order (``ends_order``)."""
     return TERMINAL_EVENTS.get(type(event))
+
+
+def ends_order(event: Event, placed: OrderPlaced) -> bool:
+    """Whether `event` is the terminal event of the order `placed` (DESIGN.md section 4):
+    OrderShipped, OrderCancelled, OrderFulfillmentFailed, and OrderPaid without shipping."""
+    kind = type(event)
+    if kind is OrderPaid:
+        return placed.shipping is None
+    return kind in TERMINAL_EVENTS
+
+
+def final_status(events: Sequence[Event]) -> OrderStatus | None:
+    """The status the order stream `events` ended in, or None while the order is not over."""
+    if not events or not isinstance(events[0], OrderPlaced):
+        return None
+    placed = events[0]
+    for event in events:
+        if ends_order(event, placed):
+            return TERMINAL_EVENTS[type(event)]
+    return None
 
 
 # --- inventory stream ------------------------------------------------------------------------
@@ -208,6 +257,59 @@ class PaymentVoided(Event):
     voided_at: datetime
 
 
+# --- shipment stream (the carrier's facts about one order) -----------------------------------
+
+
+class ShipmentCreated(Event):
+    """The carrier created the order's shipment."""
+
+    order_id: str
+    shipment_id: str
+    carrier: str
+    tracking_number: str
+    created_at: datetime
+
+
+class ShipmentRefused(Event):
+    """The carrier refused to ship the order."""
+
+    order_id: str
+    carrier: str
+    reason: str
+    refused_at: datetime
+
+
+class ShipmentCancelled(Event):
+    """A shipment the carrier had created was cancelled."""
+
+    order_id: str
+    shipment_id: str
+    reason: str
+    cancelled_at: datetime
+
+
+class ShipmentVoided(Event):
+    """The order's shipping was given up: no shipment may stand for it from now on (one the
+    carrier creates later is cancelled in the same commit)."""
+
+    order_id: str
+    reason: str
+    voided_at: datetime
+
+
+# --- stock streams, shipping ----------------------------------------------------------------
+
+
+class StockShipped(Event):
+    """An order's reservation was consumed by its shipment: on_hand and reserved both fall by
+    these units (in a product's stream: that product's share)."""
+
+    order_id: str
+    reservation_id: str
+    items: tuple[Item, ...]
+    shipped_at: datetime
+
+
 ALL_EVENT_TYPES: tuple[type[Event], ...] = (
     OrderPlaced,
     InventoryReserved,
@@ -219,6 +321,8 @@ ALL_EVENT_TYPES: tuple[type[Event], ...] = (
     PaymentRefunded,
     OrderCancelled,
     OrderFulfillmentFailed,
+    OrderShipped,
+    ShipmentFailed,
     StockSet,
     StockReserved,
     StockReleased,
@@ -227,6 +331,11 @@ ALL_EVENT_TYPES: tuple[type[Event], ...] = (
     ChargeDeclined,
     ChargeRefunded,
     PaymentVoided,
+    ShipmentCreated,
+    ShipmentRefused,
+    ShipmentCancelled,
+    ShipmentVoided,
+    StockShipped,
 )
 EVENT_TYPES: dict[str, type[Event]] = {t.__name__: t for t in ALL_EVENT_TYPES}
 
@@ -252,6 +361,14 @@ PAYMENT_STREAM_PREFIX = "payment-"
 def payment_stream(order_id: str) -> str:
     """The stream holding the payment provider's facts about one order."""
     return f"{PAYMENT_STREAM_PREFIX}{order_id}"
+
+
+SHIPMENT_STREAM_PREFIX = "shipment-"
+
+
+def shipment_stream(order_id: str) -> str:
+    """The stream holding the carrier's facts about one order's shipment."""
+    return f"{SHIPMENT_STREAM_PREFIX}{order_id}"
 
 
 INVENTORY_STREAM = "inventory"

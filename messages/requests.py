@@ -16,6 +16,7 @@ from messages.base import (
     OrderId,
     OrderLine,
     ProductId,
+    Shipping,
     items_of,
     order_total,
 )
@@ -49,6 +50,8 @@ class PlaceOrderArgs(Frozen):
     lines: Annotated[tuple[OrderLine, ...], Field(min_length=1, max_length=MAX_LINES)]
     payment_method: Token = "tok_visa"
     wait: StrictBool = True
+    # {address: {name, line1, city, postal_code, country}, carrier}: DESIGN.md section 9.
+    shipping: Shipping | None = None
 
     @field_validator("lines", mode="before")
     @classmethod
@@ -85,6 +88,16 @@ def _in_minor_units(line: OrderLine) -> OrderLine:
             "places (the currency's minor unit)"
         )
     return line.model_copy(update={"unit_price": price.quantize(CENT)})
+
+
+DEFAULT_CANCEL_REASON = "Cancelled by the customer"
+
+
+class CancelOrderArgs(Frozen):
+    """`cancel_order`: the customer's cancellation, with why."""
+
+    order_id: OrderId
+    reason: Annotated[str, StringConstraints(min_length=1, max_length=256)] = DEFAULT_CANCEL_REASON
 
 
 class GetOrderArgs(Frozen):

@@ -1,5 +1,8 @@
 """The audit: DESIGN.md section 7's invariants, computed from the store alone.
 
+An order placed with shipping is not over at OrderPaid: it ends shipped (its reservation
+consumed exactly once, the units gone from on_hand), cancelled or failed (refunded).
+
 Orders still in flight are not violations (the audit can run on a live system); they are listed
 under ``in_flight`` and the load test fails if any remain once it has stopped placing orders.
 """
@@ -28,6 +31,8 @@ from messages.events import (
     OrderPlaced,
     StockReleased,
     StockReserved,
+    StockSet,
+    StockShipped,
     order_id_of,
     status_of_terminal,
 )
@@ -47,10 +52,23 @@ class _Order:
     releases_recorded: int = 0
     paid_amount: Decimal | None = None
     paid_payment_id: str | None = None
+    with_shipping: bool = False  # placed with shipping: OrderPaid does not end it
 
     @property
     def status(self) -> str:
-        return self.statuses[0] if self.statuses else OrderStatus.PENDING
+        if self.statuses:
+            return self.statuses[0]
+        # In flight; an order placed with shipping is `paid` while it waits for its shipment.
+        return OrderStatus.PAID if self.paid_amount is not None else OrderStatus.PENDING
+
+    @property
+    def kept_money(self) -> bool:
+        """Whether the order keeps its charge: paid (and not over, or over as paid) or
+        shipped."""
+        return self.paid_amount is not None and self.status in (
+            OrderStatus.PAID,
+            OrderStatus.SHIPPED,
+        )
 
 
 @dataclass
@@ -115,9 +133,21 @@ def audit(store: EventStore) -> dict[str, Any]:
     book = StockBook()
     reservations: dict[str, tuple[str, Counter[str]]] = {}  # id -> (order id, units held)
     releases: Counter[tuple[str, str]] = Counter()  # (reservation id, product) -> times
+    shipments: Counter[tuple[str, str]] = Counter()  # (reservation id, product) -> times
+    set_to: dict[str, int] = {}  # product -> units on hand as last set
+    shipped_since: Counter[str] = Counter()  # product -> units shipped since it was last set
+    units_shipped = 0
     fences = 0
     for event in stock_events if migrated else [*legacy, *stock_events]:
         book.apply(event)
+        if isinstance(event, StockSet):
+            set_to[event.product_id] = event.on_hand
+            shipped_since[event.product_id] = 0
+        elif isinstance(event, StockShipped):
+            for item in event.items:
+                shipments[event.reservation_id, item.product_id] += 1
+                shipped_since[item.product_id] += item.quantity
+                units_shipped += item.quantity
         if isinstance(event, StockReserved):
             _, units = reservations.setdefault(event.reservation_id, (event.order_id, Counter()))
             for item in event.items:
@@ -131,6 +161,7 @@ def audit(store: EventStore) -> dict[str, Any]:
 
     terminal, versions, stock, reservation_check, money = (_Check() for _ in range(5))
     in_flight = sorted(o for o, rec in orders.items() if rec.placed and not rec.statuses)
+    in_flight_set = set(in_flight)
     for order_id, rec in orders.items():
         if not rec.placed:
             terminal.fail(f"{order_id}: stream does not start with OrderPlaced")
@@ -148,17 +179,32 @@ def audit(store: EventStore) -> dict[str, Any]:
     # 3. stock: nothing oversold, nothing leaked
     held_by_orders: Counter[str] = Counter()
     released: dict[str, int] = {}
+    consumed: set[str] = set()  # reservations consumed by their order's shipment
     for reservation_id, (order_id, units) in reservations.items():
         status = orders[order_id].status if order_id in orders else None
         counts = {releases[reservation_id, product] for product in units}
         count = released[reservation_id] = max(counts, default=0)
+        shipped = {shipments[reservation_id, product] for product in units}
         if len(counts) > 1:
             reservation_check.fail(
                 f"{reservation_id} ({order_id}): released for some of its products only"
             )
         if count > 1:
             reservation_check.fail(f"{reservation_id} ({order_id}): released {count} times")
-        if count == 0:
+        if shipped != {0}:
+            consumed.add(reservation_id)
+            if shipped != {1}:
+                reservation_check.fail(
+                    f"{reservation_id} ({order_id}): consumed {sorted(shipped)} times across "
+                    "its products (exactly once each)"
+                )
+            if count:
+                reservation_check.fail(f"{reservation_id} ({order_id}): shipped and released")
+            if status != OrderStatus.SHIPPED and order_id not in in_flight_set:
+                reservation_check.fail(
+                    f"{reservation_id}: consumed for order {order_id} which is {status}"
+                )
+        elif count == 0:
             if status in (OrderStatus.PAID, OrderStatus.PENDING):
                 held_by_orders.update(units)
             else:
@@ -167,10 +213,15 @@ def audit(store: EventStore) -> dict[str, Any]:
                 )
         elif status == OrderStatus.PAID:
             reservation_check.fail(f"{reservation_id}: released although {order_id} is paid")
-    held_reservations = {o for rid, (o, _) in reservations.items() if not released[rid]}
+    held_reservations = {
+        o for rid, (o, _) in reservations.items() if not released[rid] and rid not in consumed
+    }
+    shipped_orders = {o for rid, (o, _) in reservations.items() if rid in consumed}
     for order_id, rec in orders.items():
         if rec.status == OrderStatus.PAID and order_id not in held_reservations:
             reservation_check.fail(f"{order_id}: paid without a held reservation")
+        if rec.status == OrderStatus.SHIPPED and order_id not in shipped_orders:
+            reservation_check.fail(f"{order_id}: shipped but its reservation was not consumed")
     for product in sorted(set(book.on_hand) | set(book.reserved)):
         on_hand, reserved_units = book.on_hand.get(product, 0), book.reserved.get(product, 0)
         if not 0 <= reserved_units <= on_hand:
@@ -179,6 +230,11 @@ def audit(store: EventStore) -> dict[str, Any]:
             stock.fail(
                 f"{product}: reserved {reserved_units} but paid and in-flight orders "
                 f"hold {held_by_orders[product]}"
+            )
+        if product in set_to and on_hand != set_to[product] - shipped_since[product]:
+            stock.fail(
+                f"{product}: on_hand {on_hand} but set to {set_to[product]} with "
+                f"{shipped_since[product]} units shipped since"
             )
 
     # 5. money
@@ -192,15 +248,19 @@ def audit(store: EventStore) -> dict[str, Any]:
         status = orders[order_id].status if order_id in orders else "unknown"
         if status in (OrderStatus.CANCELLED, OrderStatus.FAILED, "unknown") and standing:
             money.fail(f"{order_id}: {status} but charge {sorted(standing)} is not refunded")
-        if status == OrderStatus.PAID and orders[order_id].paid_payment_id not in standing:
-            money.fail(f"{order_id}: paid but its charge does not stand")
+        order = orders.get(order_id)
+        if order is not None and order.kept_money and order.paid_payment_id not in standing:
+            money.fail(f"{order_id}: {status} but its charge does not stand")
+    # Orders that end paid or shipped keep their money (and those paid and waiting for their
+    # shipment, on a live system); every other charge was refunded.
     paid_total = sum(
-        (rec.paid_amount for rec in orders.values() if rec.paid_amount is not None), Decimal(0)
+        (rec.paid_amount for rec in orders.values() if rec.kept_money and rec.paid_amount),
+        Decimal(0),
     )
     if charged - refunded != paid_total:
         money.fail(
             f"charged {charged} - refunded {refunded} = {charged - refunded} "
-            f"!= paid orders {paid_total}"
+            f"!= paid and shipped orders {paid_total}"
         )
 
     checks = {
@@ -220,6 +280,7 @@ def audit(store: EventStore) -> dict[str, Any]:
         "charged": str(charged),
         "refunded": str(refunded),
         "paid_total": str(paid_total),
+        "units_shipped": units_shipped,
         "fences": fences,
     }
 
@@ -228,13 +289,16 @@ def _order_event(rec: _Order, stored: StoredEvent, event: Event) -> None:
     rec.versions.append(stored.version)
     if stored.version == 0:
         rec.placed = isinstance(event, OrderPlaced)
+        rec.with_shipping = isinstance(event, OrderPlaced) and event.shipping is not None
     if rec.statuses:
         rec.after_terminal += 1
     if isinstance(event, InventoryReleased):
         rec.releases_recorded += 1
+    if isinstance(event, OrderPaid):
+        rec.paid_amount = event.amount
+        rec.paid_payment_id = event.payment_id
+        if rec.with_shipping:
+            return  # not the end of an order placed with shipping (ends_order)
     status = status_of_terminal(event)
     if status is not None:
         rec.statuses.append(status)
-        if isinstance(event, OrderPaid):
-            rec.paid_amount = event.amount
-            rec.paid_payment_id = event.payment_id

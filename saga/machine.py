@@ -67,6 +67,7 @@ class Service(enum.StrEnum):
     INVENTORY = "inventory"
     PAYMENT = "payment"
     STORE = "store"
+    SHIPPING = "shipping"
 
 
 # --- inputs ----------------------------------------------------------------------------------
@@ -113,6 +114,19 @@ class TimedOut:
     token: int
 
 
+@dataclass(frozen=True)
+class CancelRequested:
+    """The customer asked to cancel the order (DESIGN.md section 9): every state decides what
+    that means there. Once the order is past the point where it can be cancelled, it ends as
+    it would have, and the manager tells the customer it was too late."""
+
+    reason: str
+
+
+CUSTOMER = "Customer"
+SYSTEM = "System"
+
+
 # The services' replies are inputs as they are (messages/commands.py names them).
 SagaInput = (
     Start
@@ -127,6 +141,7 @@ SagaInput = (
     | StepFailed
     | ServiceRestarted
     | TimedOut
+    | CancelRequested
 )
 
 # --- commands --------------------------------------------------------------------------------
@@ -244,6 +259,8 @@ class SagaState:
     # append the dead saga left in flight (PaymentProcessed + OrderPaid) and ours cannot both
     # land: whichever commits second conflicts, and a paid order is never refunded.
     fence_first: bool = False
+    cancel: str | None = None  # the customer's reason, once a cancel came in
+    cancelled_by: str = SYSTEM  # who an OrderCancelled of this saga names
 
 
 _STATE_FIELDS = frozenset(f.name for f in fields(SagaState))
@@ -270,12 +287,13 @@ class Env:
     new_id: IdFactory = new_id
 
 
-def recover(events: Sequence[Event], *, compensate: bool) -> SagaState:
+def recover(events: Sequence[Event], *, compensate: bool, cancel: str | None = None) -> SagaState:
     """A saga's state from its stream: ``[OrderPlaced]`` for a new order, or everything
     recorded so far when a saga is rebuilt (one way in for both).
 
     With ``compensate`` (the saga crashed or raised: the supervisor's choice) the rebuilt saga
     compensates on Start; without it (start-up recovery) it re-drives the next idempotent step.
+    `cancel` is a customer's cancel (its reason) that came before this start.
     """
     if not events or not isinstance(events[0], OrderPlaced):
         raise ValueError("an order stream starts with OrderPlaced")
@@ -310,7 +328,8 @@ def recover(events: Sequence[Event], *, compensate: bool) -> SagaState:
         )
     # A charge may have been sent before the crash with its outcome unrecorded: compensation
     # voids it, so a charge that went through (or completes later) is refunded.
-    return _evolve(state, need_void=state.need_void or state.phase == Phase.CHARGING)
+    need_void = state.need_void or state.phase == Phase.CHARGING
+    return _evolve(state, need_void=need_void, cancel=cancel)
 
 
 # --- the machine ------------------------------------------------------------------------------
@@ -324,6 +343,8 @@ def decide(state: SagaState, msg: SagaInput, env: Env) -> tuple[SagaState, list[
         return state, []  # a stale wakeup: wakeupAfter cannot be cancelled
     if isinstance(msg, Start):
         return _on_start(state, env)
+    if isinstance(msg, CancelRequested):
+        return _on_cancel(state, msg.reason)
     if state.phase == Phase.RECORDING:
         return _while_recording(state, msg)
     if state.phase == Phase.RESERVING:
@@ -348,11 +369,31 @@ def _on_start(state: SagaState, env: Env) -> tuple[SagaState, list[Command]]:
         return _record(_evolve(state, fence_first=False), (failed,), "compensate", env)
     if state.outcome is not None:
         return _begin_compensation(state, state.outcome, state.reason)
+    if state.cancel is not None:
+        return _cancel_now(state, state.cancel)
     if state.phase == Phase.CHARGING:
         return _send_charge(state)
     return _arm(
         _evolve(state, phase=Phase.RESERVING), [RequestReserve(items=items_of(order.lines))]
     )
+
+
+def _on_cancel(state: SagaState, reason: str) -> tuple[SagaState, list[Command]]:
+    """A cancel stops the saga at its next safe point: at once while it waits for a reply (the
+    release and the void fence whatever is still in flight), after the commit while it records
+    (``_while_recording``). A saga already compensating ends as it was going to end."""
+    if state.cancel is not None:
+        return state, []  # a repeated cancel
+    state = _evolve(state, cancel=reason)
+    if state.phase in (Phase.RESERVING, Phase.CHARGING):
+        return _cancel_now(state, reason)
+    return state, []
+
+
+def _cancel_now(state: SagaState, reason: str) -> tuple[SagaState, list[Command]]:
+    # While charging, need_void is already set: a charge that completes anyway is refunded.
+    state = _evolve(state, cancelled_by=CUSTOMER)
+    return _begin_compensation(state, OrderStatus.CANCELLED, reason)
 
 
 def _while_reserving(state: SagaState, msg: SagaInput, env: Env) -> tuple[SagaState, list[Command]]:
@@ -486,6 +527,7 @@ def _record_compensation(state: SagaState, env: Env) -> tuple[SagaState, list[Co
         release_recorded=state.release_recorded,
         refund_recorded=state.refund_recorded,
         now=env.now(),
+        cancelled_by=state.cancelled_by,
     )
     return _record(state, events, "finish", env, final=state.outcome or OrderStatus.FAILED)
 
@@ -501,12 +543,13 @@ def compensation_events(
     refund_recorded: bool,
     now: datetime,
     terminal_reason: str | None = None,
+    cancelled_by: str = SYSTEM,
 ) -> tuple[Event, ...]:
     """What ends a compensated order: InventoryReleased / PaymentRefunded for what was given back
     and is not recorded yet, then the terminal event (OrderCancelled for a cancelled outcome,
     else OrderFulfillmentFailed). `reason` goes on every event, `terminal_reason` (default:
-    `reason`) on the terminal one. The saga machine and the supervision policy both end orders
-    with it."""
+    `reason`) on the terminal one, `cancelled_by` on an OrderCancelled. The saga machine and
+    the supervision policy both end orders with it."""
     events: list[Event] = []
     if released_reservation and not release_recorded:
         events.append(
@@ -532,7 +575,7 @@ def compensation_events(
         events.append(
             OrderCancelled(
                 order_id=order.order_id,
-                cancelled_by="System",
+                cancelled_by=cancelled_by,
                 reason=final_reason,
                 refund_issued=refunded is not None or refund_recorded,
                 cancelled_at=now,
@@ -572,6 +615,8 @@ def _while_recording(state: SagaState, msg: SagaInput) -> tuple[SagaState, list[
             recorded=state.recorded + pending.append.events,
         )
         if pending.after == "charge":
+            if state.cancel is not None:
+                return _cancel_now(state, state.cancel)  # the safe point a cancel waited for
             return _send_charge(state)
         if pending.after == "compensate":
             return _begin_compensation(state, state.outcome or OrderStatus.FAILED, state.reason)

@@ -17,6 +17,7 @@ from messages.events import (
     StockReleased,
     StockReserved,
     StockSet,
+    StockShipped,
     stock_stream,
 )
 
@@ -36,6 +37,7 @@ class Reservation:
     reservation_id: str  # "" for a fence: the order was released before it reserved anything
     units: Units
     released: bool = False
+    shipped: bool = False  # consumed by the order's shipment: nothing held, nothing to release
 
     def items(self) -> tuple[Item, ...]:
         """The held units as Items (for the event that releases them)."""
@@ -76,6 +78,15 @@ class StockBook:
             # share of it (each share is released in its own product's stream).
             for product_id, quantity in units_of(event.items):
                 self.reserved[product_id] -= quantity
+        elif isinstance(event, StockShipped):
+            # The shipped units leave the warehouse: out of on_hand and out of reserved (each
+            # product's share in its own stream, like a release).
+            held = self.reservations.get(event.order_id)
+            if held is not None:
+                held.shipped = True
+            for product_id, quantity in units_of(event.items):
+                self.reserved[product_id] = self.reserved.get(product_id, 0) - quantity
+                self.on_hand[product_id] = self.on_hand.get(product_id, 0) - quantity
 
     def shortfall(self, items: tuple[Item, ...]) -> tuple[UnavailableItem, ...]:
         """The items that cannot be held now (unknown products have 0 available)."""
@@ -109,11 +120,12 @@ class StockBook:
 
 def split_by_stream(event: Event) -> list[tuple[str, Event]]:
     """Where an inventory event goes in the per-product layout: a level into its product's
-    stream, a reservation or a release as one event per product (with that product's items)
-    in each product's stream, a fence (a release holding nothing) into the fences stream."""
+    stream, a reservation, a release or a shipment as one event per product (with that
+    product's items) in each product's stream, a fence (a release holding nothing) into the
+    fences stream."""
     if isinstance(event, StockSet):
         return [(stock_stream(event.product_id), event)]
-    if isinstance(event, StockReserved | StockReleased):
+    if isinstance(event, StockReserved | StockReleased | StockShipped):
         if not event.items:
             return [(FENCES_STREAM, event)]
         by_product: dict[str, list[Item]] = {}

@@ -41,10 +41,11 @@ from messages.commands import (
 from messages.events import (
     Event,
     InventoryReleased,
+    OrderPaid,
     OrderPlaced,
     PaymentProcessed,
     PaymentRefunded,
-    status_of_terminal,
+    final_status,
 )
 from saga.machine import (
     AppendEvents,
@@ -290,7 +291,10 @@ class SupervisionPolicy:
                 view = order_view(state.order.order_id, msg.events)
                 return replace(state, stage=Stage.DONE), [End(view=view)]
             processed = next((e for e in msg.events if isinstance(e, PaymentProcessed)), None)
-            if processed is not None and not state.asked and state.paid_with is None:
+            paid = any(isinstance(e, OrderPaid) for e in msg.events)
+            # OrderPaid recorded and the order not over: it was placed with shipping and its
+            # shipping failed, so it is compensated like any other (never paid twice).
+            if processed is not None and not paid and not state.asked and state.paid_with is None:
                 # Charged and recorded before anything was given back: nothing to give back.
                 state = replace(state, paid_with=processed.payment_id)
             version = len(msg.events) - 1  # the head this decision is made at
@@ -328,11 +332,7 @@ def _record_when_ready(state: Supervision) -> tuple[Supervision, list[Supervisio
 
 
 def _terminal_status(events: Sequence[Event]) -> OrderStatus | None:
-    for event in events:
-        status = status_of_terminal(event)
-        if status is not None:
-            return status
-    return None
+    return final_status(events)
 
 
 def _ending(state: Supervision, events: Sequence[Event], env: Env) -> tuple[Event, ...]:

@@ -15,9 +15,11 @@ from messages.events import (
     OrderFulfillmentFailed,
     OrderPaid,
     OrderPlaced,
+    OrderShipped,
     PaymentFailed,
     PaymentProcessed,
     PaymentRefunded,
+    ShipmentFailed,
     status_of_terminal,
 )
 from store import CODEC, StoredEvent
@@ -29,7 +31,8 @@ def decode_stream(stored: Sequence[StoredEvent]) -> list[Event]:
 
 
 def order_view(order_id: str, events: Sequence[Event]) -> dict[str, Any]:
-    """The order's status as a client sees it; `pending` until a terminal event is recorded."""
+    """The order's status as a client sees it: `pending` until OrderPaid or a terminal event is
+    recorded; an order placed with shipping is `paid` until its shipping outcome."""
     view: dict[str, Any] = {
         "order_id": order_id,
         "status": OrderStatus.PENDING,
@@ -45,6 +48,8 @@ def order_view(order_id: str, events: Sequence[Event]) -> dict[str, Any]:
                 payment_method=event.payment_method,
                 placed_at=iso_utc(event.placed_at),
             )
+            if event.shipping is not None:
+                view["shipping"] = event.shipping.model_dump(mode="json")
         elif isinstance(event, InventoryReserved):
             view["reservation_id"] = event.reservation_id
         elif isinstance(event, InventoryUnavailable):
@@ -57,12 +62,22 @@ def order_view(order_id: str, events: Sequence[Event]) -> dict[str, Any]:
             view["inventory_released"] = True
         elif isinstance(event, PaymentRefunded):
             view["refunded_payment_id"] = event.payment_id
+        elif isinstance(event, ShipmentFailed):
+            view["shipment_failure"] = event.reason
+        elif isinstance(event, OrderShipped):
+            view.update(
+                shipment_id=event.shipment_id,
+                carrier=event.carrier,
+                tracking_number=event.tracking_number,
+                shipped_at=iso_utc(event.shipped_at),
+            )
         status = status_of_terminal(event)
         if status is not None:
             view["status"] = status
             if isinstance(event, OrderCancelled):
                 view["reason"] = event.reason
                 view["refund_issued"] = event.refund_issued
+                view["cancelled_by"] = event.cancelled_by
             elif isinstance(event, OrderFulfillmentFailed):
                 view["reason"] = event.error_message
             elif isinstance(event, OrderPaid):

@@ -323,3 +323,86 @@ def test_no_process_of_a_run_outlives_it(start_server: Callable[..., Server]) ->
     # run.py's own cleanup is under test: the fixture must not kill what it left behind.
     assert server.stop(timeout=60, kill_leftovers=False) == 0
     wait_until(lambda: not marked(run_id), timeout=10)  # every process of the run ended
+
+
+# --- shipping (DESIGN.md section 9) -------------------------------------------------------------
+
+ADDRESS = {
+    "name": "Ann",
+    "line1": "1 Main St",
+    "city": "Berlin",
+    "postal_code": "1",
+    "country": "DE",
+}
+
+
+def shipping_outcome(client: Client, order_id: str) -> dict[str, Any]:
+    """Wait for the end of an order placed with shipping (`paid` is not its end)."""
+    order: dict[str, Any] = wait_until(
+        lambda: (o := client.get_order(order_id))["status"] not in ("pending", "paid") and o,
+        timeout=60,
+    )
+    return order
+
+
+@pytest.mark.parametrize("base", ["simple", pytest.param("queue", marks=pytest.mark.process)])
+def test_kill_whole_system_between_order_paid_and_shipping_and_mid_shipping(
+    start_server: Callable[..., Server], tmp_path: Path, base: str
+) -> None:
+    """Orders stand at OrderPaid with their shipping workflow waiting on the carrier (a stream
+    whose last event is OrderPaid: what a death between that commit and the workflow's start
+    leaves too), and others flow, when everything is killed; the restart finds them by their
+    OrderPaid head and drives each to its end: stock consumed exactly once, audit clean."""
+    db = tmp_path / "ship.db"
+    server = start_server(base=base, db=db, step_timeout=30.0)
+    client = server.client()
+    client.add_product("SKU-SHIP", 100)
+    line = [{"product_id": "SKU-SHIP", "quantity": 1, "unit_price": "2.00"}]
+    waiting = [new_id("wait") for _ in range(3)]
+    for order_id in waiting:
+        shipping = {"address": ADDRESS, "carrier": "ship_timeout"}
+        client.place_order(order_id, "c", line, wait=False, shipping=shipping)
+    wait_until(lambda: all(client.get_order(o)["status"] == "paid" for o in waiting))
+    flowing = {
+        order_id: client.submit(
+            "place_order",
+            {
+                "order_id": order_id,
+                "customer_id": "c",
+                "lines": line,
+                "wait": False,
+                "shipping": {"address": ADDRESS, "carrier": "ship_standard"},
+            },
+        )
+        for order_id in (new_id("flow") for _ in range(30))
+    }
+    wait_until(functools.partial(acknowledged_at_least, flowing, 10))
+    kill_everything(db)
+    server.kill()
+    acked = list(waiting)
+    for order_id, future in flowing.items():
+        with contextlib.suppress(ClientError):
+            if future.result(30):
+                acked.append(order_id)
+
+    server = start_server(base=base, db=db, step_timeout=0.5)
+    assert recovering(server) >= len(waiting)  # found by their OrderPaid heads
+    client = server.client()
+    ends = {o: shipping_outcome(client, o) for o in acked}
+    for order_id in waiting:  # the carrier never answers: cancelled, refunded, released
+        assert ends[order_id]["status"] == "cancelled"
+        assert stream_types(client, f"order-{order_id}")[-3:] == [
+            "PaymentRefunded",
+            "InventoryReleased",
+            "OrderCancelled",
+        ]
+    shipped = sum(end["status"] == "shipped" for end in ends.values())
+    assert shipped > 0
+    assert {end["status"] for end in ends.values()} <= {"shipped", "cancelled"}
+    report = assert_audit_clean(client)
+    stock = client.stock(["SKU-SHIP"])["SKU-SHIP"]
+    # Consumed exactly once: on_hand fell by the orders that shipped (the audit's units too).
+    assert stock["on_hand"] == 100 - report["units_shipped"]
+    assert report["units_shipped"] == report["status_counts"]["shipped"] >= shipped
+    assert stock["reserved"] == 0
+    assert server.stop() == 0

@@ -44,6 +44,7 @@ from saga.machine import (
     Appended,
     AppendEvents,
     AppendFailed,
+    CancelRequested,
     Command,
     Env,
     Finish,
@@ -977,6 +978,7 @@ KINDS = (
     "random_timeout",
     *("step_failed",) * 3,
     *("restarted",) * 2,
+    "cancel",
 )
 Action = tuple[str, int]
 REQUESTS: dict[type, str] = {
@@ -989,6 +991,7 @@ SERVICE_REQUESTS = {
     Service.INVENTORY: ("reserve", "release"),
     Service.PAYMENT: ("charge", "void"),
     Service.STORE: (),
+    Service.SHIPPING: (),
 }
 
 
@@ -1026,6 +1029,8 @@ class World:
     answered: set[tuple[str, ...]] = field(default_factory=set)
     compensation_began: bool = False
     ended: Finish | None = None
+    cancel_before_pay: bool = False  # a cancel came before OrderPaid was ever asked to record
+    cancelled: bool = False
 
     def feed(self, msg: SagaInput) -> int:
         """Feed one input; how many commands it produced."""
@@ -1178,6 +1183,11 @@ class World:
                 else:
                     self.in_flight[target] -= 1
             return 0
+        if kind == "cancel":
+            paying = any(isinstance(e, OrderPaid) for a in self.issued.values() for e in a.events)
+            self.cancel_before_pay = self.cancel_before_pay or not paying
+            self.cancelled = True
+            return self.feed(CancelRequested(reason="changed my mind"))
         if kind == "timeout":
             return self.feed(TimedOut(token=self.timer))
         if kind == "random_timeout":
@@ -1239,10 +1249,15 @@ def run_world(
     assert sum(is_terminal(e) for e in world.stream) == 1
     assert types.count(InventoryReserved) <= 1
     assert types.count(PaymentRefunded) <= 1
+    by_customer = [e for e in world.stream if isinstance(e, OrderCancelled)]
+    if by_customer and by_customer[0].cancelled_by == "Customer":
+        assert world.cancelled, "cancelled by the customer without a cancel"
     if status == "paid":
         assert world.payment == "charged"
         assert world.held
         assert not world.compensation_began
+        # A cancel that came before the payment was being recorded always wins.
+        assert not world.cancel_before_pay
     else:
         for i, event in enumerate(world.stream):
             if isinstance(event, InventoryReserved):
@@ -1295,3 +1310,67 @@ def test_interleaving_with_every_resend_answered_keeps_the_invariants() -> None:
     # Appender does: each send has its own ref and callback), then shrunk.
     actions: list[Action] = [("reserved", 0), ("timeout", 0), ("ack", 0), ("timeout", 0)]
     run_world(actions, "charged", ack_resends=True)
+
+
+# --- the customer's cancel (DESIGN.md section 9) ---------------------------------------------
+
+
+def finish_compensation(saga: Saga, *, refunded: bool) -> list[Event]:
+    """Answer the release and the void; commit what is recorded; the events it recorded."""
+    saga.feed(InventoryReleasedReply(order_id=ORDER_ID, reservation_id=RES_ID))
+    saga.feed(
+        PaymentVoidedReply(
+            order_id=ORDER_ID,
+            refunded_payment_id=PAY_ID if refunded else None,
+            amount=TOTAL if refunded else None,
+        )
+    )
+    before = len(saga.stream)
+    assert finish_of(requests(saga.commit())).status == "cancelled"
+    return saga.stream[before:]
+
+
+def test_cancel_while_charging_voids_and_records_the_customer_cancel() -> None:
+    saga = drive_to("charging")
+    commands = requests(saga.feed(CancelRequested(reason="changed my mind")))
+    assert commands == [
+        RequestRelease(reason="changed my mind"),
+        RequestVoid(reason="changed my mind"),
+    ]
+    # The charge completes anyway: it is ignored, and the void refunds it.
+    assert (
+        saga.feed(PaymentProcessedReply(order_id=ORDER_ID, payment_id=PAY_ID, amount=TOTAL)) == []
+    )
+    recorded = finish_compensation(saga, refunded=True)
+    assert [type(e) for e in recorded] == [InventoryReleased, PaymentRefunded, OrderCancelled]
+    cancelled = recorded[-1]
+    assert isinstance(cancelled, OrderCancelled)
+    assert (cancelled.cancelled_by, cancelled.reason, cancelled.refund_issued) == (
+        "Customer",
+        "changed my mind",
+        True,
+    )
+
+
+def test_cancel_while_recording_the_reservation_waits_for_the_commit_then_charges_nothing() -> None:
+    saga = drive_to("recording")
+    assert saga.feed(CancelRequested(reason="r")) == []
+    commands = requests(saga.commit())
+    assert commands == [RequestRelease(reason="r")]  # no charge was ever asked for
+    recorded = finish_compensation(saga, refunded=False)
+    assert [type(e) for e in recorded] == [InventoryReleased, OrderCancelled]
+
+
+def test_cancel_while_recording_the_payment_lets_the_order_end_paid() -> None:
+    saga = drive_to("charging")
+    saga.feed(PaymentProcessedReply(order_id=ORDER_ID, payment_id=PAY_ID, amount=TOTAL))
+    assert saga.feed(CancelRequested(reason="too late")) == []
+    assert finish_of(requests(saga.commit())).status == "paid"
+
+
+def test_a_cancel_given_at_start_compensates_a_recovered_order() -> None:
+    order = make_order()
+    saga = Saga(recover([order, reserved_event()], compensate=False, cancel="r"), [order])
+    saga.stream.append(reserved_event())
+    commands = requests(saga.feed(Start()))
+    assert commands == [RequestRelease(reason="r"), RequestVoid(reason="r")]

@@ -17,6 +17,7 @@ from typing import Any
 from thespian.actors import ActorExitRequest, ChildActorExited, PoisonMessage, WakeupMessage
 
 from actors.base import AppendCallback, Appender, BaseActor, NotConfiguredError, log
+from actors.manager.cancels import Cancels
 from actors.manager.orders import LiveOrder, LiveOrders
 from actors.manager.placement import Placement, refuse
 from actors.manager.recovery import Recovery
@@ -24,10 +25,12 @@ from actors.manager.registry import WarmPool, workflow_for
 from actors.manager.services import SERVICES, STORE, Ready, Services
 from actors.manager.stock import INVENTORY, StockForwarder
 from actors.manager.supervision import Supervisor
+from messages.base import OrderStatus
 from messages.commands import (
     AppendDone,
     AppendRejected,
     Batch,
+    CancelOrder,
     Configure,
     Configured,
     Drain,
@@ -53,7 +56,7 @@ from messages.commands import (
 from messages.errors import ErrorCode
 from messages.events import Event, order_stream
 from saga.supervision import SupervisionPolicy
-from saga.views import decode_stream
+from saga.views import decode_stream, order_view
 from store import CODEC, EventStore, open_store
 
 MAX_SAGAS_RECOVERING_PROCESS = 16  # recovery sagas started at once on the process bases
@@ -85,6 +88,7 @@ class OrderManager(BaseActor):
         self._appender = Appender(self, "manager")
         self._orders = LiveOrders()
         self._placement = Placement(self._orders, self)
+        self._cancels = Cancels(self._orders, self)
         self._stock = StockForwarder(self._inventory_if_available, self.send)
         self._draining = False
         self._stopping = False
@@ -195,9 +199,14 @@ class OrderManager(BaseActor):
         return self._store_reader.stream_version(order_stream(order_id))
 
     def spawn(self, live: LiveOrder, events: Sequence[Event], *, compensate: bool) -> None:
-        """Start a saga (from the warm pool) that drives the order on from these events."""
+        """Start the workflow due for the order (the one its last trigger event starts, from
+        the warm pool) and let it drive the order on from these events."""
         parts = self._p
-        saga = parts.pool.take(workflow_for(events[0]))
+        trigger, workflow = workflow_for(events)
+        if trigger > live.trigger:
+            # A new workflow: its supervision starts afresh (the last one's ended with it).
+            live.trigger, live.supervision = trigger, None
+        saga = parts.pool.take(workflow)
         self._orders.attach(live, saga)
         addresses = parts.services.addresses
         self.send(
@@ -211,6 +220,8 @@ class OrderManager(BaseActor):
                 store=addresses[STORE],
                 step_timeout=parts.config.step_timeout,
                 report_pid=parts.config.crash_exits_process,
+                shipping=addresses.get("shipping"),
+                cancel=live.cancel,
             ),
         )
 
@@ -234,12 +245,37 @@ class OrderManager(BaseActor):
         return self._stopping
 
     def end(self, live: LiveOrder, view: dict[str, Any]) -> None:
-        """The order is terminal: answer everyone waiting for it (once)."""
+        """A workflow of the order is over (its saga finished, or the supervisor ended it):
+        start the workflow its last event triggers, or, once the order is terminal, answer
+        everyone waiting for it (once)."""
+        if view.get("status") == OrderStatus.PAID and live.placed.shipping is not None:
+            self._next_workflow(live)  # OrderPaid of an order placed with shipping
+            return
         if not self._orders.remove(live):
             return  # ended already
         self._p.recovery.drain()
         for gateway, req_id in live.waiters + live.acks:
             self.send(gateway, OrderReply(req_id=req_id, order=view))
+        self._cancels.ended(live, view)
+
+    def _next_workflow(self, live: LiveOrder) -> None:
+        """Start the workflow the order's newest trigger event starts, exactly once."""
+        if self._orders.get(live.placed.order_id) is not live or self._stopping:
+            return
+        events = self.read_order(live.placed.order_id)
+        trigger, _ = workflow_for(events)
+        if trigger <= live.trigger:
+            # The workflow that just ended was started by this very trigger: starting it again
+            # would run it twice. Supervision decides (respawn, back off, the last resort).
+            self._orders.detach(live)
+            self._p.supervisor.saga_failed(live, "its workflow ended without ending the order")
+            return
+        for gateway, req_id in live.acks:  # placed without waiting: OrderPlaced is long durable
+            self.send(
+                gateway, OrderReply(req_id=req_id, order=order_view(live.placed.order_id, events))
+            )
+        live.acks.clear()
+        self.spawn(live, events, compensate=False)
 
     def _inventory_if_available(self) -> Any:
         if self._parts is None or not self._parts.services.available(INVENTORY):
@@ -251,6 +287,10 @@ class OrderManager(BaseActor):
     def receiveMsg_PlaceOrder(self, msg: PlaceOrder, sender: Any) -> None:
         """Accept an order once; answer when OrderPlaced is durable or when it is terminal."""
         self._placement.place(msg, sender)
+
+    def receiveMsg_CancelOrder(self, msg: CancelOrder, sender: Any) -> None:
+        """A customer's cancel: into the running saga; answered when the order ends."""
+        self._cancels.cancel(msg, sender)
 
     def receiveMsg_AppendDone(self, msg: AppendDone, sender: Any) -> None:
         """An append of ours is durable."""

@@ -24,12 +24,20 @@ class LiveOrder:
     committed: bool = False
     waiters: list[Waiter] = field(default_factory=list)  # want the terminal status
     acks: list[Waiter] = field(default_factory=list)  # want to know OrderPlaced is durable
-    supervision: Supervision | None = None  # from the first failed saga of the order on
+    supervision: Supervision | None = None  # from the first failed saga of its workflow on
+    trigger: int = -1  # version of the trigger event whose workflow was started (exactly once)
+    cancel: str | None = None  # the customer's cancel (its reason), passed to every saga
+    cancels: list[Waiter] = field(default_factory=list)  # want the cancel's outcome
 
 
 def same_order(a: OrderPlaced, b: OrderPlaced) -> bool:
     """Whether two placements describe the same order (timestamps aside)."""
-    return (a.customer_id, a.lines, a.payment_method) == (b.customer_id, b.lines, b.payment_method)
+    return (a.customer_id, a.lines, a.payment_method, a.shipping) == (
+        b.customer_id,
+        b.lines,
+        b.payment_method,
+        b.shipping,
+    )
 
 
 class LiveOrders:

@@ -12,10 +12,10 @@ from typing import Any, Protocol
 
 from actors.base import AppendCallback
 from actors.manager.orders import LiveOrder, LiveOrders, Waiter, same_order
-from messages.base import OrderStatus, order_total, utcnow
+from messages.base import order_total, utcnow
 from messages.commands import AppendDone, AppendRejected, OrderReply, PlaceOrder, Refused
 from messages.errors import ErrorCode
-from messages.events import Event, OrderPlaced, order_stream
+from messages.events import Event, OrderPlaced, final_status, order_stream
 from saga.views import order_view
 from store import NO_STREAM
 
@@ -65,6 +65,7 @@ class Placement:
             total_amount=order_total(msg.lines),
             payment_method=msg.payment_method,
             placed_at=utcnow(),
+            shipping=msg.shipping,
         )
         waiter = (sender, msg.req_id)
         live = self._orders.get(msg.order_id)
@@ -132,12 +133,12 @@ class Placement:
                 refuse(self._host.send, waiter, ErrorCode.CONFLICT, message)
             return
         view = order_view(order_id, events)
-        if view["status"] != OrderStatus.PENDING:
+        if final_status(events) is not None:
             self._orders.remove(live)
             for waiter in waiters:
                 self._host.send(waiter[0], OrderReply(req_id=waiter[1], order=view))
             return
-        # Unfinished and nobody drives it (its saga was lost): recover it now.
+        # Unfinished and nobody drives it (its workflow was lost): recover it now.
         live.placed, live.committed = first, True
         for waiter in live.acks:
             self._host.send(waiter[0], OrderReply(req_id=waiter[1], order=view))

@@ -7,7 +7,15 @@ from collections.abc import Callable, Sequence
 
 from actors.base import log
 from actors.manager.orders import LiveOrder, LiveOrders
-from messages.events import TERMINAL_TYPE_NAMES, Event, OrderPlaced, order_id_of, order_stream
+from actors.manager.registry import starts_workflow
+from messages.events import (
+    FINAL_TYPE_NAMES,
+    TERMINAL_TYPE_NAMES,
+    Event,
+    OrderPlaced,
+    order_id_of,
+    order_stream,
+)
 from store import EventStore
 
 
@@ -29,10 +37,17 @@ class Recovery:
         self._backlog: deque[str] = deque()
 
     def find(self, reader: EventStore) -> int:
-        """Queue every order stream without a terminal event; how many there are."""
+        """Queue every order stream without a terminal event, and every one whose last event
+        is a trigger whose workflow never began (OrderPaid of an order placed with shipping);
+        how many there are."""
         for head in reader.stream_heads(order_stream("")):
-            if head.last_type not in TERMINAL_TYPE_NAMES:
-                self._backlog.append(order_id_of(head.stream))
+            if head.last_type in FINAL_TYPE_NAMES:
+                continue
+            if head.last_type in TERMINAL_TYPE_NAMES and not starts_workflow(
+                reader, head.stream, head.last_type
+            ):
+                continue
+            self._backlog.append(order_id_of(head.stream))
         count = len(self._backlog)
         if count:
             log.warning("manager: recovering %d unfinished orders", count)

@@ -1,4 +1,5 @@
-"""The service actors (store, Inventory, Payment): start, restart with back-off, watchdog."""
+"""The service actors (store, Inventory, Payment, Shipping): start, restart with back-off,
+watchdog."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from actors.base import log
 from actors.event_store import EventStoreActor
 from actors.inventory import InventoryActor
 from actors.payment import PaymentActor
+from actors.shipping import ShippingActor
 from messages.commands import Configure, ServiceConfig, ServiceReady
 from saga.supervision import restart_delay
 
@@ -21,6 +23,7 @@ SERVICES: dict[str, type[Actor]] = {
     "store": EventStoreActor,
     "inventory": InventoryActor,
     "payment": PaymentActor,
+    "shipping": ShippingActor,
 }
 STORE = "store"
 

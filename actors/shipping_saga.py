@@ -1,0 +1,119 @@
+"""The ShippingSaga actor: one per order placed with shipping, started by its ``OrderPaid``
+(DESIGN.md section 9); a thin shell around ``saga.shipping``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from actors.saga import ENV, WorkflowActor
+from messages.base import items_of
+from messages.commands import (
+    CancelShipment,
+    CreateShipment,
+    InventoryShippedReply,
+    ReleaseStock,
+    ShipmentCancelledReply,
+    ShipmentCreatedReply,
+    ShipmentRefusedReply,
+    ShipStock,
+    StartSaga,
+    VoidPayment,
+)
+from messages.events import OrderPlaced
+from saga import machine as sm
+from saga import shipping as ship
+
+
+class ShippingSaga(WorkflowActor):
+    """Ships one paid order: the carrier creates the shipment, Inventory consumes the
+    reservation, OrderShipped is recorded; compensates (release, cancel at the carrier,
+    refund) when shipping fails or the customer cancels in time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._state: ship.ShippingState | None = None
+
+    @classmethod
+    def wants(cls, placed: OrderPlaced) -> bool:
+        """Only an order placed with shipping is shipped; without, OrderPaid ends it."""
+        return placed.shipping is not None
+
+    def _running_order(self) -> str | None:
+        return self._state.order.order_id if self._state else None
+
+    def _drop_state(self) -> None:
+        self._state = None
+
+    def _feed(self, msg: ship.ShippingInput) -> None:
+        if self._state is None:
+            return  # finished or aborted: late replies are dropped
+        self._state, commands = ship.decide(self._state, msg, ENV)
+        for command in commands:
+            self._carry_out(command)
+
+    def _carry_out(self, command: ship.ShippingCommand) -> None:
+        state = self._state
+        if state is None:
+            raise RuntimeError(f"shipping saga: {type(command).__name__} after it ended")
+        order = state.order
+        order_id = order.order_id
+        if isinstance(command, sm.AppendEvents):
+            self._append(order_id, command)
+        elif isinstance(command, ship.RequestShipment):
+            if order.shipping is None:
+                raise ValueError(f"order {order_id} was placed without shipping")
+            request = CreateShipment(
+                order_id=order_id,
+                carrier=order.shipping.carrier,
+                address=order.shipping.address,
+                items=items_of(order.lines),
+            )
+            self._request(sm.Service.SHIPPING, request)
+        elif isinstance(command, ship.RequestShipStock):
+            self._request(sm.Service.INVENTORY, ShipStock(order_id=order_id))
+        elif isinstance(command, sm.RequestRelease):
+            self._request(
+                sm.Service.INVENTORY, ReleaseStock(order_id=order_id, reason=command.reason)
+            )
+        elif isinstance(command, ship.RequestCancelShipment):
+            self._request(
+                sm.Service.SHIPPING, CancelShipment(order_id=order_id, reason=command.reason)
+            )
+        elif isinstance(command, sm.RequestVoid):
+            self._request(sm.Service.PAYMENT, VoidPayment(order_id=order_id, reason=command.reason))
+        elif isinstance(command, sm.StartTimer):
+            self._arm(command.token)
+        elif isinstance(command, sm.Finish):
+            self._finish(order_id, command.reason, state.recorded)
+        elif isinstance(command, sm.Abort):
+            self._abort(order_id, command.reason)
+
+    # --- messages -------------------------------------------------------------------------
+
+    def receiveMsg_StartSaga(self, msg: StartSaga, sender: Any) -> None:
+        """Start from the order stream (it holds OrderPaid)."""
+        if self._state is not None:
+            return  # a re-delivered start: we are already running
+        self._begin(msg, sender)
+        state = ship.recover(msg.events, cancel=msg.cancel)
+        if state.phase == ship.Phase.DONE:
+            self._finish(msg.order_id, "already terminal", msg.events)
+            return
+        self._state = state
+        self._feed(sm.Start())
+
+    def receiveMsg_ShipmentCreatedReply(self, msg: ShipmentCreatedReply, sender: Any) -> None:
+        """The carrier created the shipment."""
+        self._feed(msg)
+
+    def receiveMsg_ShipmentRefusedReply(self, msg: ShipmentRefusedReply, sender: Any) -> None:
+        """The carrier refused."""
+        self._feed(msg)
+
+    def receiveMsg_ShipmentCancelledReply(self, msg: ShipmentCancelledReply, sender: Any) -> None:
+        """The carrier made sure no shipment stands."""
+        self._feed(msg)
+
+    def receiveMsg_InventoryShippedReply(self, msg: InventoryShippedReply, sender: Any) -> None:
+        """Inventory consumed the reservation (or it was consumed before)."""
+        self._feed(msg)
