@@ -28,9 +28,12 @@ class Recovery:
         self._limit = limit  # sagas running at once while the backlog lasts
         self._backlog: deque[str] = deque()
 
-    def find(self, reader: EventStore) -> int:
-        """Queue every order stream without a terminal event; how many there are."""
-        for head in reader.stream_heads(order_stream("")):
+    def find(self, reader: EventStore, owner: str | None = None) -> int:
+        """Queue every order stream without a terminal event (only those ``owner`` owns, for
+        a node on a shared store); how many there are."""
+        prefix = order_stream("")
+        heads = reader.stream_heads(prefix) if owner is None else reader.owned_heads(owner, prefix)
+        for head in heads:
             if head.last_type not in TERMINAL_TYPE_NAMES:
                 self._backlog.append(order_id_of(head.stream))
         count = len(self._backlog)
@@ -38,6 +41,11 @@ class Recovery:
             log.warning("manager: recovering %d unfinished orders", count)
         self.drain()
         return count
+
+    def take_over(self, order_ids: Sequence[str]) -> None:
+        """Drive on orders taken over from a node whose lease expired, as if found on start."""
+        self._backlog.extend(order_ids)
+        self.drain()
 
     def drain(self) -> None:
         """Start recovery sagas while fewer than the limit run."""

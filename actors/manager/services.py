@@ -93,6 +93,8 @@ class Services:
                 step_timeout=config.step_timeout,
                 crash_exits_process=config.crash_exits_process,
                 payment_latency=config.payment_latency,
+                node_id=config.node_id,
+                epoch=config.epoch,
             ),
         )
 
