@@ -398,8 +398,16 @@ class InventoryActor(BaseActor):
         )
 
     def receiveMsg_GetStock(self, msg: GetStock, sender: Any) -> None:
-        """Report stock levels."""
-        self.send(sender, StockReport(req_id=msg.req_id, stock=self._book.report(msg.product_ids)))
+        """Report stock levels (on a shared store, after catching up with the other nodes)."""
+
+        def report() -> None:
+            stock = self._book.report(msg.product_ids)
+            self.send(sender, StockReport(req_id=msg.req_id, stock=stock))
+
+        if self._reader is None:
+            report()
+        else:
+            self._after_catch_up(report)
 
     # --- recording ------------------------------------------------------------------------
 
