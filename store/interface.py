@@ -271,10 +271,6 @@ class BatchPlanner:
         for part in parts:
             stream, events = part.stream, part.events
             validate_append(stream, events, part.expected_version)
-            owner = owners.get(stream) or self.owners.get(stream) or self._owner(stream)
-            check_owner(stream, owner, self._fence)
-            if part.owner is not None and owner is None and events:
-                owners[stream] = part.owner
             found: dict[str, tuple[str, int]] = {}
             for event in events:
                 place = ids.get(event.event_id) or self.ids.get(event.event_id)
@@ -289,6 +285,12 @@ class BatchPlanner:
             head = heads.get(stream) or self.heads.get(stream) or self._head(stream)
             current = NO_STREAM if head is None else head[0]
             check_expected(stream, part.expected_version, current)
+            # Owners last: a replay or a stale expected version writes nothing anyway, and a
+            # placement must learn that the order exists (ConcurrencyError), whoever owns it.
+            owner = owners.get(stream) or self.owners.get(stream) or self._owner(stream)
+            check_owner(stream, owner, self._fence)
+            if part.owner is not None and owner is None and events:
+                owners[stream] = part.owner
             for offset, event in enumerate(events):
                 rows.append((stream, current + 1 + offset, event))
                 ids[event.event_id] = (stream, current + 1 + offset)

@@ -329,8 +329,6 @@ class SqliteEventStore(EventStore):
         rolled back to it and leaves no trace, not even a used AUTOINCREMENT value (so the
         positions of a group commit are those of its appends committed one by one)."""
         validate_append(stream, events, expected_version)
-        row = conn.execute(_SELECT_OWNER, (stream,)).fetchone()
-        check_owner(stream, None if row is None else row[0], fence)
         current = self._head_version(conn, stream)
         if expected_version != current:
             # Only a stale writer can be re-sending an append that already committed (a
@@ -343,6 +341,9 @@ class SqliteEventStore(EventStore):
             check_expected(stream, expected_version, current)
         if not events:
             return current
+        # Owners last, as in BatchPlanner: what is refused above writes nothing anyway.
+        row = conn.execute(_SELECT_OWNER, (stream,)).fetchone()
+        check_owner(stream, None if row is None else row[0], fence)
         conn.execute("SAVEPOINT append")
         try:
             conn.executemany(
