@@ -87,6 +87,14 @@ def taken_over(client: Client, node_id: str) -> str | None:
     return state.removeprefix("taken over by ") if state.startswith("taken over") else None
 
 
+def ended(client: Client, order_id: str) -> dict[str, Any]:
+    """Wait for the order to end, on whichever node drives it."""
+    order: dict[str, Any] = wait_until(
+        lambda: (r := client.get_order(order_id))["status"] != "pending" and r
+    )
+    return order
+
+
 def audit_clean(client: Client) -> dict[str, Any]:
     """Wait until no order is in flight, then require every invariant."""
     report: dict[str, Any] = wait_until(
@@ -185,8 +193,7 @@ def test_a_paused_node_records_nothing_after_its_orders_are_taken_over(cluster: 
     assert code == 4, paused.log_tail()
     assert "lost its lease" in paused.log() or "not renewed in time" in paused.log()
     for order_id in lost:
-        order = wait_until(lambda o=order_id: (r := c.get_order(o))["status"] != "pending" and r)
-        assert order["status"] in ("paid", "cancelled", "failed")
+        assert ended(c, order_id)["status"] in ("paid", "cancelled", "failed")
     audit_clean(c)
     late = cluster.sql(
         "SELECT stream, type FROM events WHERE writer = 'a' AND position > %s", before[0]
@@ -213,8 +220,7 @@ def test_a_node_restarted_with_its_old_id_leaves_the_orders_it_lost(cluster: Clu
     assert "recovering=0" in again.ready_line
     (epoch,) = cluster.sql("SELECT epoch FROM leases WHERE node_id = 'a'")
     for order_id in lost:
-        order = wait_until(lambda o=order_id: (r := c.get_order(o))["status"] != "pending" and r)
-        assert order["status"] == "cancelled"
+        assert ended(c, order_id)["status"] == "cancelled"
     mine = new_id("mine")
     assert again.client().place_order(mine, "c", line)["status"] == "paid"
     # The lost orders' streams got nothing from the restarted a (nor from the dead one after
