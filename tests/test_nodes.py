@@ -130,7 +130,7 @@ def test_kill_one_of_three_nodes_mid_load(cluster: Cluster) -> None:
     for node_id in ("a", "b", "c"):
         cluster.start(node_id)
     a = cluster.nodes["a"].client()
-    a.set_stock(SCARCE, SCARCE_UNITS)
+    a.add_product(SCARCE, SCARCE_UNITS)
     servers = cluster.servers()
     rng = random.Random(11)
     orders = [order_of(n, rng) for n in range(180)]
