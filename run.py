@@ -174,8 +174,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--lease-ttl must be positive")
     args.shared = args.store.startswith(("postgresql://", "postgres://"))
     if args.shared and args.node_id is None:
-        if args.port == 0:
-            parser.error("--port 0 on a shared store needs --node-id (the id must stay the same)")
+        # With --port 0 this is HOSTNAME:0 for every such node: a second one waits for the
+        # first's lease, then refuses to start. Several nodes on one machine need --node-id.
         args.node_id = default_node_id(args.host, args.port)
     if not _is_loopback(args.host) and not args.admin_token:
         parser.error(
