@@ -8,14 +8,18 @@ may arrive in any order.
         c.place_order("o-1", "cust-1", [{"product_id": "SKU-001", "quantity": 2,
                                          "unit_price": "9.99"}])
 
-CLI (`python client.py [--host H] [--port P] [--timeout S] COMMAND ...`):
+CLI (`python client.py [--host H] [--port P] [--server H:P,H:P...] [--timeout S] COMMAND ...`):
 
     place --order-id ID --customer C --line SKU:QTY:UNIT_PRICE [--line ...]
           [--payment-method TOKEN] [--ship-to "NAME;LINE1;CITY;POSTAL;CC" [--carrier TOKEN]]
           [--no-wait]
     cancel ID [--reason R]
     status ID | events ID | stock [SKU ...] | set-stock SKU QTY | add-product SKU QTY
-    audit | ping
+    audit | nodes | ping
+
+`--server` names several nodes of one shared store: each command goes to the first that
+answers, and one whose node dies on the way is carried on by the next (`place` places again,
+which is idempotent, and follows the order with `get_order` until it is terminal).
 
 `--host`/`--port` default to the ORDER_HOST / ORDER_PORT environment variables, else
 127.0.0.1:7300. Results are printed as JSON on stdout; errors go to stderr as one line,
@@ -42,14 +46,24 @@ import os
 import socket
 import sys
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from messages.errors import ErrorCode, ServiceError
 from messages.wire import HEADER, MAX_FRAME, decode_body, encode_frame
 
-__all__ = ["Client", "ClientError", "ConnectionFailed", "main"]
+__all__ = [
+    "Client",
+    "ClientError",
+    "ConnectionFailed",
+    "follow",
+    "main",
+    "on_any",
+    "parse_servers",
+    "place_on_any",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -332,6 +346,90 @@ class Client:
         """Run the store invariant checks (DESIGN.md section 7)."""
         return self.call("audit")
 
+    def nodes(self) -> Any:
+        """The nodes sharing the server's store: leases, orders owned and in flight."""
+        return self.call("nodes")
+
+
+# -- several nodes ------------------------------------------------------------------------------
+
+FOLLOW_INTERVAL = 0.1  # seconds between get_order polls of an order followed on another node
+TERMINAL = frozenset({"paid", "shipped", "cancelled", "failed"})
+
+
+def parse_servers(text: str) -> list[tuple[str, int]]:
+    """`HOST:PORT[,HOST:PORT...]` as (host, port) pairs; raises ArgumentTypeError."""
+    servers = []
+    for item in (part.strip() for part in text.split(",")):
+        host, sep, port = item.rpartition(":")
+        if not item:
+            continue
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise argparse.ArgumentTypeError(f"{item!r} is not HOST:PORT")
+        servers.append((host, int(port)))
+    if not servers:
+        raise argparse.ArgumentTypeError("no HOST:PORT given")
+    return servers
+
+
+def on_any(
+    servers: Sequence[tuple[str, int]],
+    action: Callable[[Client], Any],
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Any:
+    """`action(client)` on the first server that answers; if the connection is lost midway
+    (its node died), again on the next ones in turn. Raises the last ConnectionFailed when none
+    is left. `action` must be safe to repeat (every op is, `place_order` by its order id)."""
+    failure: ConnectionFailed | None = None
+    for host, port in servers:
+        try:
+            with Client(host, port, timeout=timeout) as client:
+                return action(client)
+        except ConnectionFailed as e:
+            failure = e
+    assert failure is not None
+    raise failure
+
+
+def is_terminal(order: Mapping[str, Any]) -> bool:
+    """Whether an order's view is final: `paid` is, unless the order waits for shipment."""
+    status = order.get("status")
+    return status in TERMINAL and not (status == "paid" and order.get("shipping"))
+
+
+def follow(client: Client, order_id: str, timeout: float) -> Any:
+    """Poll `get_order` until the order is terminal (or `timeout` seconds pass: its status
+    then). For an order whose node died mid-wait: another node takes it over and ends it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        order = client.get_order(order_id)
+        if is_terminal(order) or time.monotonic() > deadline:
+            return order
+        time.sleep(FOLLOW_INTERVAL)
+
+
+def place_on_any(
+    servers: Sequence[tuple[str, int]],
+    order: Mapping[str, Any],
+    *,
+    wait: bool = True,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Any:
+    """Place an order (`Client.place_order`'s arguments as a mapping) on the first server that
+    answers; if that node dies before answering, place it again on the next (the same order id:
+    found, not doubled) and, with `wait`, follow it there until terminal."""
+    tries = 0
+
+    def place(client: Client) -> Any:
+        nonlocal tries
+        tries += 1
+        result = client.place_order(**order, wait=wait)
+        if wait and tries > 1 and not is_terminal(result):
+            return follow(client, order["order_id"], timeout)
+        return result
+
+    return on_any(servers, place, timeout)
+
 
 # -- CLI ----------------------------------------------------------------------------------------
 
@@ -414,7 +512,8 @@ exit codes:
   cancel: 4 (conflict) when it is too late: the order shipped, failed or was paid without
   shipping
 
-Global options (--host, --port, --timeout, --admin-token) go before or after the command.
+Global options (--host, --port, --server, --timeout, --admin-token) go before or after the
+command.
 """
 
 
@@ -435,6 +534,15 @@ def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
         type=int,
         default=default(os.environ.get("ORDER_PORT", DEFAULT_PORT)),
         help="gateway port (env ORDER_PORT; default %(default)s)" if defaults else None,
+    )
+    parser.add_argument(
+        "--server",
+        type=parse_servers,
+        default=default(None),
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="several nodes of one shared store, tried in turn (instead of --host/--port)"
+        if defaults
+        else None,
     )
     parser.add_argument(
         "--timeout",
@@ -558,28 +666,37 @@ def build_parser() -> argparse.ArgumentParser:
         "Check the five invariants (docs/architecture.md): one terminal event, gapless\n"
         "versions, stock consistent, reservations settled, money balanced.",
     )
+    command(
+        "nodes",
+        "the nodes sharing the store",
+        "List the nodes of a shared store: id, address, lease state, epoch, lease age,\n"
+        "orders owned and in flight.",
+    )
     command("ping", "check the server answers", "Check the server answers.")
     return parser
 
 
+def _order(args: argparse.Namespace) -> dict[str, Any]:
+    """`place`'s order as the wire's place_order arguments (without `wait`)."""
+    order: dict[str, Any] = {
+        "order_id": args.order_id,
+        "customer_id": args.customer,
+        "lines": args.lines,
+        "payment_method": args.payment_method,
+    }
+    if args.ship_to is not None:
+        order["shipping"] = {"address": args.ship_to}
+        if args.carrier is not None:
+            order["shipping"]["carrier"] = args.carrier
+    return order
+
+
 def _run(client: Client, args: argparse.Namespace) -> Any:
     command: str = args.command
-    if command == "place":
-        shipping: dict[str, Any] | None = None
-        if args.ship_to is not None:
-            shipping = {"address": args.ship_to}
-            if args.carrier is not None:
-                shipping["carrier"] = args.carrier
-        return client.place_order(
-            args.order_id,
-            args.customer,
-            args.lines,
-            args.payment_method,
-            wait=args.wait,
-            shipping=shipping,
-        )
     if command == "cancel":
         return client.cancel_order(args.order_id, args.reason)
+    if command == "nodes":
+        return client.nodes()
     if command == "status":
         return client.get_order(args.order_id)
     if command == "events":
@@ -618,9 +735,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--carrier needs --ship-to")
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
+    servers = args.server or [(args.host, args.port)]
     try:
-        with Client(args.host, args.port, timeout=args.timeout) as client:
-            result = _run(client, args)
+        if args.command == "place":
+            result = place_on_any(servers, _order(args), wait=args.wait, timeout=args.timeout)
+        else:
+            result = on_any(servers, lambda client: _run(client, args), args.timeout)
     except ClientError as e:
         print(f"error: {e.code}: {e.message}", file=sys.stderr)
         return exit_code_for(e)

@@ -1,11 +1,16 @@
 """Start the order service: the Thespian actor system and the client gateway in front of it.
 
     python run.py [--base simple|queue|tcp] [--store URL | --db PATH] [--host 127.0.0.1]
-                  [--port 7300] [--step-timeout SECONDS] [--payment-provider simulated|URL]
+                  [--port 7300] [--node-id ID] [--lease-ttl S] [--step-timeout SECONDS]
+                  [--payment-provider simulated|URL]
 
 --store takes sqlite:///PATH (the default, sqlite:///orders.db), postgresql://USER@HOST:PORT/DB
 or memory: (everything in this process, nothing durable; simple base only); --db PATH is short
 for sqlite:///PATH.
+
+On PostgreSQL the process is one node of several sharing the database (DESIGN.md section 10):
+it holds a lease under --node-id, owns the orders it places, takes over the orders of nodes
+whose leases expire, and exits with status 4 if it cannot keep its own lease.
 
 Prints ``ready <host>:<port>`` once clients can connect. SIGINT/SIGTERM stop taking orders, let
 the orders in flight finish (up to --drain-timeout), shut the actors down and exit 0.
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import ipaddress
 import logging
@@ -27,12 +33,17 @@ from pathlib import Path
 from typing import Any
 
 from gateway.server import Gateway, GatewayLimits
-from messages.commands import Configure
+from messages.commands import Configure, LeaseLost, TakeOver
+from messages.events import FINAL_TYPE_NAMES, order_id_of, order_stream
 from runtime.bridge import ActorBridge, configure
+from runtime.lease import DEFAULT_TTL, NodeLease, acquire, default_node_id
 from runtime.logs import FORMATS, log_config
 from runtime.proc_tree import RUN_MARKER
-from store import describe, sqlite_path, store_url
+from store import EventStore, Fence, LeaseHeldError, describe, open_store, sqlite_path, store_url
+from store.records import StoreError
 
+ORDERS = order_stream("")
+EXIT_LEASE_LOST = 4  # the node lost its lease: another node owns its orders now
 DEFAULT_DB = "orders.db"
 DEFAULT_STORE = f"sqlite:///{DEFAULT_DB}"
 
@@ -71,6 +82,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     where.add_argument("--db", help="SQLite event store file (created): short for sqlite:///PATH")
     parser.add_argument("--host", default="127.0.0.1", help="gateway address")
     parser.add_argument("--port", type=int, default=7300, help="gateway port (0: any free)")
+    parser.add_argument(
+        "--node-id",
+        default=None,
+        help="this node's id on a shared (PostgreSQL) store; default HOSTNAME:PORT, the same "
+        "across restarts",
+    )
+    parser.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=DEFAULT_TTL,
+        help="seconds a node's lease lasts without renewal (renewed about once a second); "
+        "another node takes its orders over once it expires",
+    )
     parser.add_argument(
         "--step-timeout",
         type=float,
@@ -158,6 +182,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--payment-provider {args.payment_provider!r}: use simulated or http://...")
     if args.step_timeout <= 0:
         parser.error("--step-timeout must be positive")
+    if args.lease_ttl <= 0:
+        parser.error("--lease-ttl must be positive")
+    args.shared = args.store.startswith(("postgresql://", "postgres://"))
+    if args.shared and args.node_id is None:
+        # With --port 0 this is HOSTNAME:0 for every such node: a second one waits for the
+        # first's lease, then refuses to start. Several nodes on one machine need --node-id.
+        args.node_id = default_node_id(args.host, args.port)
     if not _is_loopback(args.host) and not args.admin_token:
         parser.error(
             f"refusing to listen on non-loopback {args.host} without --admin-token "
@@ -200,9 +231,16 @@ async def serve(args: argparse.Namespace) -> int:
     # socket exists, so no actor process inherits the client-facing socket.
     await loop.run_in_executor(None, bridge.start)
     gateway: Gateway | None = None
+    node: Node | None = None
     try:
         if stop.is_set():
             return 0
+        if args.shared:
+            try:
+                node = await loop.run_in_executor(None, Node.join, args, bridge)
+            except (LeaseHeldError, StoreError) as e:
+                _say(f"cannot join as node {args.node_id!r}: {e}")
+                return 1
         recovered = await loop.run_in_executor(
             None,
             lambda: configure(
@@ -216,6 +254,8 @@ async def serve(args: argparse.Namespace) -> int:
                     warm_sagas=args.warm_sagas if args.base != "simple" else 0,
                     payment_latency=args.payment_latency,
                     payment_provider=args.payment_provider,
+                    node_id=node.fence.node_id if node is not None else None,
+                    epoch=node.fence.epoch if node is not None else 0,
                 ),
                 120.0,
             ),
@@ -225,16 +265,35 @@ async def serve(args: argparse.Namespace) -> int:
             request_timeout=max(60.0, 10 * args.step_timeout),
             max_in_flight=20_000 if args.base == "simple" else 24,
         )
-        gateway = Gateway(bridge, args.store, limits=limits, admin_token=args.admin_token)
+        gateway = Gateway(
+            bridge,
+            args.store,
+            limits=limits,
+            admin_token=args.admin_token,
+            node_id=args.node_id,
+        )
         if stop.is_set():
             await gateway.drain(0.0)  # stopped during start-up: tell the manager, then stop
             return 0  # the orders being recovered resume on the next start
         host, port = await gateway.start(args.host, args.port)
+        node_text = ""
+        if node is not None:
+            node.lease.address = f"{host}:{port}"
+            node.lease.start_taking_over()
+            node_text = f" node={node.fence.node_id} epoch={node.fence.epoch}"
+            gateway.node_address = node.lease.address
         print(
             f"ready {host}:{port} base={args.base} store={describe(args.store)} "
-            f"recovering={recovered}",
+            f"recovering={recovered}{node_text}",
             flush=True,
         )
+        if node is not None and await node.watch(stop):
+            _say(
+                f"{node.lease.lost()}: stopped driving orders; the other nodes take them "
+                f"over. Exiting with status {EXIT_LEASE_LOST}; start it again to rejoin."
+            )
+            await node.stop_driving(bridge)
+            return EXIT_LEASE_LOST
         await stop.wait()
         _say(
             f"stopping: no new orders; letting the orders in flight finish (up to "
@@ -248,6 +307,67 @@ async def serve(args: argparse.Namespace) -> int:
         if gateway is not None:
             await gateway.close()
         await loop.run_in_executor(None, bridge.stop)
+        if node is not None:
+            # After the actors stopped: a released lease lets another node take the orders
+            # left in flight over at once.
+            await loop.run_in_executor(None, node.close)
+
+
+class Node:
+    """This process as one node of a shared store: its lease (renewed in a thread), the
+    takeovers it hands to the manager, and the watch that stops it when the lease is lost."""
+
+    def __init__(self, store: EventStore, lease: NodeLease) -> None:
+        self.store = store
+        self.lease = lease
+        self.fence = lease.fence
+
+    @classmethod
+    def join(cls, args: argparse.Namespace, bridge: ActorBridge) -> Node:
+        """Take the node id's lease (waiting out a previous incarnation's), adopt unfinished
+        orders nobody owns (placed before there were nodes), and start renewing."""
+        store = open_store(args.store, pool_size=2)
+        try:
+            address = f"{args.host}:{args.port}"
+            epoch = acquire(store, args.node_id, address, args.lease_ttl)
+            fence = Fence(args.node_id, epoch)
+            adopted = store.adopt_unowned(args.node_id, ORDERS, FINAL_TYPE_NAMES)
+            if adopted:
+                _say(f"node {args.node_id}: adopted {adopted} unfinished orders nobody owned")
+
+            def hand_over(moved: dict[str, list[str]]) -> None:
+                order_ids = tuple(order_id_of(s) for streams in moved.values() for s in streams)
+                future = bridge.submit(lambda req_id: TakeOver(req_id=req_id, order_ids=order_ids))
+                future[1].result(60)
+
+            lease = NodeLease(store, fence, address, args.lease_ttl, hand_over)
+            lease.start()
+        except BaseException:
+            store.close()
+            raise
+        return cls(store, lease)
+
+    async def watch(self, stop: asyncio.Event) -> bool:
+        """Wait for `stop` (False) or for the lease to be lost (True), checking the lease
+        several times per renewal interval."""
+        while not stop.is_set():
+            if self.lease.lost() is not None:
+                return True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.lease.interval / 4)
+        return False
+
+    async def stop_driving(self, bridge: ActorBridge) -> None:
+        """Tell the manager to stop every saga now (the store refuses their writes anyway)."""
+        reason = self.lease.lost() or "lease lost"
+        _, future = bridge.submit(lambda req_id: LeaseLost(req_id=req_id, reason=reason))
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.wrap_future(future), 2.0)
+
+    def close(self) -> None:
+        """Stop renewing; release the lease if it is still ours."""
+        self.lease.stop(release=True)
+        self.store.close()
 
 
 def _say(text: str) -> None:

@@ -90,8 +90,11 @@ class Appender:
         event_ids: Sequence[str],
         expected_version: int,
         callback: AppendCallback,
+        *,
+        owner: str | None = None,
     ) -> str:
-        """Send one append; `callback` runs with the store's reply."""
+        """Send one append; `callback` runs with the store's reply. `owner`: the node that
+        owns the stream from now on, if it has no owner yet."""
         ref = f"{self._prefix}:{next(self._counter)}"
         request = AppendToStream(
             ref=ref,
@@ -99,6 +102,7 @@ class Appender:
             events=tuple(events),
             event_ids=tuple(event_ids),
             expected_version=expected_version,
+            owner=owner,
         )
         self._pending[ref] = (request, callback)
         self._actor.send(self.store, request)

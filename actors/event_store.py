@@ -20,6 +20,8 @@ from store import (
     AppendRequest,
     ConcurrencyError,
     EventStore,
+    Fence,
+    FencedError,
     MultiAppend,
     StoreError,
     open_store,
@@ -41,11 +43,14 @@ class EventStoreActor(BaseActor):
         self._store: EventStore | None = None
         self._buffer: list[tuple[AppendToStream | AppendToStreams, Any]] = []
         self._flush_sent = False
+        self._fence: Fence | None = None  # a node on a shared store writes under its lease
 
     def receiveMsg_ServiceConfig(self, msg: ServiceConfig, sender: Any) -> None:
         """Open (creating if needed) the database as its only writer."""
         if self._store is None:
             self._store = open_store(msg.store_url, synchronous=msg.synchronous)
+        if msg.node_id is not None:
+            self._fence = Fence(msg.node_id, msg.epoch)
         self.send(sender, ServiceReady(name=self.actor_name, pid=os.getpid()))
 
     def receiveMsg_AppendToStream(self, msg: AppendToStream, sender: Any) -> None:
@@ -78,6 +83,10 @@ class EventStoreActor(BaseActor):
             return
         try:
             results = self._commit(batch)
+        except FencedError as e:
+            # The node lost its lease: nothing of this batch is written, nor will anything be.
+            log.error("store: %d appends refused: %s", len(batch), e)
+            results = [e for _ in batch]
         except Exception as e:
             # Whatever failed (encoding, I/O), nobody's events are durable: tell each requester,
             # so none waits for an answer that would never come.
@@ -96,7 +105,7 @@ class EventStoreActor(BaseActor):
             else _request(request)
             for request, _ in batch
         ]
-        return self._store.append_batch(requests)
+        return self._store.append_batch(requests, self._fence)
 
     def _answer(
         self,
@@ -114,7 +123,9 @@ class EventStoreActor(BaseActor):
                 )
             else:
                 error = "conflict" if isinstance(result, ConcurrencyError) else "store_error"
-                if error != "conflict":
+                if isinstance(result, FencedError):
+                    error = "fenced"  # logged once for the batch, or it is the owner check
+                elif error != "conflict":
                     log.error("store: append %s failed: %s", request.ref, result)
                 self.send(
                     requester, AppendRejected(ref=request.ref, error=error, message=str(result))
@@ -135,4 +146,5 @@ def _request(request: AppendToStream) -> AppendRequest:
             for event, event_id in zip(request.events, request.event_ids, strict=True)
         ),
         expected_version=request.expected_version,
+        owner=request.owner,
     )

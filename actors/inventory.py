@@ -15,6 +15,12 @@ its book from the stock streams (catching up on what the other writer did), then
 every request whose change was lost, at most ``MAX_ATTEMPTS`` times each; a reservation that
 keeps conflicting is then refused with that reason.
 
+On a store shared by several nodes, other nodes' Inventories write the same stock streams. This
+one catches up with them (reads every stock stream past the version it knows and applies what
+it finds) when it is idle: before refusing a reservation for want of stock (the stock may have
+been set or released elsewhere), on ``CatchUp`` (the manager takes over orders whose stock
+another node reserved), and every ``CATCH_UP_PERIOD`` seconds.
+
 A database made before the stock streams has the Inventory's whole history in one stream,
 ``inventory``: the first start copies it, split by product, into the stock streams and ends it
 with ``InventoryMigrated``, all in one commit.
@@ -25,13 +31,18 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
+
+from thespian.actors import WakeupMessage
 
 from actors.base import Appender, BaseActor, CommitGate, NotConfiguredError, log
 from messages.base import new_id, utcnow
 from messages.commands import (
     AppendDone,
     AppendRejected,
+    CatchUp,
+    CaughtUp,
     GetStock,
     InventoryReleasedReply,
     InventoryReservedReply,
@@ -61,11 +72,13 @@ from messages.events import (
     stock_stream,
 )
 from saga.stock import StockBook, split_by_stream
-from store import CODEC, NO_STREAM, open_store
+from store import CODEC, NO_STREAM, EventStore, open_store
 
 SEED_PRODUCTS = tuple(f"SKU-{n:03d}" for n in range(1, 11))
 SEED_ON_HAND = 1000
 MAX_ATTEMPTS = 5  # conflicts one request may meet before it is refused
+CATCH_UP_PERIOD = 1.0  # seconds between catch-ups with other nodes (shared store only)
+CATCH_UP_TIMER = "catch-up"
 
 
 Reply = tuple[Any, Any]  # (recipient, message)
@@ -98,6 +111,8 @@ class InventoryActor(BaseActor):
         self._config: ServiceConfig | None = None
         self._manager: Any = None  # told which products exist
         self._gate = CommitGate()
+        self._reader: EventStore | None = None  # shared store: to catch up with other nodes
+        self._when_idle: list[Callable[[], None]] = []  # run after the next catch-up
 
     # --- life cycle -----------------------------------------------------------------------
 
@@ -107,11 +122,62 @@ class InventoryActor(BaseActor):
         self._appender.store = msg.store
         self._manager = sender
         self._reload(migrate=True)
+        if msg.node_id is not None and self._reader is None:
+            self._reader = open_store(msg.store_url, readonly=True)
+            self.wakeupAfter(timedelta(seconds=CATCH_UP_PERIOD), payload=CATCH_UP_TIMER)
         products = tuple(sorted(self._book.on_hand))
         self.send(sender, ServiceReady(name=self.actor_name, pid=os.getpid(), products=products))
 
     def _tell_products(self) -> None:
         self.send(self._manager, ProductsKnown(products=tuple(sorted(self._book.on_hand))))
+
+    # --- other nodes' changes (shared store) ----------------------------------------------
+
+    def receiveMsg_CatchUp(self, msg: CatchUp, sender: Any) -> None:
+        """Answer once what other nodes recorded in the stock streams is in the book."""
+        self._after_catch_up(lambda: self.send(sender, CaughtUp(ref=msg.ref)))
+
+    def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender: Any) -> None:
+        """The periodic catch-up with other nodes."""
+        if msg.payload != CATCH_UP_TIMER:
+            return
+        self._after_catch_up(lambda: None)
+        self.wakeupAfter(timedelta(seconds=CATCH_UP_PERIOD), payload=CATCH_UP_TIMER)
+
+    def _after_catch_up(self, then: Callable[[], None]) -> None:
+        """Run `then` after catching up: now if no change of ours is on its way to the store,
+        else once the appends in flight are answered (the book is then what is durable plus
+        nothing pending, so what lies past our versions was written by someone else)."""
+        self._when_idle.append(then)
+        self._catch_up_if_idle()
+
+    def _catch_up_if_idle(self) -> None:
+        if self._in_flight or self._queued or not self._when_idle:
+            return
+        self._catch_up()
+        waiting, self._when_idle = self._when_idle, []
+        for then in waiting:
+            then()
+
+    def _catch_up(self) -> bool:
+        """Apply every stock event past the versions we know; whether there were any."""
+        if self._reader is None:
+            return False
+        found = False
+        products = len(self._book.on_hand)
+        heads = self._reader.stream_heads(STOCK_PREFIX)
+        fences = self._reader.stream_version(FENCES_STREAM)
+        for stream, version in [(h.stream, h.version) for h in heads] + [(FENCES_STREAM, fences)]:
+            known = self._versions.get(stream, NO_STREAM)
+            if version <= known:
+                continue
+            for record in self._reader.read_stream(stream, known + 1):
+                self._book.apply(CODEC.decode(record))
+                self._versions[stream] = record.version
+                found = True
+        if len(self._book.on_hand) != products and self._manager is not None:
+            self._tell_products()  # added on another node
+        return found
 
     def _reload(self, migrate: bool = False) -> None:
         """Rebuild the book from the stock streams; forget every change not yet committed."""
@@ -208,6 +274,10 @@ class InventoryActor(BaseActor):
             self.send(sender, self._reserve_answer(msg))
             return
         short = self._book.shortfall(msg.items)
+        if short and self._reader is not None and attempt == 1:
+            # Another node may have set or released this stock: refuse only on a fresh book.
+            self._after_catch_up(lambda: self.receiveMsg_ReserveStock(msg, sender, 2))
+            return
         if short:
             # Nothing changes, so nothing to record: the saga records InventoryUnavailable.
             self.send(
@@ -372,8 +442,16 @@ class InventoryActor(BaseActor):
         )
 
     def receiveMsg_GetStock(self, msg: GetStock, sender: Any) -> None:
-        """Report stock levels."""
-        self.send(sender, StockReport(req_id=msg.req_id, stock=self._book.report(msg.product_ids)))
+        """Report stock levels (on a shared store, after catching up with the other nodes)."""
+
+        def report() -> None:
+            stock = self._book.report(msg.product_ids)
+            self.send(sender, StockReport(req_id=msg.req_id, stock=stock))
+
+        if self._reader is None:
+            report()
+        else:
+            self._after_catch_up(report)
 
     # --- recording ------------------------------------------------------------------------
 
@@ -430,6 +508,7 @@ class InventoryActor(BaseActor):
             for change in lost:
                 if change.retry is not None:
                     change.retry(change.attempt + 1)
+            self._catch_up_if_idle()
             return
         streams = list(dict.fromkeys(stream for change in batch for stream, _ in change.parts))
         for stream, version in zip(streams, reply.versions, strict=True):
@@ -440,6 +519,7 @@ class InventoryActor(BaseActor):
             if change.order_id is not None:
                 self._gate.committed(change.order_id)
         self._send_next()
+        self._catch_up_if_idle()
 
     def receiveMsg_AppendDone(self, msg: AppendDone, sender: Any) -> None:
         """A recorded change is durable."""

@@ -23,7 +23,7 @@ from messages.commands import (
     StockReport,
 )
 from messages.errors import ErrorCode, ServiceError
-from messages.events import order_stream
+from messages.events import TERMINAL_TYPE_NAMES, order_stream
 from messages.requests import (
     AddProductArgs,
     AdminArgs,
@@ -37,6 +37,7 @@ from messages.requests import (
 )
 from saga.audit import audit
 from saga.views import decode_stream, event_view, order_view
+from store import NodeLease
 
 DRAIN_ASK_TIMEOUT = 2.0  # seconds a drain waits for the manager's answer before asking again
 
@@ -58,12 +59,20 @@ class Ops:
     """The op handlers, over the OrderManager (`manager`) and the store's reads (`reads`)."""
 
     def __init__(
-        self, manager: ManagerClient, reads: StoreReads, base: str, admin_token: str | None
+        self,
+        manager: ManagerClient,
+        reads: StoreReads,
+        base: str,
+        admin_token: str | None,
+        *,
+        node_id: str | None = None,
     ) -> None:
         self._manager = manager
         self._reads = reads
         self._base = base
         self._admin_token = admin_token
+        self._node_id = node_id
+        self.address = ""  # this gateway's host:port, once it listens
         self.accepting_orders = True
 
     def table(self) -> OpTable:
@@ -78,6 +87,7 @@ class Ops:
             "set_stock": (SetStockArgs, self.set_stock),
             "add_product": (AddProductArgs, self.add_product),
             "audit": (NoArgs, self.audit),
+            "nodes": (NoArgs, self.nodes),
             "system_info": (AdminArgs, self.system_info),
         }
 
@@ -173,6 +183,17 @@ class Ops:
         other reads."""
         return await self._reads.read(audit, exclusive=True)
 
+    async def nodes(self, args: NoArgs) -> Any:
+        """`nodes`: every node of the shared store with its lease and the orders it owns and
+        has in flight; a store of one node lists this node alone, without a lease."""
+        found = await self._reads.read(lambda r: r.nodes(order_stream(""), TERMINAL_TYPE_NAMES))
+        if not found:
+            return {
+                "self": self._node_id,
+                "nodes": [{"node_id": self._node_id, "address": self.address, "state": "single"}],
+            }
+        return {"self": self._node_id, "nodes": [node_view(n) for n in found]}
+
     async def system_info(self, args: AdminArgs) -> Any:
         """`system_info` (admin): the base, the actors' pids and the saturation count."""
         self._check_admin("system_info", args.admin_token)
@@ -221,3 +242,21 @@ class Ops:
                 timeout=DRAIN_ASK_TIMEOUT,
             )
         return max(in_flight, 0)
+
+
+def node_view(node: NodeLease) -> dict[str, Any]:
+    """One node as `nodes` shows it: lease age and what it owns."""
+    if node.taken_by is not None:
+        state = f"taken over by {node.taken_by}"
+    else:
+        state = "live" if node.expires_in > 0 else "expired"
+    return {
+        "node_id": node.node_id,
+        "address": node.address,
+        "state": state,
+        "epoch": node.epoch,
+        "lease_age_s": round(node.age, 3),
+        "lease_expires_in_s": round(node.expires_in, 3),
+        "orders_owned": node.owned,
+        "orders_in_flight": node.in_flight,
+    }

@@ -100,6 +100,7 @@ class Gateway:
         limits: GatewayLimits,
         admin_token: str | None = None,
         clock: Clock | None = None,
+        node_id: str | None = None,
     ) -> None:
         self._store_url = store_url
         self._limits = limits
@@ -112,7 +113,7 @@ class Gateway:
             max_in_flight=limits.max_in_flight,
             saturated_wait=limits.saturated_wait,
         )
-        self._ops = Ops(manager, self._reads, bridge.base, admin_token)
+        self._ops = Ops(manager, self._reads, bridge.base, admin_token, node_id=node_id)
         self.connections = Connections(limits.max_connections, self._clock)
         self._server: asyncio.base_events.Server | None = None
 
@@ -125,7 +126,17 @@ class Gateway:
             lambda: Connection(limits, clock, parser, connections), host, port
         )
         sockname = self._server.sockets[0].getsockname()
+        self.node_address = f"{sockname[0]}:{sockname[1]}"
         return sockname[0], sockname[1]
+
+    @property
+    def node_address(self) -> str:
+        """The address this node's gateway is reached at (what `nodes` lists for it)."""
+        return self._ops.address
+
+    @node_address.setter
+    def node_address(self, address: str) -> None:
+        self._ops.address = address
 
     async def close(self) -> None:
         """Stop listening and drop every connection."""

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from client import Client, ClientError
+from client import FOLLOW_INTERVAL, Client, ClientError, ConnectionFailed
 from loadgen.plan import PlannedOrder
 from loadgen.progress import Progress
 from messages.base import TERMINAL_STATUSES
@@ -96,6 +96,9 @@ class LoadRun:
         self._arrivals = arrivals
         self._state = _RunState(total=len(plan), statuses=["not_submitted"] * len(plan))
         self._t0 = 0.0
+        # Orders whose node died before answering, carried on by another node (several
+        # targets only); each waits in a thread of its own, so a few dozen at once.
+        self._rescuers = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="follow")
 
     def run(self) -> RunResult:
         """Submit every planned order and wait for all of them to finish or time out."""
@@ -115,6 +118,7 @@ class LoadRun:
         finally:
             stop_monitor.set()
             monitor.join()
+            self._rescuers.shutdown(wait=False, cancel_futures=True)
         return RunResult(
             statuses=st.statuses,
             samples=st.samples,
@@ -128,7 +132,6 @@ class LoadRun:
 
     def _submit_all(self, lags: list[float]) -> None:
         st = self._state
-        clients = self._clients
         for n, order in enumerate(self._plan):
             due = None
             if self._arrivals is not None:
@@ -144,15 +147,53 @@ class LoadRun:
             with st.lock:
                 st.in_flight[n] = start
             try:
-                future = clients[n % len(clients)].submit("place_order", order.args)
+                future = self._submit(n, order.args)
             except ClientError as e:
                 self._finish(n, time.perf_counter(), f"error:{e.code}")
                 continue
             future.add_done_callback(functools.partial(self._on_reply, n))
 
+    def _submit(self, n: int, args: dict[str, Any]) -> concurrent.futures.Future[Any]:
+        """Send the order on its client, or on the next live one if its node is gone."""
+        clients = self._clients
+        failure: ConnectionFailed | None = None
+        for k in range(len(clients)):
+            try:
+                return clients[(n + k) % len(clients)].submit("place_order", args)
+            except ConnectionFailed as e:
+                failure = e
+        assert failure is not None
+        raise failure
+
+    def _rescue(self, n: int) -> None:
+        """The order's node died before answering: place it again on the other clients in turn
+        (idempotent by order id) and follow it with get_order until it ends there."""
+        order = self._plan[n]
+        deadline = time.perf_counter() + self._order_timeout
+        clients = self._clients
+        status = "error:unavailable"
+        for k in range(1, len(clients)):
+            client = clients[(n + k) % len(clients)]
+            try:
+                result = client.call("place_order", order.args, timeout=self._order_timeout)
+                status = str(result.get("status"))
+                while status not in TERMINAL_STATUSES and time.perf_counter() < deadline:
+                    time.sleep(FOLLOW_INTERVAL)
+                    status = str(client.get_order(order.args["order_id"]).get("status"))
+                break
+            except ConnectionFailed:
+                continue
+            except ClientError as e:
+                status = f"error:{e.code}"
+                break
+        self._finish(n, time.perf_counter(), status)
+
     def _on_reply(self, n: int, future: concurrent.futures.Future[Any]) -> None:
         end = time.perf_counter()
         exc = future.exception()
+        if isinstance(exc, ConnectionFailed) and len(self._clients) > 1:
+            self._rescuers.submit(self._rescue, n)
+            return
         if exc is None:
             result = future.result()
             status = result.get("status") if isinstance(result, dict) else None

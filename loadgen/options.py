@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_targets_arg,
         default=None,
         metavar="HOST:PORT[,HOST:PORT...]",
-        help="gateways to spread the connections over",
+        help="gateways to spread the connections over: nodes of one shared store (an order "
+        "whose node dies is followed on the others until it ends)",
     )
     spawn = p.add_argument_group("private run.py (the default)")
     spawn.add_argument(
@@ -231,8 +232,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         given = [f"--{n.replace('_', '-')}" for n in SPAWN_ONLY if getattr(args, n) is not None]
         if given:
             raise UsageError(f"{', '.join(given)} only apply to a private run.py (no target)")
-        if args.scarce > 0 and len(targets) > 1:
-            raise UsageError("--scarce needs a single target (the race is for one server's stock)")
     else:
         args.base = args.base or "simple"
     args.targets = targets

@@ -162,6 +162,39 @@ class Configure(ActorMessage):
     # Sagas of one order that may fail before the supervisor ends the order itself
     # (saga.supervision.MAX_SAGA_FAILURES; messages cannot import saga).
     max_saga_failures: int = Field(default=8, ge=1)
+    # A node on a shared store (DESIGN.md section 10): its id and lease epoch fence its writes;
+    # None on a store of one node.
+    node_id: str | None = None
+    epoch: int = 0
+
+
+class TakeOver(ActorMessage):
+    """This node now owns these unfinished orders of nodes whose leases expired: drive them on
+    as start-up recovery does (after Inventory caught up with what those nodes recorded)."""
+
+    req_id: int
+    order_ids: tuple[str, ...]
+
+
+class LeaseLost(ActorMessage):
+    """The node's lease is lost or about to expire: stop driving orders now (another node
+    may own them already) and take no new ones. Answered with DrainStatus."""
+
+    req_id: int
+    reason: str
+
+
+class CatchUp(ActorMessage):
+    """Manager to Inventory: read what other nodes recorded in the stock streams before
+    answering CaughtUp (the orders taken over may hold stock this node never saw)."""
+
+    ref: str
+
+
+class CaughtUp(ActorMessage):
+    """Inventory's answer to CatchUp."""
+
+    ref: str
 
 
 class Configured(ActorMessage):
@@ -182,6 +215,8 @@ class ServiceConfig(ActorMessage):
     crash_exits_process: bool
     payment_latency: float = 0.0
     payment_provider: str = "simulated"
+    node_id: str | None = None  # see Configure
+    epoch: int = 0
 
 
 class ServiceReady(ActorMessage):
@@ -259,6 +294,7 @@ class AppendToStream(ActorMessage):
     events: tuple[Event, ...]
     event_ids: tuple[str, ...]
     expected_version: int
+    owner: str | None = None  # the node that owns the stream from now on (if it has no owner)
 
 
 class AppendToStreams(ActorMessage):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,10 @@ from store.memory import InMemoryEventStore
 from store.postgres import PostgresEventStore, safe_url
 from store.records import (
     AppendRequest,
+    Fence,
     MultiAppend,
     NewEvent,
+    NodeLease,
     StoredEvent,
     StoreError,
     StreamHead,
@@ -156,10 +158,44 @@ class _MemoryHandle(EventStore):
         return self._open(True).append_many(parts)
 
     def append_batch(
-        self, requests: Sequence[AppendRequest | MultiAppend]
+        self, requests: Sequence[AppendRequest | MultiAppend], fence: Fence | None = None
     ) -> list[int | list[int] | StoreError]:
         """See ``EventStore.append_batch``."""
-        return self._open(True).append_batch(requests)
+        return self._open(True).append_batch(requests, fence)
+
+    def acquire_lease(self, node_id: str, address: str, ttl: float) -> int:
+        """See ``EventStore.acquire_lease``."""
+        return self._open(True).acquire_lease(node_id, address, ttl)
+
+    def renew_lease(self, fence: Fence, address: str, ttl: float) -> bool:
+        """See ``EventStore.renew_lease``."""
+        return self._open(True).renew_lease(fence, address, ttl)
+
+    def release_lease(self, fence: Fence) -> None:
+        """See ``EventStore.release_lease``."""
+        self._open(True).release_lease(fence)
+
+    def take_over(
+        self, fence: Fence, prefix: str, finished_types: Collection[str]
+    ) -> dict[str, list[str]]:
+        """See ``EventStore.take_over``."""
+        return self._open(True).take_over(fence, prefix, finished_types)
+
+    def adopt_unowned(self, owner: str, prefix: str, finished_types: Collection[str]) -> int:
+        """See ``EventStore.adopt_unowned``."""
+        return self._open(True).adopt_unowned(owner, prefix, finished_types)
+
+    def owned_heads(self, owner: str, prefix: str) -> list[StreamHead]:
+        """See ``EventStore.owned_heads``."""
+        return self._open().owned_heads(owner, prefix)
+
+    def stream_owner(self, stream: str) -> str | None:
+        """See ``EventStore.stream_owner``."""
+        return self._open().stream_owner(stream)
+
+    def nodes(self, prefix: str, finished_types: Collection[str]) -> list[NodeLease]:
+        """See ``EventStore.nodes``."""
+        return self._open().nodes(prefix, finished_types)
 
     def read_stream(
         self, stream: str, from_version: int = 0, limit: int | None = None

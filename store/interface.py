@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from types import TracebackType
 from typing import Self
 
@@ -17,8 +17,11 @@ from store.records import (
     AppendRequest,
     ConcurrencyError,
     DuplicateEventError,
+    Fence,
+    FencedError,
     MultiAppend,
     NewEvent,
+    NodeLease,
     StoredEvent,
     StoreError,
     StreamHead,
@@ -58,9 +61,15 @@ class EventStore(ABC):
 
     @abstractmethod
     def append_batch(
-        self, requests: Sequence[AppendRequest | MultiAppend]
+        self, requests: Sequence[AppendRequest | MultiAppend], fence: Fence | None = None
     ) -> list[int | list[int] | StoreError]:
         """Group commit: apply every request in one transaction (one durable write).
+
+        With a ``fence`` the whole batch raises ``FencedError`` (nothing committed) unless
+        ``fence.node_id`` holds its lease at ``fence.epoch``, unexpired and not taken over, when
+        the transaction commits; a request to a stream owned by another node fails alone with
+        ``FencedError``. A request's ``owner`` is recorded as its stream's owner if the stream
+        has none.
 
         Each request succeeds or fails on its own; the result list holds, in request order, the
         new version (as ``append`` returns it; a list of them, as ``append_many`` does, for a
@@ -110,6 +119,57 @@ class EventStore(ABC):
 
         Used at start-up to find unfinished sagas without reading every event.
         """
+
+    # --- nodes: leases and ownership (DESIGN.md section 10) -----------------------------------
+    #
+    # A lease is one row per node id, renewed by its holder, compared with the store's own
+    # clock. Its epoch grows on every acquisition and takeover, so a write fenced with an older
+    # epoch (a paused process, a previous incarnation) is refused.
+
+    @abstractmethod
+    def acquire_lease(self, node_id: str, address: str, ttl: float) -> int:
+        """Take the lease of ``node_id`` for ``ttl`` seconds and return its new epoch.
+
+        Succeeds when the id has no lease yet, or its lease expired (whether or not another
+        node took its streams over); raises ``LeaseHeldError`` while a live holder has it.
+        """
+
+    @abstractmethod
+    def renew_lease(self, fence: Fence, address: str, ttl: float) -> bool:
+        """Extend the lease to ``ttl`` seconds from now; False (nothing changed) when it is no
+        longer held at ``fence.epoch`` or has expired: the holder must stop writing."""
+
+    @abstractmethod
+    def release_lease(self, fence: Fence) -> None:
+        """End the lease now (an orderly stop), so another node takes its streams over at once."""
+
+    @abstractmethod
+    def take_over(
+        self, fence: Fence, prefix: str, finished_types: Collection[str]
+    ) -> dict[str, list[str]]:
+        """Claim every expired lease that nobody took over yet, for ``fence.node_id`` (which
+        must hold its own lease), and make it the owner of each claimed node's streams under
+        ``prefix`` whose last event type is not in ``finished_types``; all in one transaction,
+        so of several nodes trying at once exactly one wins each lease. Returns claimed node
+        id -> the streams moved (possibly none)."""
+
+    @abstractmethod
+    def adopt_unowned(self, owner: str, prefix: str, finished_types: Collection[str]) -> int:
+        """Make ``owner`` the owner of every unfinished stream under ``prefix`` that has no
+        owner (written before ownership existed); returns how many it adopted."""
+
+    @abstractmethod
+    def owned_heads(self, owner: str, prefix: str) -> list[StreamHead]:
+        """The heads of the streams under ``prefix`` that ``owner`` owns, ordered by name."""
+
+    @abstractmethod
+    def stream_owner(self, stream: str) -> str | None:
+        """The node that owns ``stream`` (None: nobody, or no such stream)."""
+
+    @abstractmethod
+    def nodes(self, prefix: str, finished_types: Collection[str]) -> list[NodeLease]:
+        """Every node that ever held a lease, ordered by id, with what it owns under
+        ``prefix`` (unfinished: last event type not in ``finished_types``)."""
 
     @abstractmethod
     def close(self) -> None:
@@ -183,12 +243,17 @@ class BatchPlanner:
         self,
         head: Callable[[str], tuple[int, str] | None],
         stored: Callable[[str], tuple[str, int] | None],
+        owner: Callable[[str], str | None] = lambda _stream: None,
+        fence: Fence | None = None,
     ) -> None:
         self._head = head
         self._stored = stored
+        self._owner = owner
+        self._fence = fence
         self.heads: dict[str, tuple[int, str]] = {}  # stream -> (version, last type) planned
         self.ids: dict[str, tuple[str, int]] = {}  # event id -> (stream, version) planned
         self.rows: list[tuple[str, int, NewEvent]] = []  # (stream, version, event) to insert
+        self.owners: dict[str, str] = {}  # stream -> owner to record (it has none yet)
 
     def plan(self, request: AppendRequest | MultiAppend) -> int | list[int]:
         """Plan one request; returns what ``append`` (or ``append_many``) would return, or
@@ -201,6 +266,7 @@ class BatchPlanner:
         heads: dict[str, tuple[int, str]] = {}
         ids: dict[str, tuple[str, int]] = {}
         rows: list[tuple[str, int, NewEvent]] = []
+        owners: dict[str, str] = {}
         results: list[int] = []
         for part in parts:
             stream, events = part.stream, part.events
@@ -219,6 +285,12 @@ class BatchPlanner:
             head = heads.get(stream) or self.heads.get(stream) or self._head(stream)
             current = NO_STREAM if head is None else head[0]
             check_expected(stream, part.expected_version, current)
+            # Owners last: a replay or a stale expected version writes nothing anyway, and a
+            # placement must learn that the order exists (ConcurrencyError), whoever owns it.
+            owner = owners.get(stream) or self.owners.get(stream) or self._owner(stream)
+            check_owner(stream, owner, self._fence)
+            if part.owner is not None and owner is None and events:
+                owners[stream] = part.owner
             for offset, event in enumerate(events):
                 rows.append((stream, current + 1 + offset, event))
                 ids[event.event_id] = (stream, current + 1 + offset)
@@ -228,6 +300,7 @@ class BatchPlanner:
         self.heads.update(heads)
         self.ids.update(ids)
         self.rows.extend(rows)
+        self.owners.update(owners)
         return results
 
 
@@ -246,3 +319,20 @@ def check_expected(stream: str, expected_version: int, actual_version: int) -> N
     """Raise ``ConcurrencyError`` unless the stream is at the version the writer expected."""
     if expected_version != actual_version:
         raise ConcurrencyError(stream, expected_version, actual_version)
+
+
+def check_owner(stream: str, owner: str | None, fence: Fence | None) -> None:
+    """Raise ``FencedError`` if a fenced writer appends to a stream another node owns."""
+    if fence is not None and owner is not None and owner != fence.node_id:
+        raise FencedError(
+            f"stream {stream!r} belongs to node {owner!r}, not to {fence.node_id!r}: it was "
+            "taken over"
+        )
+
+
+def lease_lost(fence: Fence) -> FencedError:
+    """The error of a fenced batch whose node no longer holds its lease at its epoch."""
+    return FencedError(
+        f"node {fence.node_id!r} no longer holds its lease at epoch {fence.epoch} (expired, "
+        "taken over, or held by a newer process of the same id): nothing was written"
+    )

@@ -4,18 +4,31 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 
-from store.interface import AppendPart, BatchPlanner, EventStore, as_requests
+from store.interface import AppendPart, BatchPlanner, EventStore, as_requests, lease_lost
 from store.records import (
     NO_STREAM,
     AppendRequest,
+    Fence,
+    LeaseHeldError,
     MultiAppend,
     NewEvent,
+    NodeLease,
     StoredEvent,
     StoreError,
     StreamHead,
 )
+
+
+@dataclass
+class _Lease:
+    address: str
+    epoch: int
+    expires_at: float
+    renewed_at: float
+    taken_by: str | None = None
 
 
 class InMemoryEventStore(EventStore):
@@ -32,6 +45,8 @@ class InMemoryEventStore(EventStore):
         self._streams: dict[str, list[StoredEvent]] = {}
         self._by_id: dict[str, StoredEvent] = {}
         self._checkpoints: dict[str, int] = {}
+        self._leases: dict[str, _Lease] = {}
+        self._owners: dict[str, str] = {}  # stream -> node
         self._closed = False
 
     def append(self, stream: str, events: Sequence[NewEvent], expected_version: int) -> int:
@@ -47,19 +62,24 @@ class InMemoryEventStore(EventStore):
         return result
 
     def append_batch(
-        self, requests: Sequence[AppendRequest | MultiAppend]
+        self, requests: Sequence[AppendRequest | MultiAppend], fence: Fence | None = None
     ) -> list[int | list[int] | StoreError]:
         """See ``EventStore.append_batch``."""
-        return self._commit(requests, False)
+        return self._commit(requests, False, fence)
 
     def _commit(
-        self, requests: Sequence[AppendRequest | MultiAppend], single: bool
+        self,
+        requests: Sequence[AppendRequest | MultiAppend],
+        single: bool,
+        fence: Fence | None = None,
     ) -> list[int | list[int] | StoreError]:
         with self._lock:
             self._check_open()
+            if fence is not None and not self._holds(fence):
+                raise lease_lost(fence)
             # Every request is decided before the first mutation, so a refused one leaves no
             # trace; `single` raises its error as append/append_many do.
-            planner = BatchPlanner(self._head, self._stored)
+            planner = BatchPlanner(self._head, self._stored, self._owners.get, fence)
             results: list[int | list[int] | StoreError] = []
             for request in requests:
                 try:
@@ -82,6 +102,7 @@ class InMemoryEventStore(EventStore):
                 self._all.append(stored)
                 self._streams.setdefault(stream, []).append(stored)
                 self._by_id[stored.event_id] = stored
+            self._owners.update(planner.owners)
             if planner.rows:
                 self._committed.notify_all()
             return results
@@ -151,6 +172,135 @@ class InMemoryEventStore(EventStore):
         with self._lock:
             self._check_open()
             self._checkpoints[subscriber] = position
+
+    # --- nodes ------------------------------------------------------------------------------
+
+    def _holds(self, fence: Fence) -> bool:
+        lease = self._leases.get(fence.node_id)
+        return (
+            lease is not None
+            and lease.epoch == fence.epoch
+            and lease.taken_by is None
+            and lease.expires_at > self._clock()
+        )
+
+    def acquire_lease(self, node_id: str, address: str, ttl: float) -> int:
+        """See ``EventStore.acquire_lease``."""
+        with self._lock:
+            self._check_open()
+            now = self._clock()
+            lease = self._leases.get(node_id)
+            if lease is not None and lease.expires_at > now:
+                raise LeaseHeldError(node_id, lease.address, lease.expires_at - now)
+            epoch = 1 if lease is None else lease.epoch + 1
+            self._leases[node_id] = _Lease(address, epoch, now + ttl, now)
+            return epoch
+
+    def renew_lease(self, fence: Fence, address: str, ttl: float) -> bool:
+        """See ``EventStore.renew_lease``."""
+        with self._lock:
+            self._check_open()
+            if not self._holds(fence):
+                return False
+            now = self._clock()
+            lease = self._leases[fence.node_id]
+            lease.address, lease.expires_at, lease.renewed_at = address, now + ttl, now
+            return True
+
+    def release_lease(self, fence: Fence) -> None:
+        """See ``EventStore.release_lease``."""
+        with self._lock:
+            self._check_open()
+            if self._holds(fence):
+                self._leases[fence.node_id].expires_at = self._clock()
+
+    def take_over(
+        self, fence: Fence, prefix: str, finished_types: Collection[str]
+    ) -> dict[str, list[str]]:
+        """See ``EventStore.take_over``."""
+        with self._lock:
+            self._check_open()
+            if not self._holds(fence):
+                raise lease_lost(fence)
+            now = self._clock()
+            moved: dict[str, list[str]] = {}
+            for node_id, lease in sorted(self._leases.items()):
+                if node_id == fence.node_id or lease.taken_by is not None:
+                    continue
+                if lease.expires_at > now:
+                    continue
+                lease.epoch += 1
+                lease.taken_by = fence.node_id
+                streams = [
+                    s
+                    for s, owner in sorted(self._owners.items())
+                    if owner == node_id
+                    and s.startswith(prefix)
+                    and not self._finished(s, finished_types)
+                ]
+                for stream in streams:
+                    self._owners[stream] = fence.node_id
+                moved[node_id] = streams
+            return moved
+
+    def _finished(self, stream: str, finished_types: Collection[str]) -> bool:
+        history = self._streams.get(stream)
+        return history is not None and bool(history) and history[-1].type in finished_types
+
+    def adopt_unowned(self, owner: str, prefix: str, finished_types: Collection[str]) -> int:
+        """See ``EventStore.adopt_unowned``."""
+        with self._lock:
+            self._check_open()
+            adopted = [
+                s
+                for s in self._streams
+                if s.startswith(prefix)
+                and s not in self._owners
+                and not self._finished(s, finished_types)
+            ]
+            for stream in adopted:
+                self._owners[stream] = owner
+            return len(adopted)
+
+    def owned_heads(self, owner: str, prefix: str) -> list[StreamHead]:
+        """See ``EventStore.owned_heads``."""
+        with self._lock:
+            self._check_open()
+            return [
+                StreamHead(s, self._streams[s][-1].version, self._streams[s][-1].type)
+                for s, node in sorted(self._owners.items())
+                if node == owner and s.startswith(prefix) and s in self._streams
+            ]
+
+    def stream_owner(self, stream: str) -> str | None:
+        """See ``EventStore.stream_owner``."""
+        with self._lock:
+            self._check_open()
+            return self._owners.get(stream)
+
+    def nodes(self, prefix: str, finished_types: Collection[str]) -> list[NodeLease]:
+        """See ``EventStore.nodes``."""
+        with self._lock:
+            self._check_open()
+            now = self._clock()
+            found = []
+            for node_id, lease in sorted(self._leases.items()):
+                owned = [
+                    s for s, n in self._owners.items() if n == node_id and s.startswith(prefix)
+                ]
+                found.append(
+                    NodeLease(
+                        node_id=node_id,
+                        address=lease.address,
+                        epoch=lease.epoch,
+                        age=now - lease.renewed_at,
+                        expires_in=lease.expires_at - now,
+                        taken_by=lease.taken_by,
+                        owned=len(owned),
+                        in_flight=sum(not self._finished(s, finished_types) for s in owned),
+                    )
+                )
+            return found
 
     def close(self) -> None:
         """See ``EventStore.close``."""

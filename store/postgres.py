@@ -18,6 +18,15 @@ statements of its group commit (two round trips, pipelined) plus its commit: the
 figures are in docs/performance.md and tests/test_store_contract.py proves the no-skip rule
 with concurrent writers on separate pools.
 
+**Nodes.** ``leases`` holds one row per node id, renewed by its holder and compared with the
+server's clock (``clock_timestamp()``); ``epoch`` grows on every acquisition and takeover.
+``stream_owners`` says which node drives which order, written in the transaction of the
+stream's first events. A fenced batch reads its node's lease row ``FOR SHARE`` under the
+position lock: a takeover's ``UPDATE`` of that row waits for the batch to commit, so every event
+a node wrote precedes the takeover of its orders, and a batch of a node whose lease expired or
+was taken over is refused whole. ``events.writer``/``writer_epoch`` say who wrote each event
+(operators and the tests check a fenced node wrote nothing after losing its lease).
+
 **Live delivery.** Every commit sends ``NOTIFY orders_events`` with its last position; a
 subscriber ``LISTEN``s on a connection of its own and polls only as a fallback (every
 ``poll_interval`` seconds, and while its listening connection is being re-established).
@@ -27,18 +36,21 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from store.interface import AppendPart, BatchPlanner, EventStore, as_requests
+from store.interface import AppendPart, BatchPlanner, EventStore, as_requests, lease_lost
 from store.records import (
     AppendRequest,
+    Fence,
+    LeaseHeldError,
     MultiAppend,
     NewEvent,
+    NodeLease,
     StoredEvent,
     StoreError,
     StreamHead,
@@ -97,8 +109,40 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         ),
     ),
 )
+MIGRATIONS += (
+    (
+        3,
+        "node leases, stream owners, each event's writer",
+        (
+            """
+            CREATE TABLE leases (
+                node_id text PRIMARY KEY,
+                address text NOT NULL,
+                epoch bigint NOT NULL,
+                expires_at timestamptz NOT NULL,
+                renewed_at timestamptz NOT NULL,
+                taken_by text,
+                taken_at timestamptz
+            )
+            """,
+            """
+            CREATE TABLE stream_owners (
+                stream text COLLATE "C" PRIMARY KEY,
+                node_id text NOT NULL
+            )
+            """,
+            "CREATE INDEX stream_owners_node ON stream_owners (node_id, stream)",
+            "ALTER TABLE events ADD COLUMN writer text, ADD COLUMN writer_epoch bigint",
+        ),
+    ),
+)
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
+# The fence of a write: the node holds its lease at this epoch, unexpired, not taken over.
+_HOLDS = (
+    "SELECT 1 FROM leases WHERE node_id = %s AND epoch = %s AND taken_by IS NULL"
+    " AND expires_at > clock_timestamp()"
+)
 _COLUMNS = "stream, version, position, event_id, type, payload, recorded_at"
 
 
@@ -228,13 +272,13 @@ class PostgresEventStore(EventStore):
         return result
 
     def append_batch(
-        self, requests: Sequence[AppendRequest | MultiAppend]
+        self, requests: Sequence[AppendRequest | MultiAppend], fence: Fence | None = None
     ) -> list[int | list[int] | StoreError]:
         """See ``EventStore.append_batch``: one transaction under the position lock."""
-        return self._commit(requests)
+        return self._commit(requests, fence)
 
     def _commit(
-        self, requests: Sequence[AppendRequest | MultiAppend]
+        self, requests: Sequence[AppendRequest | MultiAppend], fence: Fence | None = None
     ) -> list[int | list[int] | StoreError]:
         if self._readonly:
             raise StoreError(f"event store {safe_url(self._url)} is open read-only")
@@ -259,12 +303,22 @@ class PostgresEventStore(EventStore):
                     "SELECT event_id, stream, version FROM events WHERE event_id = ANY(%s)",
                     (ids,),
                 )
+                owners_cur = conn.execute(
+                    "SELECT stream, node_id FROM stream_owners WHERE stream = ANY(%s)",
+                    (sorted(streams),),
+                )
+                lease_cur = None
+                if fence is not None:
+                    lease_cur = conn.execute(_HOLDS + " FOR SHARE", (fence.node_id, fence.epoch))
             row = lock.fetchone()
             assert row is not None
             last = int(row[0])
+            if fence is not None and (lease_cur is None or lease_cur.fetchone() is None):
+                raise lease_lost(fence)
             heads = {s: (int(v), t) for s, v, t in heads_cur.fetchall()}
             stored = {i: (s, int(v)) for i, s, v in ids_cur.fetchall()}
-            planner = BatchPlanner(heads.get, stored.get)
+            owners = dict(owners_cur.fetchall())
+            planner = BatchPlanner(heads.get, stored.get, owners.get, fence)
             results: list[int | list[int] | StoreError] = []
             for request in requests:
                 try:
@@ -272,22 +326,31 @@ class PostgresEventStore(EventStore):
                 except StoreError as e:
                     results.append(e)
             if planner.rows:
-                self._write(conn, planner, last)
+                self._write(conn, planner, last, fence)
         return results
 
-    def _write(self, conn: psycopg.Connection[Any], planner: BatchPlanner, last: int) -> None:
+    def _write(
+        self,
+        conn: psycopg.Connection[Any],
+        planner: BatchPlanner,
+        last: int,
+        fence: Fence | None,
+    ) -> None:
         now = self._clock()
         rows = planner.rows
         positions = list(range(last + 1, last + 1 + len(rows)))
         heads = sorted(planner.heads.items())
+        owners = sorted(planner.owners.items())
         with conn.pipeline():
             conn.execute(
                 "INSERT INTO events (position, stream, version, event_id, type, payload,"
-                " recorded_at) SELECT p, s, v, i, t, b, %s FROM unnest(%s::bigint[],"
-                " %s::text[], %s::integer[], %s::text[], %s::text[], %s::bytea[])"
-                " AS u(p, s, v, i, t, b)",
+                " recorded_at, writer, writer_epoch) SELECT p, s, v, i, t, b, %s, %s, %s"
+                " FROM unnest(%s::bigint[], %s::text[], %s::integer[], %s::text[], %s::text[],"
+                " %s::bytea[]) AS u(p, s, v, i, t, b)",
                 (
                     now,
+                    None if fence is None else fence.node_id,
+                    None if fence is None else fence.epoch,
                     positions,
                     [r[0] for r in rows],
                     [r[1] for r in rows],
@@ -303,6 +366,12 @@ class PostgresEventStore(EventStore):
                 " last_type = excluded.last_type",
                 ([s for s, _ in heads], [h[0] for _, h in heads], [h[1] for _, h in heads]),
             )
+            if owners:
+                conn.execute(
+                    "INSERT INTO stream_owners (stream, node_id)"
+                    " SELECT * FROM unnest(%s::text[], %s::text[]) ON CONFLICT DO NOTHING",
+                    ([s for s, _ in owners], [o for _, o in owners]),
+                )
             conn.execute("UPDATE event_position SET last = %s", (positions[-1],))
             conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(positions[-1])))
 
@@ -349,6 +418,143 @@ class PostgresEventStore(EventStore):
         with self._connection() as conn:
             rows = conn.execute(query + " ORDER BY stream", params).fetchall()
         return [StreamHead(s, int(v), t) for s, v, t in rows if s.startswith(prefix)]
+
+    # --- nodes: leases and ownership ----------------------------------------------------------
+
+    def _writable(self) -> None:
+        if self._readonly:
+            raise StoreError(f"event store {safe_url(self._url)} is open read-only")
+
+    def acquire_lease(self, node_id: str, address: str, ttl: float) -> int:
+        """See ``EventStore.acquire_lease``: one statement, so two processes starting with one
+        id cannot both get it."""
+        self._writable()
+        with self._connection() as conn:
+            row = conn.execute(
+                "INSERT INTO leases (node_id, address, epoch, expires_at, renewed_at)"
+                " VALUES (%(node)s, %(address)s, 1,"
+                " clock_timestamp() + make_interval(secs => %(ttl)s), clock_timestamp())"
+                " ON CONFLICT (node_id) DO UPDATE SET address = excluded.address,"
+                " epoch = leases.epoch + 1, expires_at = excluded.expires_at,"
+                " renewed_at = excluded.renewed_at, taken_by = NULL, taken_at = NULL"
+                " WHERE leases.expires_at <= clock_timestamp() RETURNING epoch",
+                {"node": node_id, "address": address, "ttl": ttl},
+            ).fetchone()
+            if row is not None:
+                return int(row[0])
+            held = conn.execute(
+                "SELECT address, extract(epoch FROM expires_at - clock_timestamp())"
+                " FROM leases WHERE node_id = %s",
+                (node_id,),
+            ).fetchone()
+        address, left = held if held is not None else ("?", 0.0)
+        raise LeaseHeldError(node_id, str(address), float(left))
+
+    def renew_lease(self, fence: Fence, address: str, ttl: float) -> bool:
+        """See ``EventStore.renew_lease``."""
+        self._writable()
+        with self._connection() as conn:
+            row = conn.execute(
+                "UPDATE leases SET address = %s,"
+                " expires_at = clock_timestamp() + make_interval(secs => %s),"
+                " renewed_at = clock_timestamp()"
+                " WHERE node_id = %s AND epoch = %s AND taken_by IS NULL"
+                " AND expires_at > clock_timestamp() RETURNING 1",
+                (address, ttl, fence.node_id, fence.epoch),
+            ).fetchone()
+        return row is not None
+
+    def release_lease(self, fence: Fence) -> None:
+        """See ``EventStore.release_lease``."""
+        self._writable()
+        with self._connection() as conn:
+            conn.execute(
+                "UPDATE leases SET expires_at = clock_timestamp() WHERE node_id = %s"
+                " AND epoch = %s AND taken_by IS NULL AND expires_at > clock_timestamp()",
+                (fence.node_id, fence.epoch),
+            )
+
+    def take_over(
+        self, fence: Fence, prefix: str, finished_types: Collection[str]
+    ) -> dict[str, list[str]]:
+        """See ``EventStore.take_over``: the claim is one ``UPDATE ... WHERE expires_at <=
+        clock_timestamp() AND taken_by IS NULL``; a rival's claim of the same row waits for ours
+        to commit, then finds ``taken_by`` set and claims nothing."""
+        self._writable()
+        moved: dict[str, list[str]] = {}
+        with self._connection() as conn, conn.transaction():
+            if conn.execute(_HOLDS + " FOR SHARE", (fence.node_id, fence.epoch)).fetchone() is None:
+                raise lease_lost(fence)
+            dead = conn.execute(
+                "UPDATE leases SET epoch = epoch + 1, taken_by = %s, taken_at = clock_timestamp()"
+                " WHERE node_id <> %s AND taken_by IS NULL AND expires_at <= clock_timestamp()"
+                " RETURNING node_id",
+                (fence.node_id, fence.node_id),
+            ).fetchall()
+            upper = prefix_successor(prefix)
+            for (node_id,) in sorted(dead):
+                rows = conn.execute(
+                    "UPDATE stream_owners o SET node_id = %s FROM streams s"
+                    " WHERE o.node_id = %s AND s.stream = o.stream AND o.stream >= %s"
+                    " AND (%s::text IS NULL OR o.stream < %s) AND s.last_type <> ALL(%s)"
+                    " RETURNING o.stream",
+                    (fence.node_id, node_id, prefix, upper, upper, sorted(finished_types)),
+                ).fetchall()
+                moved[str(node_id)] = sorted(str(r[0]) for r in rows)
+        return moved
+
+    def adopt_unowned(self, owner: str, prefix: str, finished_types: Collection[str]) -> int:
+        """See ``EventStore.adopt_unowned``."""
+        self._writable()
+        upper = prefix_successor(prefix)
+        with self._connection() as conn:
+            done = conn.execute(
+                "INSERT INTO stream_owners (stream, node_id) SELECT s.stream, %s FROM streams s"
+                " WHERE s.stream >= %s AND (%s::text IS NULL OR s.stream < %s)"
+                " AND s.last_type <> ALL(%s) ON CONFLICT DO NOTHING",
+                (owner, prefix, upper, upper, sorted(finished_types)),
+            )
+            return max(done.rowcount, 0)
+
+    def owned_heads(self, owner: str, prefix: str) -> list[StreamHead]:
+        """See ``EventStore.owned_heads``."""
+        upper = prefix_successor(prefix)
+        with self._connection() as conn:
+            rows = conn.execute(
+                "SELECT s.stream, s.version, s.last_type FROM stream_owners o"
+                " JOIN streams s ON s.stream = o.stream WHERE o.node_id = %s"
+                " AND o.stream >= %s AND (%s::text IS NULL OR o.stream < %s) ORDER BY o.stream",
+                (owner, prefix, upper, upper),
+            ).fetchall()
+        return [StreamHead(s, int(v), t) for s, v, t in rows if s.startswith(prefix)]
+
+    def stream_owner(self, stream: str) -> str | None:
+        """See ``EventStore.stream_owner``."""
+        with self._connection() as conn:
+            row = conn.execute(
+                "SELECT node_id FROM stream_owners WHERE stream = %s", (stream,)
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def nodes(self, prefix: str, finished_types: Collection[str]) -> list[NodeLease]:
+        """See ``EventStore.nodes``."""
+        upper = prefix_successor(prefix)
+        with self._connection() as conn:
+            rows = conn.execute(
+                "SELECT l.node_id, l.address, l.epoch,"
+                " extract(epoch FROM clock_timestamp() - l.renewed_at),"
+                " extract(epoch FROM l.expires_at - clock_timestamp()), l.taken_by,"
+                " count(o.stream), count(o.stream) FILTER (WHERE s.last_type <> ALL(%s))"
+                " FROM leases l LEFT JOIN stream_owners o ON o.node_id = l.node_id"
+                " AND o.stream >= %s AND (%s::text IS NULL OR o.stream < %s)"
+                " LEFT JOIN streams s ON s.stream = o.stream"
+                " GROUP BY l.node_id ORDER BY l.node_id",
+                (sorted(finished_types), prefix, upper, upper),
+            ).fetchall()
+        return [
+            NodeLease(n, a, int(e), float(age), float(left), t, int(o), int(f))
+            for n, a, e, age, left, t, o, f in rows
+        ]
 
     # --- subscriptions ------------------------------------------------------------------------
 

@@ -46,11 +46,17 @@ class StoredEvent:
 
 @dataclass(frozen=True)
 class AppendRequest:
-    """One ``append`` of a group commit (``EventStore.append_batch``)."""
+    """One ``append`` of a group commit (``EventStore.append_batch``).
+
+    ``owner``: the node that owns the stream from this append on, if it has no owner yet
+    (recorded in the same transaction as the events: an order belongs to the node that placed
+    it, DESIGN.md section 10).
+    """
 
     stream: str
     events: tuple[NewEvent, ...]
     expected_version: int
+    owner: str | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,36 @@ class MultiAppend:
     request of a group commit."""
 
     parts: tuple[AppendRequest, ...]
+
+
+@dataclass(frozen=True)
+class Fence:
+    """Who writes: a node and the epoch of its lease. A store refuses a fenced write unless
+    that node still holds its lease at that epoch (unexpired, not taken over), and refuses its
+    appends to streams another node owns."""
+
+    node_id: str
+    epoch: int
+
+
+@dataclass(frozen=True)
+class NodeLease:
+    """One node's lease as the store sees it (``EventStore.nodes``).
+
+    ``age`` is the seconds since its last renewal and ``expires_in`` the seconds left (negative:
+    expired), both by the store's clock; ``taken_by`` names the node that took its orders over
+    (None while it is live or was never taken over); ``owned`` and ``in_flight`` count the
+    streams it owns and those of them not finished.
+    """
+
+    node_id: str
+    address: str
+    epoch: int
+    age: float
+    expires_in: float
+    taken_by: str | None
+    owned: int
+    in_flight: int
 
 
 @dataclass(frozen=True)
@@ -104,3 +140,27 @@ class DuplicateEventError(StoreError):
     def __reduce__(self) -> tuple[type[DuplicateEventError], tuple[str, tuple[str, ...], str]]:
         # See ConcurrencyError.__reduce__.
         return (type(self), (self.stream, self.event_ids, self.detail))
+
+
+class FencedError(StoreError):
+    """A fenced write was refused: the node's lease is lost (expired, taken over or renewed
+    at a newer epoch by a newer process of the same node id), or the stream belongs to
+    another node."""
+
+
+class LeaseHeldError(StoreError):
+    """The node id's lease is held by a live holder (another process with the same id, or a
+    previous incarnation whose lease has not expired yet)."""
+
+    def __init__(self, node_id: str, address: str, expires_in: float) -> None:
+        super().__init__(
+            f"node id {node_id!r} is held by a live node at {address} (its lease expires in "
+            f"{expires_in:.1f} s unless renewed)"
+        )
+        self.node_id = node_id
+        self.address = address
+        self.expires_in = expires_in
+
+    def __reduce__(self) -> tuple[type[LeaseHeldError], tuple[str, str, float]]:
+        # See ConcurrencyError.__reduce__.
+        return (type(self), (self.node_id, self.address, self.expires_in))

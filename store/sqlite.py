@@ -9,10 +9,11 @@ never scan events.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from store.interface import (
     EventStore,
     as_requests,
     check_expected,
+    check_owner,
+    lease_lost,
     replayed_version,
     validate_append,
 )
@@ -29,8 +32,11 @@ from store.records import (
     AppendRequest,
     ConcurrencyError,
     DuplicateEventError,
+    Fence,
+    LeaseHeldError,
     MultiAppend,
     NewEvent,
+    NodeLease,
     StoredEvent,
     StoreError,
     StreamHead,
@@ -62,6 +68,25 @@ _SCHEMA = (
         position INTEGER NOT NULL
     ) WITHOUT ROWID
     """,
+    # Leases and owners: a SQLite file serves one node, but the store contract is the same on
+    # every backend (times are unix seconds of this machine's clock).
+    """
+    CREATE TABLE IF NOT EXISTS leases (
+        node_id TEXT PRIMARY KEY,
+        address TEXT NOT NULL,
+        epoch INTEGER NOT NULL,
+        expires_at REAL NOT NULL,
+        renewed_at REAL NOT NULL,
+        taken_by TEXT
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS stream_owners (
+        stream TEXT PRIMARY KEY,
+        node_id TEXT NOT NULL
+    ) WITHOUT ROWID
+    """,
+    "CREATE INDEX IF NOT EXISTS stream_owners_node ON stream_owners (node_id, stream)",
 )
 
 _COLUMNS = "stream, version, position, event_id, type, payload, recorded_at"
@@ -73,6 +98,12 @@ _UPSERT_STREAM = (
     "INSERT INTO streams (stream, version, last_type) VALUES (?, ?, ?)"
     " ON CONFLICT (stream) DO UPDATE SET version = excluded.version,"
     " last_type = excluded.last_type"
+)
+_SELECT_OWNER = "SELECT node_id FROM stream_owners WHERE stream = ?"
+_INSERT_OWNER = "INSERT OR IGNORE INTO stream_owners (stream, node_id) VALUES (?, ?)"
+_UNFINISHED = (
+    "SELECT s.stream FROM streams s WHERE s.stream >= ? AND s.stream < ?"
+    " AND s.last_type NOT IN (SELECT value FROM json_each(?))"
 )
 _SYNCHRONOUS_MODES = frozenset({"FULL", "NORMAL", "EXTRA"})
 # SQLite's default limit on bound parameters is 32766 since 3.32 but 999 before; stay below both.
@@ -222,7 +253,7 @@ class SqliteEventStore(EventStore):
             return self._append_many_in_transaction(conn, requests, self._clock())
 
     def append_batch(
-        self, requests: Sequence[AppendRequest | MultiAppend]
+        self, requests: Sequence[AppendRequest | MultiAppend], fence: Fence | None = None
     ) -> list[int | list[int] | StoreError]:
         """See ``EventStore.append_batch``: one transaction, one savepoint per request."""
         results: list[int | list[int] | StoreError] = []
@@ -230,14 +261,24 @@ class SqliteEventStore(EventStore):
             return results
         with self._write_transaction() as conn:
             now = self._clock()
+            if fence is not None and not self._holds(conn, fence, now):
+                raise lease_lost(fence)
             for request in requests:
                 try:
                     if isinstance(request, MultiAppend):
-                        results.append(self._append_many_in_transaction(conn, request.parts, now))
+                        results.append(
+                            self._append_many_in_transaction(conn, request.parts, now, fence)
+                        )
                     else:
                         results.append(
                             self._append_in_transaction(
-                                conn, request.stream, request.events, request.expected_version, now
+                                conn,
+                                request.stream,
+                                request.events,
+                                request.expected_version,
+                                now,
+                                owner=request.owner,
+                                fence=fence,
                             )
                         )
                 except StoreError as e:
@@ -245,14 +286,24 @@ class SqliteEventStore(EventStore):
         return results
 
     def _append_many_in_transaction(
-        self, conn: sqlite3.Connection, parts: Sequence[AppendRequest], now: float
+        self,
+        conn: sqlite3.Connection,
+        parts: Sequence[AppendRequest],
+        now: float,
+        fence: Fence | None = None,
     ) -> list[int]:
         """Every part or none: the parts' own savepoints nest in this one."""
         conn.execute("SAVEPOINT many")
         try:
             versions = [
                 self._append_in_transaction(
-                    conn, part.stream, part.events, part.expected_version, now
+                    conn,
+                    part.stream,
+                    part.events,
+                    part.expected_version,
+                    now,
+                    owner=part.owner,
+                    fence=fence,
                 )
                 for part in parts
             ]
@@ -270,6 +321,9 @@ class SqliteEventStore(EventStore):
         events: Sequence[NewEvent],
         expected_version: int,
         now: float,
+        *,
+        owner: str | None = None,
+        fence: Fence | None = None,
     ) -> int:
         """One append inside the open transaction, under a savepoint: a refused append is
         rolled back to it and leaves no trace, not even a used AUTOINCREMENT value (so the
@@ -287,6 +341,9 @@ class SqliteEventStore(EventStore):
             check_expected(stream, expected_version, current)
         if not events:
             return current
+        # Owners last, as in BatchPlanner: what is refused above writes nothing anyway.
+        row = conn.execute(_SELECT_OWNER, (stream,)).fetchone()
+        check_owner(stream, None if row is None else row[0], fence)
         conn.execute("SAVEPOINT append")
         try:
             conn.executemany(
@@ -298,6 +355,8 @@ class SqliteEventStore(EventStore):
             )
             last = current + len(events)
             conn.execute(_UPSERT_STREAM, (stream, last, events[-1].type))
+            if owner is not None and row is None:
+                conn.execute(_INSERT_OWNER, (stream, owner))
         except sqlite3.IntegrityError as e:
             conn.execute("ROLLBACK TO append")
             conn.execute("RELEASE append")
@@ -422,6 +481,153 @@ class SqliteEventStore(EventStore):
                 " ON CONFLICT (subscriber) DO UPDATE SET position = excluded.position",
                 (subscriber, position),
             )
+
+    # --- nodes ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _holds(conn: sqlite3.Connection, fence: Fence, now: float) -> bool:
+        row = conn.execute(
+            "SELECT 1 FROM leases WHERE node_id = ? AND epoch = ? AND taken_by IS NULL"
+            " AND expires_at > ?",
+            (fence.node_id, fence.epoch, now),
+        ).fetchone()
+        return row is not None
+
+    def acquire_lease(self, node_id: str, address: str, ttl: float) -> int:
+        """See ``EventStore.acquire_lease``."""
+        with self._write_transaction() as conn:
+            now = self._clock()
+            row = conn.execute(
+                "SELECT address, epoch, expires_at FROM leases WHERE node_id = ?", (node_id,)
+            ).fetchone()
+            if row is not None and row[2] > now:
+                raise LeaseHeldError(node_id, row[0], row[2] - now)
+            epoch = 1 if row is None else int(row[1]) + 1
+            conn.execute(
+                "INSERT INTO leases (node_id, address, epoch, expires_at, renewed_at, taken_by)"
+                " VALUES (?, ?, ?, ?, ?, NULL) ON CONFLICT (node_id) DO UPDATE SET"
+                " address = excluded.address, epoch = excluded.epoch,"
+                " expires_at = excluded.expires_at, renewed_at = excluded.renewed_at,"
+                " taken_by = NULL",
+                (node_id, address, epoch, now + ttl, now),
+            )
+            return epoch
+
+    def renew_lease(self, fence: Fence, address: str, ttl: float) -> bool:
+        """See ``EventStore.renew_lease``."""
+        with self._write_transaction() as conn:
+            now = self._clock()
+            done = conn.execute(
+                "UPDATE leases SET address = ?, expires_at = ?, renewed_at = ?"
+                " WHERE node_id = ? AND epoch = ? AND taken_by IS NULL AND expires_at > ?",
+                (address, now + ttl, now, fence.node_id, fence.epoch, now),
+            )
+            return done.rowcount == 1
+
+    def release_lease(self, fence: Fence) -> None:
+        """See ``EventStore.release_lease``."""
+        with self._write_transaction() as conn:
+            now = self._clock()
+            conn.execute(
+                "UPDATE leases SET expires_at = ? WHERE node_id = ? AND epoch = ?"
+                " AND taken_by IS NULL AND expires_at > ?",
+                (now, fence.node_id, fence.epoch, now),
+            )
+
+    def take_over(
+        self, fence: Fence, prefix: str, finished_types: Collection[str]
+    ) -> dict[str, list[str]]:
+        """See ``EventStore.take_over``."""
+        moved: dict[str, list[str]] = {}
+        with self._write_transaction() as conn:
+            now = self._clock()
+            if not self._holds(conn, fence, now):
+                raise lease_lost(fence)
+            dead = [
+                row[0]
+                for row in conn.execute(
+                    "UPDATE leases SET epoch = epoch + 1, taken_by = ? WHERE node_id <> ?"
+                    " AND taken_by IS NULL AND expires_at <= ? RETURNING node_id",
+                    (fence.node_id, fence.node_id, now),
+                ).fetchall()
+            ]
+            lo, hi = prefix, prefix_successor(prefix) or "\U0010ffff"
+            finished = json.dumps(sorted(finished_types))
+            for node_id in sorted(dead):
+                moved[node_id] = [
+                    row[0]
+                    for row in conn.execute(
+                        "UPDATE stream_owners SET node_id = ? WHERE node_id = ?"
+                        f" AND stream IN ({_UNFINISHED}) RETURNING stream",
+                        (fence.node_id, node_id, lo, hi, finished),
+                    ).fetchall()
+                ]
+                moved[node_id].sort()
+        return moved
+
+    def adopt_unowned(self, owner: str, prefix: str, finished_types: Collection[str]) -> int:
+        """See ``EventStore.adopt_unowned``."""
+        lo, hi = prefix, prefix_successor(prefix) or "\U0010ffff"
+        with self._write_transaction() as conn:
+            done = conn.execute(
+                f"INSERT OR IGNORE INTO stream_owners (stream, node_id) SELECT stream, ?"
+                f" FROM ({_UNFINISHED})",
+                (owner, lo, hi, json.dumps(sorted(finished_types))),
+            )
+            return done.rowcount
+
+    def owned_heads(self, owner: str, prefix: str) -> list[StreamHead]:
+        """See ``EventStore.owned_heads``."""
+        lo, hi = prefix, prefix_successor(prefix) or "\U0010ffff"
+        with self._connection() as conn:
+            if not self._has_table(conn, "stream_owners"):
+                return []
+            rows = conn.execute(
+                "SELECT s.stream, s.version, s.last_type FROM stream_owners o"
+                " JOIN streams s ON s.stream = o.stream WHERE o.node_id = ?"
+                " AND o.stream >= ? AND o.stream < ? ORDER BY o.stream",
+                (owner, lo, hi),
+            ).fetchall()
+        return [StreamHead(s, v, t) for s, v, t in rows if s.startswith(prefix)]
+
+    def stream_owner(self, stream: str) -> str | None:
+        """See ``EventStore.stream_owner``."""
+        with self._connection() as conn:
+            if not self._has_table(conn, "stream_owners"):
+                return None
+            row = conn.execute(_SELECT_OWNER, (stream,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def nodes(self, prefix: str, finished_types: Collection[str]) -> list[NodeLease]:
+        """See ``EventStore.nodes``."""
+        lo, hi = prefix, prefix_successor(prefix) or "\U0010ffff"
+        with self._connection() as conn:
+            if not self._has_table(conn, "leases"):
+                return []
+            now = self._clock()
+            rows = conn.execute(
+                "SELECT l.node_id, l.address, l.epoch, l.renewed_at, l.expires_at, l.taken_by,"
+                " (SELECT count(*) FROM stream_owners o WHERE o.node_id = l.node_id"
+                "  AND o.stream >= ? AND o.stream < ?),"
+                " (SELECT count(*) FROM stream_owners o WHERE o.node_id = l.node_id"
+                f"  AND o.stream IN ({_UNFINISHED}))"
+                " FROM leases l ORDER BY l.node_id",
+                (lo, hi, lo, hi, json.dumps(sorted(finished_types))),
+            ).fetchall()
+        return [
+            NodeLease(n, a, int(e), now - r, x - now, t, int(o), int(f))
+            for n, a, e, r, x, t, o, f in rows
+        ]
+
+    @staticmethod
+    def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+        """A read-only store may open a file from before this table existed."""
+        return (
+            conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
+            ).fetchone()
+            is not None
+        )
 
     @staticmethod
     def _has_checkpoints(conn: sqlite3.Connection) -> bool:

@@ -100,7 +100,6 @@ def test_plan_is_seeded_unique_and_respects_scarce_share() -> None:
         ["--step-timeout", "1", "--host", "127.0.0.1"],
         ["--targets", "127.0.0.1:7300", "--port", "7300"],
         ["--targets", "127.0.0.1"],
-        ["--targets", "a:1,b:2", "--scarce", "5"],
         ["--rate", "-1"],
         ["--spawn", "--port", "7300"],
         ["--mix", "tok_visa=0"],

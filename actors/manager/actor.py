@@ -31,6 +31,8 @@ from messages.commands import (
     AppendRejected,
     Batch,
     CancelOrder,
+    CatchUp,
+    CaughtUp,
     Configure,
     Configured,
     Drain,
@@ -40,6 +42,7 @@ from messages.commands import (
     Identify,
     Identities,
     InventoryReleasedReply,
+    LeaseLost,
     OrderReply,
     PaymentVoidedReply,
     PlaceOrder,
@@ -52,9 +55,10 @@ from messages.commands import (
     SetStock,
     StartSaga,
     StockReport,
+    TakeOver,
 )
 from messages.errors import ErrorCode
-from messages.events import Event, order_stream
+from messages.events import Event, order_stream, stock_stream
 from saga.supervision import SupervisionPolicy
 from saga.views import decode_stream, order_view
 from store import CODEC, EventStore, open_store
@@ -92,6 +96,7 @@ class OrderManager(BaseActor):
         self._stock = StockForwarder(self._inventory_if_available, self.send)
         self._draining = False
         self._stopping = False
+        self._takeovers: dict[str, tuple[Any, TakeOver]] = {}  # CatchUp ref -> request
 
     # --- boot -------------------------------------------------------------------------------
 
@@ -155,7 +160,7 @@ class OrderManager(BaseActor):
         if services.all_ready() and self._boot is not None:
             if self._p.config.crash_exits_process:
                 self.wake_after(WATCHDOG_PERIOD, WATCHDOG)
-            recovered = self._p.recovery.find(self._store_reader)
+            recovered = self._p.recovery.find(self._store_reader, self._p.config.node_id)
             gateway, req_id = self._boot
             self._boot = None
             self.send(gateway, Configured(req_id=req_id, recovered=recovered))
@@ -185,10 +190,22 @@ class OrderManager(BaseActor):
         expected_version: int,
         done: AppendCallback,
         event_ids: Sequence[str] | None = None,
+        *,
+        owner: str | None = None,
     ) -> None:
-        """Append events through the manager's appender (fresh ids unless given)."""
+        """Append events through the manager's appender (fresh ids unless given); `owner`
+        becomes the stream's owner in the same commit."""
         ids = [CODEC.new_id() for _ in events] if event_ids is None else event_ids
-        self._appender.append(stream, events, ids, expected_version, done)
+        self._appender.append(stream, events, ids, expected_version, done, owner=owner)
+
+    @property
+    def node_id(self) -> str | None:
+        """This node's id on a shared store (None: the store serves this node alone)."""
+        return self._parts.config.node_id if self._parts is not None else None
+
+    def owner_of(self, order_id: str) -> str | None:
+        """The node that owns the order (None: nobody, or no nodes)."""
+        return self._store_reader.stream_owner(order_stream(order_id))
 
     def read_order(self, order_id: str) -> list[Event]:
         """The order's stream, decoded."""
@@ -355,6 +372,41 @@ class OrderManager(BaseActor):
         else:
             self._p.supervisor.wakeup(payload)
 
+    # --- nodes: takeover and a lost lease ----------------------------------------------------
+
+    def receiveMsg_TakeOver(self, msg: TakeOver, sender: Any) -> None:
+        """Orders of a dead node are ours now: Inventory first catches up with the stock those
+        orders hold (recorded by the other node), then they are driven on like a recovery."""
+        if self._stopping or self._parts is None:
+            self.send(sender, Configured(req_id=msg.req_id, recovered=0))
+            return
+        ref = f"takeover:{msg.req_id}"
+        self._takeovers[ref] = (sender, msg)
+        self.send_to_service(INVENTORY, CatchUp(ref=ref))
+
+    def receiveMsg_CaughtUp(self, msg: CaughtUp, sender: Any) -> None:
+        """Inventory caught up: start the taken-over orders."""
+        waiting = self._takeovers.pop(msg.ref, None)
+        if waiting is None:
+            return
+        gateway, takeover = waiting
+        if not self._stopping:
+            log.warning("manager: taking over %d orders", len(takeover.order_ids))
+            self._p.recovery.take_over(takeover.order_ids)
+        self.send(gateway, Configured(req_id=takeover.req_id, recovered=len(takeover.order_ids)))
+
+    def receiveMsg_LeaseLost(self, msg: LeaseLost, sender: Any) -> None:
+        """Stop driving orders at once (another node may own them already) and take no more;
+        nothing here is restarted or recovered any more."""
+        log.error("manager: %s; stopping every saga", msg.reason)
+        self._draining = self._stopping = True
+        stopped = 0
+        for live in self._orders:
+            if live.saga is not None:
+                self.send(live.saga, ActorExitRequest())
+                stopped += 1
+        self.send(sender, DrainStatus(req_id=msg.req_id, in_flight=stopped))
+
     # --- stock, drain, identity --------------------------------------------------------------
 
     def receiveMsg_GetStock(self, msg: GetStock, sender: Any) -> None:
@@ -366,8 +418,17 @@ class OrderManager(BaseActor):
         self._stock.products_known(msg)
 
     def unknown_products(self, product_ids: Sequence[str]) -> list[str]:
-        """Those of `product_ids` that are no product (PlacementHost)."""
-        return self._stock.unknown(product_ids)
+        """Those of `product_ids` that are no product (PlacementHost). On a shared store a
+        product another node added may not have reached this node's Inventory yet: its stock
+        stream decides."""
+        unknown = self._stock.unknown(product_ids)
+        if unknown and self.node_id is not None:
+            found = tuple(
+                p for p in unknown if self._store_reader.stream_version(stock_stream(p)) >= 0
+            )
+            self._stock.products_known(ProductsKnown(products=found))
+            unknown = [p for p in unknown if p not in found]
+        return unknown
 
     def receiveMsg_SetStock(self, msg: SetStock, sender: Any) -> None:
         """Ask Inventory; its answer goes back to the gateway."""

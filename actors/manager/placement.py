@@ -27,9 +27,23 @@ class PlacementHost(Protocol):
         """Send a message (Thespian's send)."""
 
     def append(
-        self, stream: str, events: Sequence[Event], expected_version: int, done: AppendCallback
+        self,
+        stream: str,
+        events: Sequence[Event],
+        expected_version: int,
+        done: AppendCallback,
+        *,
+        owner: str | None = None,
     ) -> None:
-        """Append to the store through the manager's appender (fresh event ids)."""
+        """Append to the store through the manager's appender (fresh event ids); `owner`
+        becomes the stream's owner in the same commit."""
+
+    @property
+    def node_id(self) -> str | None:
+        """This node's id on a shared store (None: the store serves this node alone)."""
+
+    def owner_of(self, order_id: str) -> str | None:
+        """The node that owns the order (None: nobody, or no nodes)."""
 
     def read_order(self, order_id: str) -> list[Event]:
         """The order's stream, decoded."""
@@ -98,7 +112,11 @@ class Placement:
         (live.waiters if msg.wait else live.acks).append(waiter)
         self._orders.add(live)
         self._host.append(
-            order_stream(msg.order_id), [placed], NO_STREAM, self._placed_callback(live)
+            order_stream(msg.order_id),
+            [placed],
+            NO_STREAM,
+            self._placed_callback(live),
+            owner=self._host.node_id,
         )
 
     def _placed_callback(self, live: LiveOrder) -> AppendCallback:
@@ -134,6 +152,14 @@ class Placement:
             return
         view = order_view(order_id, events)
         if final_status(events) is not None:
+            self._orders.remove(live)
+            for waiter in waiters:
+                self._host.send(waiter[0], OrderReply(req_id=waiter[1], order=view))
+            return
+        node = self._host.node_id
+        if node is not None and self._host.owner_of(order_id) not in (None, node):
+            # Another node owns it and drives it (or will, once it takes a dead owner's orders
+            # over): answer what it is now; a client that waits follows it with get_order.
             self._orders.remove(live)
             for waiter in waiters:
                 self._host.send(waiter[0], OrderReply(req_id=waiter[1], order=view))

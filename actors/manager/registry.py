@@ -50,12 +50,23 @@ def starts_workflow(reader: EventStore, stream: str, last_type: str) -> bool:
     """Whether an order stream whose last event is of type `last_type` (a trigger that can
     also end an order, like OrderPaid) still has its workflow to run: the trigger was
     committed and nothing after it. Reads only the stream's first event."""
-    workflow = WORKFLOWS.get(EVENT_TYPES[last_type]) if last_type in EVENT_TYPES else None
-    if workflow is None:
+    if workflow_of(last_type) is None:
         return False
     first = reader.read_stream(stream, 0, 1)
     placed = CODEC.decode(first[0]) if first else None
-    return isinstance(placed, OrderPlaced) and workflow.wants(placed)
+    return isinstance(placed, OrderPlaced) and workflow_due(placed, last_type)
+
+
+def workflow_of(event_type: str) -> type[WorkflowActor] | None:
+    """The workflow registered for events of this type name, if any."""
+    return WORKFLOWS.get(EVENT_TYPES[event_type]) if event_type in EVENT_TYPES else None
+
+
+def workflow_due(placed: OrderPlaced, last_type: str) -> bool:
+    """Whether an order (its OrderPlaced) whose last event is of `last_type` has a workflow
+    to run for that event."""
+    workflow = workflow_of(last_type)
+    return workflow is not None and workflow.wants(placed)
 
 
 class WarmPool:

@@ -97,6 +97,8 @@ class Services:
                 crash_exits_process=config.crash_exits_process,
                 payment_latency=config.payment_latency,
                 payment_provider=config.payment_provider,
+                node_id=config.node_id,
+                epoch=config.epoch,
             ),
         )
 
