@@ -26,15 +26,18 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from gateway.http.server import HttpServer
 from gateway.server import Gateway, GatewayLimits
 from messages.commands import Configure
+from observability.tail import StoreTail
 from runtime.bridge import ActorBridge, configure
 from runtime.logs import FORMATS, log_config
 from runtime.proc_tree import RUN_MARKER
-from store import describe, sqlite_path, store_url
+from store import describe, open_store, sqlite_path, store_url
 
 DEFAULT_DB = "orders.db"
 DEFAULT_STORE = f"sqlite:///{DEFAULT_DB}"
+DEFAULT_HTTP_PORT = 8300
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -71,6 +74,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     where.add_argument("--db", help="SQLite event store file (created): short for sqlite:///PATH")
     parser.add_argument("--host", default="127.0.0.1", help="gateway address")
     parser.add_argument("--port", type=int, default=7300, help="gateway port (0: any free)")
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help=f"HTTP API and console port on the gateway's host; not given: {DEFAULT_HTTP_PORT}, "
+        "or any free port when --port is 0 (throwaway nodes do not collide); 0: disabled",
+    )
     parser.add_argument(
         "--step-timeout",
         type=float,
@@ -156,6 +166,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ("http://", "https://")
     ):
         parser.error(f"--payment-provider {args.payment_provider!r}: use simulated or http://...")
+    if args.http_port is None:
+        args.http_port = -1 if args.port == 0 else DEFAULT_HTTP_PORT
+    elif args.http_port == 0:
+        args.http_port = None  # disabled
     if args.step_timeout <= 0:
         parser.error("--step-timeout must be positive")
     if not _is_loopback(args.host) and not args.admin_token:
@@ -200,6 +214,8 @@ async def serve(args: argparse.Namespace) -> int:
     # socket exists, so no actor process inherits the client-facing socket.
     await loop.run_in_executor(None, bridge.start)
     gateway: Gateway | None = None
+    http: HttpServer | None = None
+    tail: StoreTail | None = None
     try:
         if stop.is_set():
             return 0
@@ -225,13 +241,23 @@ async def serve(args: argparse.Namespace) -> int:
             request_timeout=max(60.0, 10 * args.step_timeout),
             max_in_flight=20_000 if args.base == "simple" else 24,
         )
-        gateway = Gateway(bridge, args.store, limits=limits, admin_token=args.admin_token)
+        # One reader follows the store for list_orders, the metrics and the console's feed.
+        tail = StoreTail(lambda: open_store(args.store, readonly=True))
+        tail.start()
+        gateway = Gateway(
+            bridge, args.store, limits=limits, admin_token=args.admin_token, orders=tail
+        )
         if stop.is_set():
             await gateway.drain(0.0)  # stopped during start-up: tell the manager, then stop
             return 0  # the orders being recovered resume on the next start
         host, port = await gateway.start(args.host, args.port)
+        http_address = ""
+        if args.http_port is not None:
+            http = HttpServer(gateway, tail, ready=lambda: not stop.is_set())
+            http_host, http_port = await http.start(args.host, max(args.http_port, 0))
+            http_address = f" http={http_host}:{http_port}"
         print(
-            f"ready {host}:{port} base={args.base} store={describe(args.store)} "
+            f"ready {host}:{port}{http_address} base={args.base} store={describe(args.store)} "
             f"recovering={recovered}",
             flush=True,
         )
@@ -245,8 +271,12 @@ async def serve(args: argparse.Namespace) -> int:
             _say(f"stopping with {left} orders in flight; they resume on the next start")
         return 0
     finally:
+        if http is not None:
+            await http.close()
         if gateway is not None:
             await gateway.close()
+        if tail is not None:
+            tail.stop()
         await loop.run_in_executor(None, bridge.stop)
 
 
