@@ -15,6 +15,7 @@ from actors.event_store import EventStoreActor
 from actors.inventory import InventoryActor
 from actors.payment import PaymentActor
 from messages.commands import Configure, ServiceConfig, ServiceReady
+from observability.metrics import SUPERVISION_RESTARTS
 from saga.supervision import restart_delay
 
 SERVICES: dict[str, type[Actor]] = {
@@ -142,6 +143,7 @@ class Services:
         recent, delay = restart_delay(self._restarts.get(name, ()), time.monotonic())
         self._restarts[name] = recent
         log.error("manager: service %s died; restart #%d in %.1fs", name, len(recent), delay)
+        SUPERVISION_RESTARTS.labels(name).inc()
         if delay == 0:
             self.restart(name)
         else:
