@@ -29,7 +29,7 @@ from typing import Any
 
 import msgpack
 
-from messages.base import OrderStatus
+from messages.base import OrderStatus, iso_utc
 from messages.events import TERMINAL_TYPE_NAMES
 from observability import metrics
 from store import EventStore, StoredEvent
@@ -77,8 +77,8 @@ class OrderSummary:
             "payment_method": self.payment_method,
             "last_event": self.last_type,
             "version": self.version,
-            "placed_at": self.placed_at,
-            "updated_at": self.updated_at,
+            "placed_at": iso_utc(self.placed_at),
+            "updated_at": iso_utc(self.updated_at),
         }
 
 
@@ -292,7 +292,7 @@ class StoreTail:
             "stream": stored.stream,
             "type": stored.type,
             "version": stored.version,
-            "recorded_at": stored.recorded_at,
+            "recorded_at": iso_utc(stored.recorded_at),
         }
 
     # --- the live feed --------------------------------------------------------------------
@@ -347,7 +347,7 @@ class StoreTail:
         done, self._second = self._second, _Second()
         latencies = sorted(done.latencies)
         entry = {
-            "t": self._second_of,
+            "t": iso_utc(self._second_of),
             "placed": done.placed,
             "completed": done.completed,
             "p50_ms": _percentile(latencies, 0.5),

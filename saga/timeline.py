@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from messages.base import iso_utc
 from saga.views import event_view
 from store import StoredEvent
 
@@ -35,7 +36,7 @@ def timeline(
                 "source": "payment" if stored.stream.startswith("payment-") else "order",
                 "stream": stored.stream,
                 "version": stored.version,
-                "time": stored.recorded_at,
+                "time": iso_utc(stored.recorded_at),
                 "since_start_ms": round((stored.recorded_at - start) * 1000, 3),
                 "duration_ms": round((stored.recorded_at - previous) * 1000, 3),
                 "compensation": stored.type in COMPENSATIONS,
@@ -45,7 +46,7 @@ def timeline(
         previous = stored.recorded_at
     return {
         "order_id": order_id,
-        "started_at": start,
+        "started_at": iso_utc(start),
         "total_ms": round((merged[-1].recorded_at - start) * 1000, 3),
         "entries": entries,
     }

@@ -50,7 +50,7 @@ function showError(error) {
 
 const ms = (value) =>
   value == null ? "–" : value >= 1000 ? `${(value / 1000).toFixed(2)} s` : `${value.toFixed(value < 10 ? 1 : 0)} ms`;
-const clock = (unix) => new Date(unix * 1000).toLocaleTimeString();
+const clock = (iso) => new Date(iso).toLocaleTimeString();
 const statusBadge = (status) => el("span", { class: `status ${status}`, text: status });
 
 // --- routing ------------------------------------------------------------------------------
