@@ -32,9 +32,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from gateway.http.server import HttpServer
 from gateway.server import Gateway, GatewayLimits
 from messages.commands import Configure, LeaseLost, TakeOver
 from messages.events import FINAL_TYPE_NAMES, order_id_of, order_stream
+from observability.tail import StoreTail
 from runtime.bridge import ActorBridge, configure
 from runtime.lease import DEFAULT_TTL, NodeLease, acquire, default_node_id
 from runtime.logs import FORMATS, log_config
@@ -46,6 +48,7 @@ ORDERS = order_stream("")
 EXIT_LEASE_LOST = 4  # the node lost its lease: another node owns its orders now
 DEFAULT_DB = "orders.db"
 DEFAULT_STORE = f"sqlite:///{DEFAULT_DB}"
+DEFAULT_HTTP_PORT = 8300
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -94,6 +97,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_TTL,
         help="seconds a node's lease lasts without renewal (renewed about once a second); "
         "another node takes its orders over once it expires",
+    )
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help=f"HTTP API and console port on the gateway's host; not given: {DEFAULT_HTTP_PORT}, "
+        "or any free port when --port is 0 (throwaway nodes do not collide); 0: disabled",
     )
     parser.add_argument(
         "--step-timeout",
@@ -180,6 +190,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ("http://", "https://")
     ):
         parser.error(f"--payment-provider {args.payment_provider!r}: use simulated or http://...")
+    if args.http_port is None:
+        args.http_port = -1 if args.port == 0 else DEFAULT_HTTP_PORT
+    elif args.http_port == 0:
+        args.http_port = None  # disabled
     if args.step_timeout <= 0:
         parser.error("--step-timeout must be positive")
     if args.lease_ttl <= 0:
@@ -232,6 +246,8 @@ async def serve(args: argparse.Namespace) -> int:
     await loop.run_in_executor(None, bridge.start)
     gateway: Gateway | None = None
     node: Node | None = None
+    http: HttpServer | None = None
+    tail: StoreTail | None = None
     try:
         if stop.is_set():
             return 0
@@ -265,11 +281,15 @@ async def serve(args: argparse.Namespace) -> int:
             request_timeout=max(60.0, 10 * args.step_timeout),
             max_in_flight=20_000 if args.base == "simple" else 24,
         )
+        # One reader follows the store for list_orders, the metrics and the console's feed.
+        tail = StoreTail(lambda: open_store(args.store, readonly=True))
+        tail.start()
         gateway = Gateway(
             bridge,
             args.store,
             limits=limits,
             admin_token=args.admin_token,
+            orders=tail,
             node_id=args.node_id,
         )
         if stop.is_set():
@@ -282,8 +302,13 @@ async def serve(args: argparse.Namespace) -> int:
             node.lease.start_taking_over()
             node_text = f" node={node.fence.node_id} epoch={node.fence.epoch}"
             gateway.node_address = node.lease.address
+        http_address = ""
+        if args.http_port is not None:
+            http = HttpServer(gateway, tail, ready=lambda: not stop.is_set())
+            http_host, http_port = await http.start(args.host, max(args.http_port, 0))
+            http_address = f" http={http_host}:{http_port}"
         print(
-            f"ready {host}:{port} base={args.base} store={describe(args.store)} "
+            f"ready {host}:{port}{http_address} base={args.base} store={describe(args.store)} "
             f"recovering={recovered}{node_text}",
             flush=True,
         )
@@ -304,8 +329,12 @@ async def serve(args: argparse.Namespace) -> int:
             _say(f"stopping with {left} orders in flight; they resume on the next start")
         return 0
     finally:
+        if http is not None:
+            await http.close()
         if gateway is not None:
             await gateway.close()
+        if tail is not None:
+            tail.stop()
         await loop.run_in_executor(None, bridge.stop)
         if node is not None:
             # After the actors stopped: a released lease lets another node take the orders

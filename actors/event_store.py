@@ -15,6 +15,7 @@ from messages.commands import (
     ServiceConfig,
     ServiceReady,
 )
+from observability.metrics import store_commit
 from store import (
     CODEC,
     AppendRequest,
@@ -105,7 +106,8 @@ class EventStoreActor(BaseActor):
             else _request(request)
             for request, _ in batch
         ]
-        return self._store.append_batch(requests, self._fence)
+        with store_commit(len(requests)):
+            return self._store.append_batch(requests, self._fence)
 
     def _answer(
         self,

@@ -23,19 +23,22 @@ from messages.commands import (
     StockReport,
 )
 from messages.errors import ErrorCode, ServiceError
-from messages.events import TERMINAL_TYPE_NAMES, order_stream
+from messages.events import TERMINAL_TYPE_NAMES, order_stream, payment_stream
 from messages.requests import (
     AddProductArgs,
     AdminArgs,
     CancelOrderArgs,
     GetOrderArgs,
+    ListOrdersArgs,
     NoArgs,
     PlaceOrderArgs,
     ReadStreamArgs,
     SetStockArgs,
     StockArgs,
 )
+from observability.tail import StoreTail
 from saga.audit import audit
+from saga.timeline import timeline
 from saga.views import decode_stream, event_view, order_view
 from store import NodeLease
 
@@ -64,11 +67,13 @@ class Ops:
         reads: StoreReads,
         base: str,
         admin_token: str | None,
+        orders: StoreTail | None = None,
         *,
         node_id: str | None = None,
     ) -> None:
         self._manager = manager
         self._reads = reads
+        self._orders = orders  # the order index behind list_orders (observability.tail)
         self._base = base
         self._admin_token = admin_token
         self._node_id = node_id
@@ -82,6 +87,8 @@ class Ops:
             "place_order": (PlaceOrderArgs, self.place_order),
             "get_order": (GetOrderArgs, self.get_order),
             "cancel_order": (CancelOrderArgs, self.cancel_order),
+            "list_orders": (ListOrdersArgs, self.list_orders),
+            "timeline": (GetOrderArgs, self.timeline),
             "read_stream": (ReadStreamArgs, self.read_stream),
             "stock": (StockArgs, self.stock),
             "set_stock": (SetStockArgs, self.set_stock),
@@ -129,6 +136,33 @@ class Ops:
         if not events:
             raise ServiceError(ErrorCode.NOT_FOUND, f"no order {args.order_id}")
         return order_view(args.order_id, events)
+
+    async def list_orders(self, args: ListOrdersArgs) -> Any:
+        """`list_orders`: one page of orders, newest first, from the order index."""
+        orders = self._orders
+        if orders is None:
+            raise ServiceError(ErrorCode.UNAVAILABLE, "this node keeps no order index")
+        return await self._reads.read(
+            lambda _: orders.list_orders(
+                status=args.status,
+                customer_id=args.customer_id,
+                limit=args.limit,
+                cursor=args.cursor,
+            )
+        )
+
+    async def timeline(self, args: GetOrderArgs) -> Any:
+        """`timeline`: the order's events and its payment records merged by time."""
+        order_id = args.order_id
+        found = await self._reads.read(
+            lambda r: (
+                r.read_stream(order_stream(order_id)),
+                r.read_stream(payment_stream(order_id)),
+            )
+        )
+        if not found[0]:
+            raise ServiceError(ErrorCode.NOT_FOUND, f"no order {order_id}")
+        return timeline(order_id, *found)
 
     async def read_stream(self, args: ReadStreamArgs) -> Any:
         """`read_stream`: one page of a stream's events."""

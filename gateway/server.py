@@ -16,6 +16,9 @@ import asyncio
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
 
 from gateway.asking import Bridge, ManagerClient
 from gateway.clock import Clock, LoopClock
@@ -24,6 +27,7 @@ from gateway.ops import Ops
 from gateway.parsing import Parser
 from gateway.reads import StoreReads
 from messages.wire import MAX_FRAME
+from observability.tail import StoreTail
 from store import open_store
 
 log = logging.getLogger("orders.gateway")
@@ -101,6 +105,7 @@ class Gateway:
         admin_token: str | None = None,
         clock: Clock | None = None,
         node_id: str | None = None,
+        orders: StoreTail | None = None,
     ) -> None:
         self._store_url = store_url
         self._limits = limits
@@ -113,14 +118,15 @@ class Gateway:
             max_in_flight=limits.max_in_flight,
             saturated_wait=limits.saturated_wait,
         )
-        self._ops = Ops(manager, self._reads, bridge.base, admin_token, node_id=node_id)
+        self._ops = Ops(manager, self._reads, bridge.base, admin_token, orders, node_id=node_id)
+        self._table = self._ops.table()
         self.connections = Connections(limits.max_connections, self._clock)
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         """Listen; returns the bound address (port 0 picks a free one)."""
         self._reads.open(open_store(self._store_url, readonly=True))
-        parser = Parser(self._ops.table())
+        parser = Parser(self._table)
         limits, clock, connections = self._limits, self._clock, self.connections
         self._server = await asyncio.get_running_loop().create_server(
             lambda: Connection(limits, clock, parser, connections), host, port
@@ -146,6 +152,13 @@ class Gateway:
                 connection.close()
             await self._server.wait_closed()
         await self._reads.close()
+
+    async def call(self, op: str, args: BaseModel) -> Any:
+        """Run op `op` with validated `args`: the HTTP API's way in, so both interfaces share
+        one implementation of each op. Raises ``ServiceError``."""
+        model, handler = self._table[op]
+        assert isinstance(args, model), f"{op} takes {model.__name__}"
+        return await handler(args)
 
     async def drain(self, deadline: float, hurry: asyncio.Event | None = None) -> int:
         """Refuse new orders and wait (up to `deadline` seconds, or until `hurry` is set) for

@@ -15,6 +15,7 @@ from messages.base import (
     Frozen,
     OrderId,
     OrderLine,
+    OrderStatus,
     ProductId,
     Shipping,
     items_of,
@@ -134,3 +135,13 @@ class AddProductArgs(Frozen):
     product_id: ProductId
     on_hand: Annotated[StrictInt, Field(ge=0, le=1_000_000_000)]
     admin_token: Annotated[str, StringConstraints(max_length=256)] | None = None
+
+
+class ListOrdersArgs(Frozen):
+    """`list_orders`: one page of orders, newest first; `cursor` is a `next_cursor` returned by
+    the previous page."""
+
+    status: OrderStatus | None = None
+    customer_id: Name | None = None
+    limit: Annotated[StrictInt, Field(ge=1, le=MAX_PAGE)] = 100
+    cursor: Annotated[str, StringConstraints(pattern=r"^[0-9]{1,18}$")] | None = None

@@ -51,6 +51,21 @@ class Server(SpawnedServer):
     def __init__(self, tmp: Path, *, step_timeout: float = 0.5, **kwargs: Any) -> None:
         super().__init__(tmp, step_timeout=step_timeout, **kwargs)
 
+    @property
+    def http_address(self) -> tuple[str, int] | None:
+        """The HTTP API's address, when run.py serves one (`http=HOST:PORT` in the ready line)."""
+        words = [word[5:] for word in self.ready_line.split() if word.startswith("http=")]
+        if not words:
+            return None
+        host, _, port = words[0].rpartition(":")
+        return host, int(port)
+
+    @property
+    def http_url(self) -> str | None:
+        """The HTTP API's base URL, or None."""
+        address = self.http_address
+        return None if address is None else f"http://{address[0]}:{address[1]}"
+
 
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:

@@ -946,7 +946,7 @@ LOOPBACK = {"127.0.0.1", "::1"}
 )
 def test_only_loopback_sockets_listen(start_server: Callable[..., Server], base: str) -> None:
     """Every listening socket of run.py and its children is on loopback; on the simple and
-    queue bases the gateway port is the only one."""
+    queue bases the gateway's and the HTTP API's ports are the only ones."""
     # Not Thespian's default admin port 1900: other test runs on this machine may hold it.
     extra = ("--admin-port", str(_free_port())) if base == "tcp" else ()
     server = start_server(base=base, extra=extra)
@@ -955,7 +955,7 @@ def test_only_loopback_sockets_listen(start_server: Callable[..., Server], base:
     exposed = {s for s in sockets if s[0] not in LOOPBACK}
     assert not exposed, f"listening beyond loopback: {sorted(exposed)}"
     if base in ("simple", "queue"):
-        assert sockets == {(server.host, server.port)}, sockets
+        assert sockets == _served(server), sockets
 
 
 def test_proc_and_ss_agree_on_listening_sockets(fuzz_server: Server) -> None:
@@ -963,7 +963,13 @@ def test_proc_and_ss_agree_on_listening_sockets(fuzz_server: Server) -> None:
     if not shutil.which("ss"):
         pytest.skip("ss is not installed")
     pids = service_pids(fuzz_server.proc.pid)
-    assert _listening_proc(pids) == _listening_ss(pids) == {(fuzz_server.host, fuzz_server.port)}
+    assert _listening_proc(pids) == _listening_ss(pids) == _served(fuzz_server)
+
+
+def _served(server: Server) -> set[tuple[str, int]]:
+    """The sockets run.py is meant to listen on: the gateway's and the HTTP API's."""
+    http = server.http_address
+    return {(server.host, server.port), *([http] if http is not None else [])}
 
 
 # --- the admin token -----------------------------------------------------------------------------

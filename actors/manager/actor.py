@@ -59,6 +59,7 @@ from messages.commands import (
 )
 from messages.errors import ErrorCode
 from messages.events import Event, order_stream, stock_stream
+from observability.metrics import SUPERVISION_RESTARTS
 from saga.supervision import SupervisionPolicy
 from saga.views import decode_stream, order_view
 from store import CODEC, EventStore, open_store
@@ -247,6 +248,7 @@ class OrderManager(BaseActor):
 
     def respawn(self, live: LiveOrder) -> None:
         """A compensating saga for the order, rebuilt from its stream."""
+        SUPERVISION_RESTARTS.labels("saga").inc()
         self.spawn(live, self.read_order(live.placed.order_id), compensate=True)
 
     def send_to_service(self, name: str, msg: Any) -> None:

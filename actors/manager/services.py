@@ -17,6 +17,7 @@ from actors.inventory import InventoryActor
 from actors.payment import PaymentActor
 from actors.shipping import ShippingActor
 from messages.commands import Configure, ServiceConfig, ServiceReady
+from observability.metrics import SUPERVISION_RESTARTS
 from saga.supervision import restart_delay
 
 SERVICES: dict[str, type[Actor]] = {
@@ -147,6 +148,7 @@ class Services:
         recent, delay = restart_delay(self._restarts.get(name, ()), time.monotonic())
         self._restarts[name] = recent
         log.error("manager: service %s died; restart #%d in %.1fs", name, len(recent), delay)
+        SUPERVISION_RESTARTS.labels(name).inc()
         if delay == 0:
             self.restart(name)
         else:

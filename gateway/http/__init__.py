@@ -1,0 +1,1 @@
+"""The HTTP API and the web console, served beside the msgpack gateway in the node's process."""

@@ -1,0 +1,1 @@
+"""Metrics and the store tail that feeds them, the live console and the order index."""
