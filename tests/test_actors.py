@@ -20,7 +20,8 @@ from actors.inventory import InventoryActor
 from actors.manager import OrderManager
 from actors.payment import PaymentActor
 from actors.saga import OrderSaga
-from messages.base import Item, OrderLine
+from actors.shipping_saga import ShippingSaga
+from messages.base import Item, OrderLine, Shipping, ShippingAddress
 from messages.commands import (
     AppendRejected,
     AppendToStream,
@@ -30,6 +31,7 @@ from messages.commands import (
     GetStock,
     InventoryReleasedReply,
     InventoryReservedReply,
+    InventoryShippedReply,
     InventoryUnavailableReply,
     OrderReply,
     PaymentFailedReply,
@@ -44,7 +46,7 @@ from messages.commands import (
     StockReport,
     VoidPayment,
 )
-from messages.events import OrderFulfillmentFailed, OrderPlaced
+from messages.events import OrderFulfillmentFailed, OrderPaid, OrderPlaced
 from saga import machine as sm
 from saga.audit import audit
 from saga.views import decode_stream
@@ -320,9 +322,14 @@ def place_with_poison(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, saga: type, quantity: int
 ) -> PoisonRun:
     """Place one order of `quantity` SKU-003 with `saga` as the workflow, on the simple base,
-    the supervisor giving up after 3 failed sagas; stock is read before and after."""
+    the supervisor giving up after 3 failed sagas; stock is read before and after. A
+    ShippingSaga class replaces the workflow OrderPaid starts, and the order is placed with
+    shipping."""
     workflows: dict[Any, Any] = manager_module.WORKFLOWS
-    monkeypatch.setitem(workflows, OrderPlaced, saga)
+    ships = issubclass(saga, ShippingSaga)
+    monkeypatch.setitem(workflows, OrderPaid if ships else OrderPlaced, saga)
+    address = ShippingAddress(name="A", line1="1 St", city="B", postal_code="1", country="DE")
+    shipping = Shipping(address=address) if ships else None
     db = tmp_path / "o.db"
     order = f"p-{uuid.uuid4().hex[:8]}"
     asys = ActorSystem("simpleSystemBase", transientUnique=True)
@@ -346,6 +353,7 @@ def place_with_poison(
             lines=lines,
             payment_method="tok_visa",
             wait=True,
+            shipping=shipping,
         )
         reply = ask(asys, manager, place)
         after = ask(asys, manager, GetStock(req_id=4, product_ids=("SKU-003",)))
@@ -454,5 +462,61 @@ def test_the_last_resort_never_undoes_a_paid_order(
     assert run.stock_after["reserved"] == run.stock_before["reserved"] + 3
     assert stream_types(run.db, f"payment-{run.order}") == ["ChargeSucceeded"]  # no refund
     assert stream_types(run.db, f"order-{run.order}")[-1] == "OrderPaid"
+    report = audit_of(run.db)
+    assert report["ok"], report["checks"]
+
+
+class ShipsThenFails(ShippingSaga):
+    """A shipping saga with a bug: it raises once the shipment consumed the stock (before
+    recording OrderShipped), and on every recovery."""
+
+    def receiveMsg_InventoryShippedReply(self, msg: InventoryShippedReply, sender: Any) -> None:
+        raise RuntimeError("poisoned after the stock left")
+
+    def receiveMsg_StartSaga(self, msg: StartSaga, sender: Any) -> None:
+        if msg.compensate:
+            raise RuntimeError("poisoned recovery")
+        super().receiveMsg_StartSaga(msg, sender)
+
+
+class NeverShips(ShippingSaga):
+    """A shipping saga that raises on every start: the carrier is never asked."""
+
+    def receiveMsg_StartSaga(self, msg: StartSaga, sender: Any) -> None:
+        raise RuntimeError("poisoned start")
+
+
+def test_the_last_resort_finishes_a_shipped_order_as_shipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stock was consumed by the shipment: the supervisor records OrderShipped with the
+    carrier's shipment and refunds nothing (it used to retry such an order for ever)."""
+    run = place_with_poison(tmp_path, monkeypatch, ShipsThenFails, quantity=2)
+    assert isinstance(run.reply, OrderReply)
+    assert run.reply.order["status"] == "shipped"
+    assert run.stock_after["on_hand"] == run.stock_before["on_hand"] - 2
+    assert run.stock_after["reserved"] == run.stock_before["reserved"]
+    assert stream_types(run.db, f"order-{run.order}")[-1] == "OrderShipped"
+    assert stream_types(run.db, f"payment-{run.order}") == ["ChargeSucceeded"]  # no refund
+    assert stream_types(run.db, f"shipment-{run.order}") == ["ShipmentCreated"]
+    report = audit_of(run.db)
+    assert report["ok"], report["checks"]
+
+
+def test_the_last_resort_cancels_at_the_carrier_refunds_and_releases(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = place_with_poison(tmp_path, monkeypatch, NeverShips, quantity=2)
+    assert isinstance(run.reply, OrderReply)
+    assert run.reply.order["status"] == "failed"
+    assert run.stock_after == run.stock_before
+    assert stream_types(run.db, f"order-{run.order}")[-4:] == [
+        "OrderPaid",
+        "PaymentRefunded",
+        "InventoryReleased",
+        "OrderFulfillmentFailed",
+    ]
+    assert stream_types(run.db, f"shipment-{run.order}") == ["ShipmentVoided"]
+    assert stream_types(run.db, f"payment-{run.order}")[-1] == "PaymentVoided"
     report = audit_of(run.db)
     assert report["ok"], report["checks"]

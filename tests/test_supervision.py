@@ -14,8 +14,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from messages.base import Item, OrderLine, OrderStatus, order_total
-from messages.commands import AppendDone, AppendRejected, InventoryReleasedReply, PaymentVoidedReply
+from messages.base import Item, OrderLine, OrderStatus, Shipping, ShippingAddress, order_total
+from messages.commands import (
+    AppendDone,
+    AppendRejected,
+    InventoryReleasedReply,
+    InventoryShippedReply,
+    PaymentVoidedReply,
+    ShipmentCancelledReply,
+    ShipmentCreatedReply,
+)
 from messages.events import (
     Event,
     InventoryReleased,
@@ -24,15 +32,20 @@ from messages.events import (
     OrderFulfillmentFailed,
     OrderPaid,
     OrderPlaced,
+    OrderShipped,
     PaymentFailed,
     PaymentProcessed,
     PaymentRefunded,
+    ShipmentFailed,
+    final_status,
     status_of_terminal,
 )
 from saga.machine import AppendEvents, Env, RequestRelease, RequestVoid, compensation_events
+from saga.shipping import RequestCancelShipment, RequestShipment
 from saga.supervision import (
     GIVE_UP_REASON,
     MAX_SAGA_FAILURES,
+    CustomerCancelled,
     End,
     ReadStream,
     RecheckAfter,
@@ -85,9 +98,9 @@ def fixed_env() -> Env:
 class Supervisor:
     """Feeds inputs to the policy and keeps its state and every command."""
 
-    def __init__(self, max_failures: int = 3) -> None:
+    def __init__(self, max_failures: int = 3, placed: OrderPlaced = PLACED) -> None:
         self.policy = SupervisionPolicy(max_failures=max_failures, retry_every=RETRY_EVERY)
-        self.state: Supervision = supervise(PLACED)
+        self.state: Supervision = supervise(placed)
         self.env = fixed_env()
 
     def feed(self, *inputs: SupervisionInput) -> list[SupervisionCommand]:
@@ -550,5 +563,367 @@ def test_every_history_ends_the_order_once_and_never_paid_and_refunded(
     # Nothing changes after the end.
     before = world.sup.state
     for msg in (SagaFailed(reason="x"), RetryDue(), RecheckDue(), released(), voided(True)):
+        assert world.sup.feed(msg) == []
+    assert world.sup.state == before
+
+
+# --- the last resort of an order placed with shipping (after OrderPaid) ----------------------
+
+PLACED_SHIP = PLACED.model_copy(
+    update={
+        "shipping": Shipping(
+            address=ShippingAddress(
+                name="Ann", line1="1 Main St", city="Berlin", postal_code="1", country="DE"
+            ),
+            carrier="ship_standard",
+        )
+    }
+)
+PAID = OrderPaid(
+    order_id=ORDER_ID, payment_id=PAY_ID, payment_method="tok_visa", amount=TOTAL, paid_at=FIXED
+)
+PAID_STREAM: tuple[Event, ...] = (PLACED_SHIP, RESERVED, PROCESSED, PAID)
+CONSUMED = InventoryShippedReply(order_id=ORDER_ID, reservation_id=RES_ID)
+CREATED = ShipmentCreatedReply(
+    order_id=ORDER_ID, shipment_id="shp-1", carrier="ship_standard", tracking_number="TRK1"
+)
+REFUSED = ShipmentFailed(order_id=ORDER_ID, reason="Carrier refused: no", failed_at=FIXED)
+CARRIER_BROKE = ShipmentFailed(order_id=ORDER_ID, reason="Carrier failed: boom", failed_at=FIXED)
+ASK_RELEASE = RequestRelease(reason=GIVE_UP_REASON)
+ASK_CANCEL = RequestCancelShipment(reason=GIVE_UP_REASON)
+ASK_VOID = RequestVoid(reason=GIVE_UP_REASON)
+
+
+def carrier_cancelled(shipment_id: str | None = None) -> ShipmentCancelledReply:
+    return ShipmentCancelledReply(order_id=ORDER_ID, shipment_id=shipment_id)
+
+
+def shipping_supervisor(stream: tuple[Event, ...] = PAID_STREAM) -> Supervisor:
+    """A supervisor of a paid order placed with shipping, at its last resort, that has read
+    `stream` and asked for the release alone."""
+    sup = Supervisor(placed=PLACED_SHIP)
+    sup.give_up()
+    assert sup.feed(StreamRead(stream, len(stream) - 1)) == [ASK_RELEASE]
+    return sup
+
+
+def test_a_consumed_reservation_means_the_order_shipped_never_refunded() -> None:
+    """The known gap: Inventory answering "shipped" to the release went unheard and the order
+    was retried for ever (and voided besides). Now it ends shipped, as its ShippingSaga would."""
+    sup = shipping_supervisor()
+    # Not refunded, not cancelled at the carrier: the carrier is asked for the shipment.
+    assert sup.feed(CONSUMED) == [RequestShipment()]
+    assert sup.feed(RecheckDue()) == [RequestShipment(), RecheckAfter(RETRY_EVERY)]
+    assert sup.feed(released(), voided(True), carrier_cancelled()) == []  # none was asked
+    assert sup.feed(CREATED) == [ReadStream()]
+    (append,) = sup.feed(StreamRead(PAID_STREAM, 3))
+    assert append == AppendEvents(
+        events=(
+            OrderShipped(
+                order_id=ORDER_ID,
+                shipment_id="shp-1",
+                carrier="ship_standard",
+                tracking_number="TRK1",
+                items=(Item(product_id="SKU-001", quantity=2),),
+                shipped_at=FIXED,
+            ),
+        ),
+        event_ids=("evt-1",),
+        expected_version=3,
+    )
+    (end,) = sup.feed(AppendDone(ref="r", version=4))
+    assert isinstance(end, End)
+    assert end.view["status"] == OrderStatus.SHIPPED
+
+
+def test_released_it_cancels_at_the_carrier_and_refunds_then_records_in_reverse() -> None:
+    sup = shipping_supervisor()
+    assert sup.feed(RecheckDue()) == [ASK_RELEASE, RecheckAfter(RETRY_EVERY)]  # release alone
+    assert sup.feed(released()) == [ASK_CANCEL, ASK_VOID]
+    assert sup.feed(CONSUMED, CREATED) == []  # the release answered first: it counts
+    assert sup.feed(voided(True)) == []  # the carrier has not answered
+    assert sup.feed(RecheckDue()) == [ASK_CANCEL, RecheckAfter(RETRY_EVERY)]
+    assert sup.feed(carrier_cancelled("shp-9")) == [ReadStream()]
+    (append,) = sup.feed(StreamRead(PAID_STREAM, 3))
+    why = "3 sagas failed (last: boom); ended by the supervisor"
+    assert isinstance(append, AppendEvents)
+    assert append.expected_version == 3
+    assert append.events == (
+        PaymentRefunded(
+            order_id=ORDER_ID, payment_id=PAY_ID, amount=TOTAL, reason=why, refunded_at=FIXED
+        ),
+        InventoryReleased(order_id=ORDER_ID, reservation_id=RES_ID, reason=why, released_at=FIXED),
+        OrderFulfillmentFailed(
+            order_id=ORDER_ID,
+            error_message=f"{why}: reservation {RES_ID} released; shipment shp-9 cancelled at "
+            f"the carrier; charge {PAY_ID} ({TOTAL}) refunded",
+            failed_at=FIXED,
+        ),
+    )
+    (end,) = sup.feed(AppendDone(ref="r", version=6))
+    assert isinstance(end, End)
+    assert end.view["status"] == OrderStatus.FAILED
+
+
+def ending_of(sup: Supervisor, stream: tuple[Event, ...]) -> tuple[Event, ...]:
+    """Answer release, carrier cancel and void; the events the supervisor then records."""
+    sup.feed(released(), carrier_cancelled(), voided(True))
+    (append,) = sup.feed(StreamRead(stream, len(stream) - 1))
+    assert isinstance(append, AppendEvents)
+    return append.events
+
+
+@pytest.mark.parametrize(
+    ("failed", "cancel", "status", "cancelled_by", "reason"),
+    [
+        pytest.param(
+            REFUSED, None, OrderStatus.CANCELLED, "System", "Shipment failed", id="refused"
+        ),
+        pytest.param(REFUSED, "mind changed", OrderStatus.CANCELLED, "System", "Shipment failed"),
+        pytest.param(None, "mind changed", OrderStatus.CANCELLED, "Customer", "mind changed"),
+        pytest.param(CARRIER_BROKE, "mind changed", OrderStatus.FAILED, None, None, id="broke"),
+        pytest.param(None, None, OrderStatus.FAILED, None, None, id="nothing-decided"),
+    ],
+)
+def test_the_terminal_event_follows_design_section_9(
+    failed: ShipmentFailed | None,
+    cancel: str | None,
+    status: OrderStatus,
+    cancelled_by: str | None,
+    reason: str | None,
+) -> None:
+    """A recorded ShipmentFailed decided the outcome already (refused or timed out: cancelled,
+    "Shipment failed"; the carrier broke: failed); else a customer's cancel ends it cancelled
+    by the customer; else it failed."""
+    stream = PAID_STREAM if failed is None else (*PAID_STREAM, failed)
+    sup = Supervisor(placed=PLACED_SHIP)
+    if cancel is not None:
+        sup.feed(CustomerCancelled(reason=cancel))
+    sup.give_up()
+    sup.feed(StreamRead(stream, len(stream) - 1))
+    events = ending_of(sup, stream)
+    assert [type(e) for e in events[:-1]] == [PaymentRefunded, InventoryReleased]
+    terminal = events[-1]
+    assert status_of_terminal(terminal) == status
+    if isinstance(terminal, OrderCancelled):
+        assert (terminal.cancelled_by, terminal.reason) == (cancelled_by, reason)
+        assert terminal.refund_issued
+
+
+def test_a_customer_cancel_of_an_order_without_shipping_ends_it_cancelled() -> None:
+    sup = Supervisor()
+    sup.give_up()
+    sup.feed(CustomerCancelled(reason="too slow"), CustomerCancelled(reason="again"))
+    sup.feed(StreamRead((PLACED, RESERVED), 1), released(), voided(False))
+    (append,) = sup.feed(StreamRead((PLACED, RESERVED), 1))
+    assert isinstance(append, AppendEvents)
+    terminal = append.events[-1]
+    assert isinstance(terminal, OrderCancelled)
+    assert (terminal.cancelled_by, terminal.reason, terminal.refund_issued) == (
+        "Customer",
+        "too slow",
+        False,
+    )
+
+
+# --- property: random histories of an order placed with shipping ----------------------------
+
+SHIP_STARTS: tuple[tuple[Event, ...], ...] = (
+    PAID_STREAM,
+    (*PAID_STREAM, REFUSED),
+    (*PAID_STREAM, CARRIER_BROKE),
+)
+SHIP_ACTIONS = (
+    "fail",
+    "fail",
+    "retry",
+    "recheck",
+    "answer",
+    "answer",
+    "answer",
+    "duplicate",
+    "lose",
+    "commit",
+    "commit",
+    "zombie_consumes",
+    "zombie_ships",
+    "zombie_fails_shipment",
+    "store_error",
+    "cancel",
+)
+
+
+@dataclass
+class ShipWorld:
+    """The manager, the store, Inventory, the carrier and Payment around the policy for a paid
+    order placed with shipping, with a dead ShippingSaga whose requests and appends may still
+    land (it consumes the stock, records OrderShipped or ShipmentFailed)."""
+
+    stream: list[Event]
+    sup: Supervisor = field(init=False)
+    ends: list[End] = field(default_factory=list)
+    requests: list[SupervisionCommand] = field(default_factory=list)  # asked, unanswered
+    replies: list[SupervisionInput] = field(default_factory=list)
+    append: AppendEvents | None = None
+    retry_armed: bool = False
+    rechecks: int = 0
+    saga_running: bool = True
+    consumed: bool = False  # Inventory: the shipment consumed the reservation
+    released: bool = False  # Inventory: given back (fences any later consumption)
+    shipment: bool = False  # the carrier made the shipment
+    carrier_voided: bool = False  # the carrier made sure none stands
+    refunded: bool = False  # Payment refunded the charge
+    cancelled: str | None = None
+
+    def __post_init__(self) -> None:
+        self.sup = Supervisor(max_failures=3, placed=PLACED_SHIP)
+        self.shipment = any(isinstance(e, OrderShipped) for e in self.stream)
+
+    def feed(self, msg: SupervisionInput) -> None:
+        for command in self.sup.feed(msg):
+            self.carry_out(command)
+
+    def carry_out(self, command: SupervisionCommand) -> None:
+        if isinstance(command, Respawn):
+            self.saga_running = True
+        elif isinstance(command, RetryAfter):
+            self.retry_armed = True
+        elif isinstance(command, RecheckAfter):
+            self.rechecks += 1
+        elif isinstance(command, ReadStream):
+            self.feed(StreamRead(tuple(self.stream), len(self.stream) - 1))
+        elif isinstance(command, AppendEvents):
+            assert self.append is None, "a second append while one is out"
+            self.append = command
+        elif isinstance(command, End):
+            self.ends.append(command)
+        else:
+            self.requests.append(command)
+
+    def answer(self, command: SupervisionCommand) -> SupervisionInput:
+        """What the service does with the request and answers."""
+        if isinstance(command, RequestRelease):
+            if self.consumed:
+                return CONSUMED
+            self.released = True
+            return released()
+        if isinstance(command, RequestShipment):
+            assert not self.carrier_voided, "asked for a shipment after cancelling it"
+            self.shipment = True
+            return CREATED
+        if isinstance(command, RequestCancelShipment):
+            self.carrier_voided = True
+            return carrier_cancelled("shp-1" if self.shipment else None)
+        assert isinstance(command, RequestVoid)
+        self.refunded = True
+        return voided(True)
+
+    def terminal(self) -> bool:
+        return final_status(self.stream) is not None
+
+    def act(self, kind: str) -> None:
+        if kind.startswith("zombie_"):
+            self.zombie(kind)
+        elif kind == "fail" and self.saga_running:
+            self.saga_running = False
+            self.feed(SagaFailed(reason="boom"))
+        elif kind == "retry" and self.retry_armed:
+            self.retry_armed = False
+            self.feed(RetryDue())
+        elif kind == "recheck" and self.rechecks:
+            self.rechecks -= 1
+            self.feed(RecheckDue())
+        elif kind == "answer" and self.requests:
+            reply = self.answer(self.requests.pop(0))
+            self.replies.append(reply)
+            self.feed(reply)
+        elif kind == "duplicate" and self.replies:
+            self.feed(self.replies[-1])
+        elif kind == "lose" and self.requests:
+            self.requests.pop(0)
+        elif kind == "commit" and self.append is not None:
+            self.commit()
+        elif kind == "store_error" and self.append is not None:
+            self.append = None
+            self.feed(AppendRejected(ref="r", error="store_error", message="locked"))
+        elif kind == "cancel" and self.cancelled is None:
+            self.cancelled = "changed my mind"
+            self.feed(CustomerCancelled(reason=self.cancelled))
+
+    def zombie(self, kind: str) -> None:
+        """What the dead ShippingSaga's requests and appends still in flight do."""
+        if kind == "zombie_consumes" and not self.released:
+            self.consumed = self.shipment = True  # its ShipStock landed before our release
+        elif kind == "zombie_ships" and self.consumed and not self.terminal():
+            self.stream.append(OrderShipped(**CREATED.model_dump(), items=(), shipped_at=FIXED))
+        elif kind == "zombie_fails_shipment" and not self.terminal() and not self.consumed:
+            self.stream.append(REFUSED)
+
+    def commit(self) -> None:
+        append, self.append = self.append, None
+        assert append is not None
+        if append.expected_version != len(self.stream) - 1:
+            self.feed(AppendRejected(ref="r", error="conflict", message="moved"))
+            return
+        assert not self.terminal(), "appended after a terminal event"
+        self.stream.extend(append.events)
+        self.feed(AppendDone(ref="r", version=len(self.stream) - 1))
+
+    def settle(self) -> None:
+        """Deliver everything, sagas still failing, until the order ends."""
+        for _ in range(500):
+            if self.ends:
+                return
+            if self.append is not None:
+                self.commit()
+            elif self.requests:
+                self.act("answer")
+            elif self.retry_armed:
+                self.act("retry")
+            elif self.saga_running:
+                self.act("fail")
+            elif self.rechecks:
+                self.act("recheck")
+            else:
+                return
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    start=st.sampled_from(SHIP_STARTS),
+    actions=st.lists(st.sampled_from(SHIP_ACTIONS), max_size=60),
+)
+def test_an_order_with_shipping_ends_once_and_is_never_both_shipped_and_refunded(
+    start: tuple[Event, ...], actions: list[str]
+) -> None:
+    world = ShipWorld(list(start))
+    for kind in actions:
+        world.act(kind)
+        assert len(world.ends) <= 1
+    world.settle()
+    # Ends exactly once, with the status its stream says.
+    assert len(world.ends) == 1
+    assert sum(e is not PAID and status_of_terminal(e) is not None for e in world.stream) == 1
+    status = final_status(world.stream)
+    assert world.ends[0].view["status"] == status
+    # Never both shipped and refunded, in the services as in the stream.
+    recorded = {type(e) for e in world.stream}
+    assert not (OrderShipped in recorded and PaymentRefunded in recorded)
+    assert not (world.consumed and world.refunded)
+    if world.consumed:
+        assert status == OrderStatus.SHIPPED
+        assert not world.carrier_voided
+        assert not world.released
+    else:
+        # Given back everywhere: the stock, the charge (recorded), no shipment standing.
+        assert status in (OrderStatus.CANCELLED, OrderStatus.FAILED)
+        assert world.released
+        assert world.carrier_voided
+        assert world.refunded
+        assert PaymentRefunded in recorded
+        assert InventoryReleased in recorded
+    # Nothing changes after the end.
+    before = world.sup.state
+    for msg in (SagaFailed(reason="x"), RecheckDue(), released(), CONSUMED, CREATED):
         assert world.sup.feed(msg) == []
     assert world.sup.state == before

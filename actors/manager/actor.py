@@ -42,6 +42,7 @@ from messages.commands import (
     Identify,
     Identities,
     InventoryReleasedReply,
+    InventoryShippedReply,
     LeaseLost,
     OrderReply,
     PaymentVoidedReply,
@@ -53,6 +54,8 @@ from messages.commands import (
     ServiceMoved,
     ServiceReady,
     SetStock,
+    ShipmentCancelledReply,
+    ShipmentCreatedReply,
     StartSaga,
     StockReport,
     TakeOver,
@@ -343,6 +346,19 @@ class OrderManager(BaseActor):
 
     def receiveMsg_PaymentVoidedReply(self, msg: PaymentVoidedReply, sender: Any) -> None:
         """Payment voided an order the supervisor is ending."""
+        self._p.supervisor.answer(msg)
+
+    def receiveMsg_InventoryShippedReply(self, msg: InventoryShippedReply, sender: Any) -> None:
+        """Inventory found the reservation of an order the supervisor is ending consumed by
+        its shipment: the order shipped."""
+        self._p.supervisor.answer(msg)
+
+    def receiveMsg_ShipmentCreatedReply(self, msg: ShipmentCreatedReply, sender: Any) -> None:
+        """The carrier's shipment of an order the supervisor found shipped."""
+        self._p.supervisor.answer(msg)
+
+    def receiveMsg_ShipmentCancelledReply(self, msg: ShipmentCancelledReply, sender: Any) -> None:
+        """The carrier made sure no shipment stands for an order the supervisor is ending."""
         self._p.supervisor.answer(msg)
 
     def receiveMsg_ChildActorExited(self, msg: ChildActorExited, sender: Any) -> None:

@@ -15,12 +15,12 @@ from thespian.actors import ActorExitRequest, PoisonMessage
 from actors.base import AppendCallback, log
 from actors.manager.orders import LiveOrder, LiveOrders
 from actors.manager.services import process_alive
-from messages.base import utcnow
+from messages.base import items_of, utcnow
 from messages.commands import (
     AppendDone,
     AppendRejected,
-    InventoryReleasedReply,
-    PaymentVoidedReply,
+    CancelShipment,
+    CreateShipment,
     ReleaseStock,
     SagaAborted,
     VoidPayment,
@@ -28,6 +28,7 @@ from messages.commands import (
 from messages.events import Event, order_stream
 from saga import supervision as sp
 from saga.machine import AppendEvents, Env, RequestRelease, RequestVoid
+from saga.shipping import RequestCancelShipment, RequestShipment
 from store import CODEC
 
 ENV = Env(now=utcnow, new_id=CODEC.new_id)
@@ -154,6 +155,9 @@ class Supervisor:
     def feed(self, live: LiveOrder, msg: sp.SupervisionInput) -> None:
         """One input for the order's supervision; its commands are carried out at once."""
         before = live.supervision or sp.supervise(live.placed)
+        if live.cancel is not None and before.cancel is None:
+            # The customer cancelled (the manager keeps it for every saga): the policy too.
+            before, _ = self._policy.decide(before, sp.CustomerCancelled(live.cancel), ENV)
         state, commands = self._policy.decide(before, msg, ENV)
         live.supervision = state
         if state.giving_up is not None and before.giving_up is None:
@@ -189,6 +193,12 @@ class Supervisor:
             self._host.send_to_service(
                 "payment", VoidPayment(order_id=order_id, reason=command.reason)
             )
+        elif isinstance(command, RequestShipment):
+            self._host.send_to_service("shipping", _shipment_request(live))
+        elif isinstance(command, RequestCancelShipment):
+            self._host.send_to_service(
+                "shipping", CancelShipment(order_id=order_id, reason=command.reason)
+            )
         elif isinstance(command, AppendEvents):
             self._host.append(
                 order_stream(order_id),
@@ -220,8 +230,22 @@ class Supervisor:
 
         return appended
 
-    def answer(self, msg: InventoryReleasedReply | PaymentVoidedReply) -> None:
-        """Inventory or Payment answered the last resort's request."""
+    def answer(self, msg: sp.ServiceAnswer) -> None:
+        """Inventory, Payment or the carrier answered the last resort's request."""
         live = self._orders.get(msg.order_id)
         if live is not None and live.supervision is not None:
             self.feed(live, msg)
+
+
+def _shipment_request(live: LiveOrder) -> CreateShipment:
+    """The order's shipment, asked again of the carrier (idempotent: it answers with the one it
+    made)."""
+    placed = live.placed
+    if placed.shipping is None:
+        raise ValueError(f"order {placed.order_id} was placed without shipping")
+    return CreateShipment(
+        order_id=placed.order_id,
+        carrier=placed.shipping.carrier,
+        address=placed.shipping.address,
+        items=items_of(placed.lines),
+    )
