@@ -20,10 +20,10 @@ from typing import Any
 from client import Client, ClientError, ConnectionFailed
 from loadgen.drive import LoadRun
 from loadgen.options import UsageError, parse_args
-from loadgen.plan import PlannedOrder, arrival_offsets, format_mix, plan_orders
+from loadgen.plan import OrderShape, PlannedOrder, arrival_offsets, format_mix, plan_orders
 from loadgen.plot import PlotUnavailableError, require_matplotlib, write_plot
 from loadgen.progress import Progress
-from loadgen.report import render_report, server_figures, summarize
+from loadgen.report import fulfilment, render_report, server_figures, summarize
 from loadgen.spawn import SpawnedServer, SpawnError
 from loadgen.stock import apply_changes, check_scarce, describe_changes, stock_changes
 
@@ -56,15 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(2**32)
     run_id = uuid.uuid4().hex[:8]
-    share = args.scarce_share if args.scarce > 0 else 0.0
-    plan = plan_orders(
-        args.orders,
-        rng=random.Random(args.seed),
-        run_id=run_id,
-        mix=args.mix,
-        lines=args.lines,
-        scarce_share=share,
-    )
+    plan = plan_orders(args.orders, rng=random.Random(args.seed), run_id=run_id, shape=_shape(args))
     server: SpawnedServer | None = None
     if args.spawn:
         try:
@@ -93,6 +85,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             server.remove()
 
 
+def _shape(args: argparse.Namespace) -> OrderShape:
+    return OrderShape(
+        mix=args.mix,
+        lines=args.lines,
+        scarce_share=args.scarce_share if args.scarce > 0 else 0.0,
+        ship_share=args.ship_share,
+        carrier_mix=args.carrier_mix,
+        cancel_share=args.cancel_share,
+        cancel_within=args.cancel_within,
+    )
+
+
 def _run_py_options(args: argparse.Namespace) -> list[str]:
     options = {
         "--step-timeout": args.step_timeout,
@@ -101,6 +105,16 @@ def _run_py_options(args: argparse.Namespace) -> list[str]:
         "--warm-sagas": args.warm_sagas,
     }
     return [item for k, v in options.items() if v is not None for item in (k, str(v))]
+
+
+def _fulfilment_line(args: argparse.Namespace) -> str:
+    """The run's shipping and cancels, for its first line (nothing when it has neither)."""
+    parts = []
+    if args.ship_share > 0:
+        parts.append(f"shipping {args.ship_share:g} ({format_mix(args.carrier_mix)})")
+    if args.cancel_share > 0:
+        parts.append(f"cancels {args.cancel_share:g} within {args.cancel_within:g} s")
+    return "".join(f", {part}" for part in parts)
 
 
 @contextlib.contextmanager
@@ -165,6 +179,7 @@ def _drive(
         print(
             f"run {run_id}: {args.orders} orders, {mode} {args.concurrency}, "
             f"{args.connections} connections, seed {args.seed}, mix {format_mix(args.mix)}"
+            + _fulfilment_line(args)
         )
         server_cpu0 = server.cpu_seconds() if server is not None else None
         # The server's RSS before the orders arrive: the base that in-flight orders add to.
@@ -189,6 +204,7 @@ def _drive(
             lines=args.lines,
             rate=rate,
         )
+        summary.update(fulfilment(plan, result))
         if server is not None:
             # Closed loop: orders in flight at the peak are at most `concurrency` (open loop has
             # no such bound: the cap is not the number in flight).

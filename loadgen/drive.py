@@ -6,24 +6,31 @@ its planned offset whatever the server is doing, and its latency runs from that 
 start, so a stall that delays submissions shows in the latencies instead of being hidden by it
 (coordinated omission); `concurrency` is then only a safety cap, and starts it delays count as
 late.
+
+An order planned with a customer's cancel gets a `cancel_order` its `cancel_after` seconds after
+its submission, from a thread of its own (`Cancels`), whatever state the order is in by then.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import functools
+import heapq
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from client import FOLLOW_INTERVAL, Client, ClientError, ConnectionFailed
-from loadgen.plan import PlannedOrder
+from loadgen.plan import CANCEL_REASON, PlannedOrder
 from loadgen.progress import Progress
 from messages.base import TERMINAL_STATUSES
 
 MONITOR_INTERVAL = 0.2
+CANCEL_REPLY_WAIT = 30.0  # seconds the end of a run waits for the last cancels' answers
+CUSTOMER = "Customer"  # an OrderCancelled's cancelled_by when the customer cancelled
 TICK_INTERVAL = 1.0  # how often `on_tick` (the server's RSS sample) runs
 LATE_AFTER = 0.010  # an open-loop order submitted this much after it was due started late
 
@@ -45,6 +52,10 @@ class RunResult:
     start_lags: list[float] = field(default_factory=list)
     submit_span_s: float = 0.0
     planned_span_s: float = 0.0  # when the last arrival was due
+    # orders that ended cancelled by their customer (their final view says so), and what the
+    # cancels sent were answered: "cancelled", "too_late" (conflict), "error:<code>", "lost"
+    cancelled_by_customer: int = 0
+    cancel_replies: dict[str, int] = field(default_factory=dict)
 
     @property
     def latencies(self) -> list[float]:
@@ -63,6 +74,7 @@ class _RunState:
     samples: list[tuple[str, float]] = field(default_factory=list)
     finished: list[float] = field(default_factory=list)
     completed: int = 0
+    by_customer: int = 0
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -99,6 +111,7 @@ class LoadRun:
         # Orders whose node died before answering, carried on by another node (several
         # targets only); each waits in a thread of its own, so a few dozen at once.
         self._rescuers = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="follow")
+        self._cancels = Cancels(clients)
 
     def run(self) -> RunResult:
         """Submit every planned order and wait for all of them to finish or time out."""
@@ -119,6 +132,7 @@ class LoadRun:
             stop_monitor.set()
             monitor.join()
             self._rescuers.shutdown(wait=False, cancel_futures=True)
+            cancel_replies = self._cancels.finish(CANCEL_REPLY_WAIT)
         return RunResult(
             statuses=st.statuses,
             samples=st.samples,
@@ -128,6 +142,8 @@ class LoadRun:
             start_lags=lags,
             submit_span_s=submit_span,
             planned_span_s=self._arrivals[-1] if self._arrivals else 0.0,
+            cancelled_by_customer=st.by_customer,
+            cancel_replies=cancel_replies,
         )
 
     def _submit_all(self, lags: list[float]) -> None:
@@ -151,6 +167,8 @@ class LoadRun:
             except ClientError as e:
                 self._finish(n, time.perf_counter(), f"error:{e.code}")
                 continue
+            if order.cancel_after is not None:
+                self._cancels.schedule(time.perf_counter() + order.cancel_after, n, order.args)
             future.add_done_callback(functools.partial(self._on_reply, n))
 
     def _submit(self, n: int, args: dict[str, Any]) -> concurrent.futures.Future[Any]:
@@ -172,6 +190,7 @@ class LoadRun:
         deadline = time.perf_counter() + self._order_timeout
         clients = self._clients
         status = "error:unavailable"
+        result: Any = None
         for k in range(1, len(clients)):
             client = clients[(n + k) % len(clients)]
             try:
@@ -179,14 +198,15 @@ class LoadRun:
                 status = str(result.get("status"))
                 while status not in TERMINAL_STATUSES and time.perf_counter() < deadline:
                     time.sleep(FOLLOW_INTERVAL)
-                    status = str(client.get_order(order.args["order_id"]).get("status"))
+                    result = client.get_order(order.args["order_id"])
+                    status = str(result.get("status"))
                 break
             except ConnectionFailed:
                 continue
             except ClientError as e:
                 status = f"error:{e.code}"
                 break
-        self._finish(n, time.perf_counter(), status)
+        self._finish(n, time.perf_counter(), status, by_customer=_by_customer(result))
 
     def _on_reply(self, n: int, future: concurrent.futures.Future[Any]) -> None:
         end = time.perf_counter()
@@ -194,6 +214,7 @@ class LoadRun:
         if isinstance(exc, ConnectionFailed) and len(self._clients) > 1:
             self._rescuers.submit(self._rescue, n)
             return
+        result = None
         if exc is None:
             result = future.result()
             status = result.get("status") if isinstance(result, dict) else None
@@ -202,15 +223,16 @@ class LoadRun:
             status = f"error:{exc.code}"
         else:
             status = f"error:{type(exc).__name__}"
-        self._finish(n, end, status)
+        self._finish(n, end, status, by_customer=_by_customer(result))
 
-    def _finish(self, n: int, end: float, status: str) -> None:
+    def _finish(self, n: int, end: float, status: str, *, by_customer: bool = False) -> None:
         st = self._state
         with st.lock:
             start = st.in_flight.pop(n, None)
             if start is None:  # the monitor already gave up on it and freed its slot
                 return
             st.statuses[n] = status
+            st.by_customer += by_customer
             if status in TERMINAL_STATUSES:
                 st.samples.append((status, end - start))
             st.finished.append(end - self._t0)
@@ -259,3 +281,98 @@ class LoadRun:
                 )
             if stopping:
                 return
+
+
+def _by_customer(view: Any) -> bool:
+    """Whether an order's final view says its customer cancelled it."""
+    return (
+        isinstance(view, dict)
+        and view.get("status") == "cancelled"
+        and view.get("cancelled_by") == CUSTOMER
+    )
+
+
+class Cancels:
+    """Sends each planned `cancel_order` at its moment, from one thread and one heap, on the
+    client its order was placed on, and counts how the cancels were answered.
+
+    A cancel of an order still running is answered once the order ends: `cancelled` if the
+    cancel won, `too_late` (conflict) if the order shipped, failed or was paid without shipping
+    first, `already_cancelled` if it ended cancelled for another reason (declined, refused);
+    a cancel that reaches the node before the placement does is `error:not_found`.
+    """
+
+    def __init__(self, clients: Sequence[Client]) -> None:
+        self._clients = clients
+        self._due: list[tuple[float, int, str]] = []  # (when, order index, order id), a heap
+        self._cv = threading.Condition()
+        self._closing = False
+        self._outstanding = 0
+        self._replies: Counter[str] = Counter()
+        self._thread: threading.Thread | None = None
+
+    def schedule(self, when: float, n: int, args: dict[str, Any]) -> None:
+        """Cancel order number `n` (placed with `args`) at `when` (perf_counter seconds)."""
+        with self._cv:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._send_due, daemon=True, name="cancels")
+                self._thread.start()
+            heapq.heappush(self._due, (when, n, args["order_id"]))
+            self._outstanding += 1
+            self._cv.notify()
+
+    def finish(self, timeout: float) -> dict[str, int]:
+        """Send what is still due at once, wait (at most `timeout` s) for every answer, and
+        return the answers' counts (answers that never came count as "lost")."""
+        deadline = time.perf_counter() + timeout
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+            while self._outstanding > 0 and time.perf_counter() < deadline:
+                self._cv.wait(max(0.0, deadline - time.perf_counter()))
+            replies = Counter(self._replies)
+            if self._outstanding:
+                replies["lost"] += self._outstanding
+        return dict(sorted(replies.items()))
+
+    def _send_due(self) -> None:
+        while True:
+            with self._cv:
+                while not self._due and not self._closing:
+                    self._cv.wait()
+                if not self._due:
+                    return
+                when, n, order_id = self._due[0]
+                wait = when - time.perf_counter()
+                if wait > 0 and not self._closing:
+                    self._cv.wait(wait)
+                    continue
+                heapq.heappop(self._due)
+            self._send(n, order_id)
+
+    def _send(self, n: int, order_id: str) -> None:
+        args = {"order_id": order_id, "reason": CANCEL_REASON}
+        try:
+            future = self._clients[n % len(self._clients)].submit("cancel_order", args)
+        except ClientError as e:
+            self._answered(f"error:{e.code}")
+            return
+        future.add_done_callback(self._on_reply)
+
+    def _on_reply(self, future: concurrent.futures.Future[Any]) -> None:
+        exc = future.exception()
+        if exc is None:
+            # The order's view: cancelled by this cancel, or it had ended cancelled before.
+            result = future.result()
+            status = result.get("status") if isinstance(result, dict) else None
+            self._answered("cancelled" if _by_customer(result) else f"already_{status}")
+        elif isinstance(exc, ClientError):
+            self._answered("too_late" if exc.code == "conflict" else f"error:{exc.code}")
+        else:
+            self._answered(f"error:{type(exc).__name__}")
+
+    def _answered(self, outcome: str) -> None:
+        with self._cv:
+            self._replies[outcome] += 1
+            self._outstanding -= 1
+            self._cv.notify_all()

@@ -8,7 +8,7 @@ import os
 from collections.abc import Sequence
 
 from client import DEFAULT_HOST, DEFAULT_PORT, non_negative_int
-from loadgen.plan import PAYMENT_TOKENS, PRODUCTS, SCARCE_SKU, parse_mix
+from loadgen.plan import CARRIER_TOKENS, PAYMENT_TOKENS, PRODUCTS, SCARCE_SKU, parse_mix
 
 CLOSED_LOOP_CONCURRENCY = 100
 OPEN_LOOP_CONCURRENCY = 1000  # only a safety cap: the rate decides how many are in flight
@@ -18,6 +18,14 @@ EPILOG = (
     "payment tokens for --mix:\n"
     + "".join(f"  {token:<20} {outcome}\n" for token, outcome in PAYMENT_TOKENS.items())
     + "  (any other token is declined)\n\n"
+    "carrier tokens for --carrier-mix (orders placed with shipping, --ship-share):\n"
+    + "".join(f"  {token:<20} {outcome}\n" for token, outcome in CARRIER_TOKENS.items())
+    + "  e.g. --ship-share 0.5 --carrier-mix ship_standard=90,ship_refused=5,ship_timeout=3,"
+    "ship_error=2\n\n"
+    "With --cancel-share F that share of the orders gets a cancel_order at a random moment\n"
+    "within --cancel-within seconds of its placement, racing its steps: the report counts the\n"
+    "orders cancelled by their customer and how the cancels were answered (cancelled, too_late\n"
+    "when the order shipped, failed or was paid without shipping first).\n\n"
     "Without --host, --port or --targets a private run.py is started on a fresh database in a\n"
     "temporary directory and stopped at the end. Against a target server the run raises the\n"
     "stock of the products it orders (and sets SKU-SCARCE with --scarce); it says so on\n"
@@ -173,6 +181,31 @@ def build_parser() -> argparse.ArgumentParser:
         "(tokens below)",
     )
     mix.add_argument(
+        "--ship-share",
+        type=float,
+        default=0.0,
+        help="share of the orders placed with shipping (they end shipped, cancelled or failed)",
+    )
+    mix.add_argument(
+        "--carrier-mix",
+        type=_mix_arg,
+        default="ship_standard=1",
+        help="carrier token weights for the orders placed with shipping, e.g. "
+        "ship_standard=90,ship_refused=5,ship_timeout=3,ship_error=2 (tokens below)",
+    )
+    mix.add_argument(
+        "--cancel-share",
+        type=float,
+        default=0.0,
+        help="share of the orders the customer cancels (cancel_order) shortly after placing",
+    )
+    mix.add_argument(
+        "--cancel-within",
+        type=_non_negative_float,
+        default=0.05,
+        help="seconds after its placement within which an order's cancel is sent (uniform)",
+    )
+    mix.add_argument(
         "--scarce",
         type=non_negative_int,
         default=0,
@@ -241,6 +274,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.connections = max(args.connections, len(targets))
     if args.lines > len(PRODUCTS):
         raise UsageError(f"--lines must be 1..{len(PRODUCTS)}")
-    if not 0 <= args.scarce_share <= 1:
-        raise UsageError("--scarce-share must be between 0 and 1")
+    _check_shares(args)
     return args
+
+
+def _check_shares(args: argparse.Namespace) -> None:
+    for name in ("scarce_share", "ship_share", "cancel_share"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be between 0 and 1")
+    carriers = [t for t in args.mix if t in CARRIER_TOKENS]
+    if carriers:
+        raise UsageError(
+            f"{', '.join(carriers)} in --mix: carrier tokens go in --carrier-mix "
+            "(with --ship-share), --mix is the payment tokens'"
+        )
+    payments = [t for t in args.carrier_mix if t in PAYMENT_TOKENS]
+    if payments:
+        raise UsageError(f"{', '.join(payments)} in --carrier-mix: payment tokens go in --mix")

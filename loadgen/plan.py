@@ -1,7 +1,9 @@
 """The run's plan: the payment-token mix, every order to place, and (open loop) when.
 
 Everything is generated from the seed before the clock starts, so the timed loop only submits
-and two runs with one seed place the same orders at the same offsets.
+and two runs with one seed place the same orders at the same offsets: which orders are placed
+with shipping and with which carrier token, and which get a customer's cancel and how long after
+their placement it is sent.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import math
 import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 PRODUCTS = tuple(f"SKU-{i:03d}" for i in range(1, 11))
@@ -26,6 +28,22 @@ PAYMENT_TOKENS = {
     "tok_late": "cancelled, the late charge refunded",
     "tok_crash": "failed (kills Payment on the process bases)",
 }
+# The simulated carrier's test tokens (README "Shipping and cancel"), for --help.
+CARRIER_TOKENS = {
+    "ship_standard": "shipped",
+    "ship_refused": "cancelled (refused; refunded, released)",
+    "ship_timeout": "cancelled after the step timeout (the late shipment cancelled)",
+    "ship_error": "failed (the carrier raises; refunded, released)",
+}
+# Where the orders placed with shipping go (the server checks the fields, not the place).
+ADDRESS = {
+    "name": "Load Test",
+    "line1": "1 Bench Street",
+    "city": "Testville",
+    "postal_code": "12345",
+    "country": "DE",
+}
+CANCEL_REASON = "loadtest: the customer changed their mind"
 
 
 def parse_mix(text: str) -> dict[str, float]:
@@ -67,31 +85,43 @@ def _price(cents: int) -> str:
 
 @dataclass(frozen=True, slots=True)
 class PlannedOrder:
-    """One order of the run: its wire args, and whether it competes for the scarce product."""
+    """One order of the run: its wire args, whether it competes for the scarce product, and
+    how many seconds after its submission the customer cancels it (None: never)."""
 
     args: dict[str, Any]
     scarce: bool
+    cancel_after: float | None = None
+
+
+@dataclass(frozen=True)
+class OrderShape:
+    """What the run's orders look like: payment tokens, lines, the scarce share, shipping (the
+    share placed with it and the carrier tokens' weights) and customers' cancels (the share
+    cancelled, each at a uniformly random moment within `cancel_within` seconds of its
+    submission, racing the order's steps)."""
+
+    mix: Mapping[str, float]
+    lines: int = 1
+    scarce_share: float = 0.0
+    ship_share: float = 0.0
+    carrier_mix: Mapping[str, float] = field(default_factory=lambda: {"ship_standard": 1.0})
+    cancel_share: float = 0.0
+    cancel_within: float = 0.05
 
 
 def plan_orders(
-    count: int,
-    *,
-    rng: random.Random,
-    run_id: str,
-    mix: Mapping[str, float],
-    lines: int,
-    scarce_share: float,
+    count: int, *, rng: random.Random, run_id: str, shape: OrderShape
 ) -> list[PlannedOrder]:
     """Generate the run's orders up front so the timed loop only submits.
 
     A scarce order's first line is 1 unit of SKU-SCARCE; the other lines use distinct products.
+    Shipping and cancels are drawn after the orders, so a seed places the same orders with or
+    without them.
     """
-    tokens = list(mix)
-    weights = list(mix.values())
-    methods = rng.choices(tokens, weights=weights, k=count)
+    methods = rng.choices(list(shape.mix), weights=list(shape.mix.values()), k=count)
     plan: list[PlannedOrder] = []
     for n in range(count):
-        scarce = scarce_share > 0 and rng.random() < scarce_share
+        scarce = shape.scarce_share > 0 and rng.random() < shape.scarce_share
         order_lines: list[dict[str, Any]] = []
         if scarce:
             order_lines.append(
@@ -101,7 +131,7 @@ def plan_orders(
                     "unit_price": _price(rng.randint(100, 9999)),
                 }
             )
-        for sku in rng.sample(PRODUCTS, lines - len(order_lines)):
+        for sku in rng.sample(PRODUCTS, shape.lines - len(order_lines)):
             order_lines.append(
                 {
                     "product_id": sku,
@@ -117,7 +147,20 @@ def plan_orders(
             "wait": True,
         }
         plan.append(PlannedOrder(args, scarce))
-    return plan
+    return [_fulfilment(order, rng, shape) for order in plan]
+
+
+def _fulfilment(order: PlannedOrder, rng: random.Random, shape: OrderShape) -> PlannedOrder:
+    """The order placed with shipping (a carrier token from the mix) and given a customer's
+    cancel, each for its share of the orders."""
+    (carrier,) = rng.choices(list(shape.carrier_mix), weights=list(shape.carrier_mix.values()))
+    ships = rng.random() < shape.ship_share
+    cancels = rng.random() < shape.cancel_share
+    delay = rng.uniform(0, shape.cancel_within)
+    args = order.args
+    if ships:
+        args = {**args, "shipping": {"address": ADDRESS, "carrier": carrier}}
+    return PlannedOrder(args, order.scarce, delay if cancels else None)
 
 
 def units_needed(plan: Sequence[PlannedOrder]) -> Counter[str]:

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from loadgen.drive import LATE_AFTER, RunResult
-from loadgen.plan import SCARCE_SKU
+from loadgen.plan import SCARCE_SKU, PlannedOrder
 from loadgen.spawn import SpawnedServer
 from messages.base import TERMINAL_STATUSES
 
@@ -92,6 +92,32 @@ def summarize(
     return summary
 
 
+def fulfilment(plan: Sequence[PlannedOrder], result: RunResult) -> dict[str, Any]:
+    """Shipping and customers' cancels: `shipped` (the orders that ended shipped, as in
+    status_counts), `cancelled_by_customer` (the orders that ended cancelled by their customer:
+    a share of status_counts' `cancelled`), and the `shipping` and `cancels` blocks."""
+    counts = Counter(result.statuses)
+    with_shipping = [
+        s for order, s in zip(plan, result.statuses, strict=True) if "shipping" in order.args
+    ]
+    carriers = Counter(
+        order.args["shipping"]["carrier"] for order in plan if "shipping" in order.args
+    )
+    return {
+        "shipped": counts.get("shipped", 0),
+        "cancelled_by_customer": result.cancelled_by_customer,
+        "shipping": {
+            "orders": len(with_shipping),
+            "carriers": dict(sorted(carriers.items())),
+            "status_counts": dict(sorted(Counter(with_shipping).items())),
+        },
+        "cancels": {
+            "sent": sum(order.cancel_after is not None for order in plan),
+            "replies": result.cancel_replies,
+        },
+    }
+
+
 def server_figures(
     server: SpawnedServer,
     wall_s: float,
@@ -167,6 +193,7 @@ def render_report(summary: Mapping[str, Any], audit: Mapping[str, Any]) -> str:
         + "  ".join(f"{name} {counts[name]}" for name in sorted(counts, key=lambda s: -counts[s]))
     )
     out.append(f"not terminal    {summary['not_terminal']}")
+    out.extend(_fulfilment_lines(summary))
     gen = summary["load_generator"]
     out.append(
         f"load generator  {gen['cpu_s']:.2f} s CPU = {gen['cpu_percent_of_core']:.0f}% of one core "
@@ -179,7 +206,8 @@ def render_report(summary: Mapping[str, Any], audit: Mapping[str, Any]) -> str:
     if scarce:
         out.append(
             f"{SCARCE_SKU}      {scarce['paid_orders']} of {scarce['orders']} contending orders "
-            f"paid for {scarce['units']} units; reserved by this run "
+            f"paid (and {scarce.get('shipped_orders', 0)} shipped) for {scarce['units']} units; "
+            "reserved by this run "
             f"{scarce['reserved_by_run']} {_tick(scarce['ok'])}"
         )
         if scarce.get("error"):
@@ -189,6 +217,26 @@ def render_report(summary: Mapping[str, Any], audit: Mapping[str, Any]) -> str:
     for name, one in audits:
         out.extend(_audit_lines(one, name))
     return "\n".join(out)
+
+
+def _fulfilment_lines(summary: Mapping[str, Any]) -> list[str]:
+    out = []
+    shipping = summary.get("shipping") or {}
+    if shipping.get("orders"):
+        statuses = shipping["status_counts"]
+        out.append(
+            f"shipping        {shipping['orders']} orders placed with shipping: "
+            f"{summary['shipped']} shipped; "
+            + "  ".join(f"{name} {n}" for name, n in statuses.items() if name != "shipped")
+        )
+    cancels = summary.get("cancels") or {}
+    if cancels.get("sent"):
+        replies = "  ".join(f"{name} {n}" for name, n in cancels["replies"].items())
+        out.append(
+            f"cancels         {cancels['sent']} sent, {summary['cancelled_by_customer']} orders "
+            f"cancelled by the customer; answers: {replies or 'none'}"
+        )
+    return out
 
 
 def _server_parts(server: Mapping[str, Any]) -> list[str]:

@@ -7,6 +7,7 @@ to the server's state, so they are worked out first (`stock_changes`), shown, th
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -107,12 +108,10 @@ def check_scarce(
     statuses: Sequence[str],
     reserved_before: int,
 ) -> dict[str, Any]:
-    """Did exactly the paid contenders keep a unit of SKU-SCARCE, and no more than there were?"""
-    paid = sum(
-        1
-        for order, status in zip(plan, statuses, strict=True)
-        if order.scarce and status == OrderStatus.PAID
-    )
+    """Did exactly the paid contenders keep a unit of SKU-SCARCE (the shipped ones took theirs
+    away), and no more than there were?"""
+    ends = Counter(status for order, status in zip(plan, statuses, strict=True) if order.scarce)
+    paid, shipped = ends[OrderStatus.PAID], ends[OrderStatus.SHIPPED]
     reserved_by_run: int | None
     error = None
     try:
@@ -124,6 +123,7 @@ def check_scarce(
         "units": units,
         "orders": sum(order.scarce for order in plan),
         "paid_orders": paid,
+        "shipped_orders": shipped,
         "reserved_by_run": reserved_by_run,
-        "ok": paid <= units and reserved_by_run == paid,
+        "ok": paid + shipped <= units and reserved_by_run == paid,
     }

@@ -67,14 +67,10 @@ def test_percentile_matches_statistics_inclusive_quantiles() -> None:
 
 def test_plan_is_seeded_unique_and_respects_scarce_share() -> None:
     def plan(seed: int) -> list[loadplan.PlannedOrder]:
-        return loadplan.plan_orders(
-            2000,
-            rng=random.Random(seed),
-            run_id="r",
-            mix={"tok_visa": 1.0, "tok_timeout": 1.0},
-            lines=3,
-            scarce_share=0.25,
+        shape = loadplan.OrderShape(
+            mix={"tok_visa": 1.0, "tok_timeout": 1.0}, lines=3, scarce_share=0.25
         )
+        return loadplan.plan_orders(2000, rng=random.Random(seed), run_id="r", shape=shape)
 
     first = plan(1)
     assert first == plan(1)
@@ -92,9 +88,41 @@ def test_plan_is_seeded_unique_and_respects_scarce_share() -> None:
             assert len(cents) == 2
 
 
+def test_plan_ships_and_cancels_their_shares_without_changing_the_orders() -> None:
+    plain = loadplan.OrderShape(mix={"tok_visa": 1.0}, lines=2)
+    shape = loadplan.OrderShape(
+        mix={"tok_visa": 1.0},
+        lines=2,
+        ship_share=0.5,
+        carrier_mix={"ship_standard": 3.0, "ship_refused": 1.0},
+        cancel_share=0.1,
+        cancel_within=0.02,
+    )
+    orders = loadplan.plan_orders(4000, rng=random.Random(5), run_id="r", shape=shape)
+    before = loadplan.plan_orders(4000, rng=random.Random(5), run_id="r", shape=plain)
+    # The same orders as a run without shipping or cancels: only those two are added.
+    for order, same in zip(orders, before, strict=True):
+        assert {k: v for k, v in order.args.items() if k != "shipping"} == same.args
+        assert same.cancel_after is None
+    shipping = [order.args["shipping"] for order in orders if "shipping" in order.args]
+    assert 1800 < len(shipping) < 2200
+    assert all(s["address"] == loadplan.ADDRESS for s in shipping)
+    refused = sum(s["carrier"] == "ship_refused" for s in shipping)
+    assert 0.2 < refused / len(shipping) < 0.3
+    delays = [order.cancel_after for order in orders if order.cancel_after is not None]
+    assert 300 < len(delays) < 500
+    assert all(0 <= d <= 0.02 for d in delays)
+
+
 @pytest.mark.parametrize(
     "argv",
     [
+        ["--ship-share", "1.5"],
+        ["--cancel-share", "-0.1"],
+        ["--cancel-within", "-1"],
+        ["--mix", "tok_visa=9,ship_refused=1"],  # a carrier token in the payment mix
+        ["--carrier-mix", "tok_visa=1"],
+        ["--carrier-mix", "ship_standard=0"],
         ["--orders", "0"],
         ["--base", "queue", "--port", "7300"],  # only for a private run.py
         ["--step-timeout", "1", "--host", "127.0.0.1"],
@@ -225,6 +253,10 @@ def test_help_shows_defaults_and_payment_tokens(capsys: pytest.CaptureFixture[st
     assert "(default: tok_visa=1)" in out
     for token in loadplan.PAYMENT_TOKENS:
         assert token in out
+    for option in ("--ship-share", "--carrier-mix", "--cancel-share", "--cancel-within"):
+        assert option in out
+    for token in loadplan.CARRIER_TOKENS:
+        assert token in out
 
 
 def test_arrivals_are_seeded_poisson_at_the_mean_rate() -> None:
@@ -337,3 +369,61 @@ def test_open_loop_run_keeps_its_rate_and_reports_the_tail(
     assert open_loop["late_starts"] <= 20
     assert set(open_loop["start_lag_ms"]) == set(lat)
     assert "open loop       offered 200/s" in out
+
+
+def test_a_run_with_shipping_and_customers_cancels_ends_every_order_and_counts_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report_path = tmp_path / "ship.json"
+    code = loadtest.main(
+        [
+            "--orders",
+            "300",
+            "--concurrency",
+            "40",
+            "--ship-share",
+            "0.6",
+            "--carrier-mix",
+            "ship_standard=85,ship_refused=5,ship_timeout=5,ship_error=5",
+            "--cancel-share",
+            "0.3",
+            "--cancel-within",
+            "0.03",
+            "--step-timeout",
+            "0.5",
+            "--scarce",
+            "20",
+            "--seed",
+            "17",
+            "--json",
+            str(report_path),
+            "--no-progress",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    report = json.loads(report_path.read_text())
+    assert report["not_terminal"] == 0
+    assert report["audit"]["ok"] is True
+    assert report["audit"]["in_flight_count"] == 0
+    counts = report["status_counts"]  # keeps its meaning: one final status per order
+    assert sum(counts.values()) == 300
+    assert set(counts) <= {"paid", "shipped", "cancelled", "failed"}
+    assert report["shipped"] == counts["shipped"] > 0
+    shipping = report["shipping"]
+    assert 140 < shipping["orders"] < 220
+    assert sum(shipping["status_counts"].values()) == shipping["orders"]
+    assert counts["paid"] <= 300 - shipping["orders"]  # paid ends only orders without shipping
+    assert sum(shipping["carriers"].values()) == shipping["orders"]
+    cancels = report["cancels"]
+    assert 60 < cancels["sent"] < 120
+    assert sum(cancels["replies"].values()) == cancels["sent"]  # every cancel was answered
+    assert "lost" not in cancels["replies"]
+    # Cancels race the steps: some win, some come too late (the order paid or shipped first).
+    by_customer = report["cancelled_by_customer"]
+    assert 0 < by_customer <= counts["cancelled"]
+    assert cancels["replies"].get("cancelled", 0) == by_customer
+    assert cancels["replies"].get("too_late", 0) > 0
+    assert report["scarce"]["ok"] is True
+    assert "shipping        " in out
+    assert "orders cancelled by the customer" in out
