@@ -3,7 +3,8 @@ Thespian reference saga, several repetitions, medians. (`make bench`)
 
     python bench.py [--bases simple,queue,tcp] [--reps 3] [--orders 5000] [--concurrency 100]
                     [--process-orders 300] [--process-concurrency 24] [--in-flight 10000]
-                    [--rate 1000] [--open-loop-orders 10000] [--out bench-results]
+                    [--rate 1000] [--open-loop-orders 10000] [--mixed-orders 5000]
+                    [--out bench-results]
 
 Each repetition runs, for every base: `loadtest.py --spawn` (a fresh run.py on a fresh SQLite
 file, synchronous=FULL, tok_visa, orders placed with wait=true over the gateway) and the
@@ -11,7 +12,9 @@ reference saga of `benchmarks/reference.py` (reserve, append, charge, append; no
 the same base; on the simple base also `--in-flight` orders all placed at once, each held 3 s by
 the payment provider (memory per order in flight), and an open-loop run: `--open-loop-orders`
 arriving at `--rate` orders/s (Poisson), latency from each order's intended start, so a stall
-shows in p99/p99.9 instead of slowing the arrivals. Bases and kinds are interleaved so machine
+shows in p99/p99.9 instead of slowing the arrivals, and a mixed row: `--mixed-orders` like the
+full row but half of them placed with shipping and 5 % cancelled by their customer shortly after
+placement (`--mixed-orders 0` skips it). Bases and kinds are interleaved so machine
 noise spreads over all of them. The medians go to stdout as a markdown table and, with every
 run's raw figures, to `OUT/bench-<timestamp>.json` and `.md`. Exit status 1 if any audit failed.
 """
@@ -82,6 +85,20 @@ def run_full(
 # Every order in flight at once, each held 3 s by the payment provider: admission, timers and
 # memory at scale rather than CPU per order (issue 5's "10,000 orders in flight").
 IN_FLIGHT_ARGS = ("--connections", "8", "--payment-latency", "3", "--step-timeout", "30")
+
+
+# The mixed row: like the full row, but half the orders placed with shipping (2 % of those
+# refused by the carrier) and 5 % cancelled by their customer within 50 ms of placement.
+MIXED_ARGS = (
+    "--ship-share",
+    "0.5",
+    "--carrier-mix",
+    "ship_standard=98,ship_refused=2",
+    "--cancel-share",
+    "0.05",
+)
+# Rows that are the full row's run with more options.
+FULL_LIKE = {"full": (), "mixed": MIXED_ARGS}
 
 
 def run_reference_child(base: str, orders: int, concurrency: int, tmp: Path) -> dict[str, Any]:
@@ -242,8 +259,7 @@ def render(table: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark (or, with --reference, one reference run in this process)."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -274,9 +290,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--open-loop-orders", type=int, default=10_000, help="orders in the open-loop run"
     )
+    parser.add_argument(
+        "--mixed-orders",
+        type=int,
+        default=5000,
+        help="simple base: also run this many orders, half with shipping and 5%% cancelled "
+        "(0: skip)",
+    )
     parser.add_argument("--out", default=str(ROOT / "bench-results"))
     parser.add_argument("--reference", choices=sorted(SYSTEM_BASES), help=argparse.SUPPRESS)
     parser.add_argument("--reference-out", help=argparse.SUPPRESS)
+    return parser
+
+
+def _kinds(base: str, args: argparse.Namespace) -> list[str]:
+    """The rows one repetition runs on `base`."""
+    kinds = ["full", "reference"]
+    if base == "simple" and args.in_flight > 0:
+        kinds.append("in-flight")
+    if base == "simple" and args.rate > 0:
+        kinds.append("open-loop")
+    if base == "simple" and args.mixed_orders > 0:
+        kinds.append("mixed")
+    return kinds
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark (or, with --reference, one reference run in this process)."""
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.reference:
         return _reference_main(
@@ -304,12 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                     if base == "simple"
                     else (args.process_orders, args.process_concurrency)
                 )
-                kinds = ["full", "reference"]
-                if base == "simple" and args.in_flight > 0:
-                    kinds.append("in-flight")
-                if base == "simple" and args.rate > 0:
-                    kinds.append("open-loop")
-                for kind in kinds:
+                for kind in _kinds(base, args):
                     key = f"{base}/{kind}"
                     if kind == "open-loop":
                         shape[key] = (args.open_loop_orders, OPEN_LOOP_CONCURRENCY)
@@ -323,9 +359,10 @@ def main(argv: list[str] | None = None) -> int:
                     elif kind == "in-flight":
                         shape[key] = (args.in_flight, args.in_flight)
                         run = run_full(base, args.in_flight, args.in_flight, tmp, IN_FLIGHT_ARGS)
-                    elif kind == "full":
-                        shape[key] = (orders, concurrency)
-                        run = run_full(base, orders, concurrency, tmp)
+                    elif kind in FULL_LIKE:
+                        count = args.mixed_orders if kind == "mixed" else orders
+                        shape[key] = (count, concurrency)
+                        run = run_full(base, count, concurrency, tmp, FULL_LIKE[kind])
                     else:
                         shape[key] = (orders, concurrency)
                         run = run_reference_child(base, orders, concurrency, tmp)

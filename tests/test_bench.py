@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import median_row, open_loop_row, render
+from bench import MIXED_ARGS, _kinds, _parser, median_row, open_loop_row, render
 from benchmarks.reference import run_reference
 
 
@@ -112,4 +112,34 @@ def test_open_loop_rows_get_a_table_of_their_own() -> None:
     assert (
         "| simple | 10000 | 1000 | 1000 | 998 | 4.0 | 8.0 | 18.0 | 60.0 | 80.0 | 5 | 3/3 ok |"
         in text
+    )
+
+
+def test_the_mixed_row_runs_by_default_on_the_simple_base_and_can_be_skipped() -> None:
+    args = _parser().parse_args([])
+    assert _kinds("simple", args) == ["full", "reference", "in-flight", "open-loop", "mixed"]
+    assert _kinds("queue", args) == ["full", "reference"]
+    skipped = _parser().parse_args(["--mixed-orders", "0", "--in-flight", "0", "--rate", "0"])
+    assert _kinds("simple", skipped) == ["full", "reference"]
+    # Half the orders with shipping, 5 % cancelled: loadtest.py's own options.
+    options = dict(zip(MIXED_ARGS[::2], MIXED_ARGS[1::2], strict=True))
+    assert options["--ship-share"] == "0.5"
+    assert options["--cancel-share"] == "0.05"
+    runs = [
+        {
+            "throughput_orders_per_s": 900.0,
+            "latency_ms": dict.fromkeys(("p50", "p90", "p99", "max"), 7.0),
+        }
+    ]
+    table = {
+        "simple/mixed": {
+            "orders": 50,
+            "concurrency": 5,
+            "median": median_row(runs),
+            "audits": "1/1 ok",
+        }
+    }
+    meta = {"started": "now", "reps": 1, "machine": {"cpus": 2, "cpu": "x", "python": "3.11"}}
+    assert "| simple | mixed | 50 | 5 | 900 | 7.0 | 7.0 | 7.0 | 7.0 |  |  | 1/1 ok |" in render(
+        table, meta
     )
