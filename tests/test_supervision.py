@@ -454,6 +454,8 @@ class World:
             assert self.append is None, "a second append while one is out"
             self.append = command
         else:
+            # The carrier is asked only about orders placed with shipping.
+            assert isinstance(command, End), command
             self.ends.append(command)
 
     def terminal(self) -> bool:
