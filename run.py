@@ -222,124 +222,168 @@ def _is_loopback(host: str) -> bool:
 
 async def serve(args: argparse.Namespace) -> int:
     """Run until SIGINT/SIGTERM; returns the exit status."""
-    capabilities: dict[str, Any] = {}
-    if args.base == "tcp":
-        capabilities["Admin Port"] = args.admin_port
-    bridge = ActorBridge(
-        args.base, capabilities=capabilities, log_defs=log_config(args.log_level, args.log_format)
-    )
-    loop = asyncio.get_running_loop()
-    # Signals are ours from the start: one arriving during start-up (recovery can take a while)
-    # stops the system in order instead of killing run.py and orphaning its actor processes.
-    # A second one cuts the drain short.
-    stop, hurry = asyncio.Event(), asyncio.Event()
-
-    def on_signal() -> None:
-        if stop.is_set():
-            hurry.set()
-        stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
+    serving = _Serving(args)
+    serving.catch_signals()
     # The actor system (and on the process bases its processes) starts before the gateway
     # socket exists, so no actor process inherits the client-facing socket.
-    await loop.run_in_executor(None, bridge.start)
-    gateway: Gateway | None = None
-    node: Node | None = None
-    http: HttpServer | None = None
-    tail: StoreTail | None = None
+    await serving.loop.run_in_executor(None, serving.bridge.start)
     try:
-        if stop.is_set():
-            return 0
-        if args.shared:
-            try:
-                node = await loop.run_in_executor(None, Node.join, args, bridge)
-            except (LeaseHeldError, StoreError) as e:
-                _say(f"cannot join as node {args.node_id!r}: {e}")
-                return 1
-        recovered = await loop.run_in_executor(
-            None,
-            lambda: configure(
-                bridge,
-                lambda req_id: Configure(
-                    req_id=req_id,
-                    store_url=args.store,
-                    synchronous=args.synchronous,
-                    step_timeout=args.step_timeout,
-                    crash_exits_process=args.base != "simple",
-                    warm_sagas=args.warm_sagas if args.base != "simple" else 0,
-                    payment_latency=args.payment_latency,
-                    payment_provider=args.payment_provider,
-                    node_id=node.fence.node_id if node is not None else None,
-                    epoch=node.fence.epoch if node is not None else 0,
-                ),
-                120.0,
-            ),
+        return await serving.run()
+    finally:
+        await serving.close()
+
+
+class _Serving:
+    """One run of the node, in start-up steps: join the shared store as a node, configure the
+    actors (recovery), open the gateway and the HTTP API, wait for a signal and drain. Each
+    step keeps what it started, so ``close`` stops exactly that."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        capabilities: dict[str, Any] = {}
+        if args.base == "tcp":
+            capabilities["Admin Port"] = args.admin_port
+        self.bridge = ActorBridge(
+            args.base,
+            capabilities=capabilities,
+            log_defs=log_config(args.log_level, args.log_format),
         )
+        self.loop = asyncio.get_running_loop()
+        self.stop, self.hurry = asyncio.Event(), asyncio.Event()
+        self.node: Node | None = None
+        self.tail: StoreTail | None = None
+        self.gateway: Gateway | None = None
+        self.http: HttpServer | None = None
+
+    def catch_signals(self) -> None:
+        """Signals are ours from the start: one arriving during start-up (recovery can take a
+        while) stops the system in order instead of killing run.py and orphaning its actor
+        processes. A second one cuts the drain short."""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.loop.add_signal_handler(sig, self._on_signal)
+
+    def _on_signal(self) -> None:
+        if self.stop.is_set():
+            self.hurry.set()
+        self.stop.set()
+
+    async def run(self) -> int:
+        """The steps after the actor system started; returns the exit status."""
+        if self.stop.is_set():
+            return 0
+        if self.args.shared and not await self._join_node():
+            return 1
+        recovered = await self.loop.run_in_executor(
+            None, lambda: configure(self.bridge, self._configure_message, 120.0)
+        )
+        gateway, tail = self._open_gateway()
+        if self.stop.is_set():
+            await gateway.drain(0.0)  # stopped during start-up: tell the manager, then stop
+            return 0  # the orders being recovered resume on the next start
+        address = await self._listen(gateway, tail)
+        node = self.node
+        node_text = (
+            f" node={node.fence.node_id} epoch={node.fence.epoch}" if node is not None else ""
+        )
+        print(
+            f"ready {address} base={self.args.base} store={describe(self.args.store)} "
+            f"recovering={recovered}{node_text}",
+            flush=True,
+        )
+        return await self._serve_until_stopped(gateway)
+
+    async def _join_node(self) -> bool:
+        """On a shared store: take this node's lease; False if it cannot."""
+        try:
+            self.node = await self.loop.run_in_executor(None, Node.join, self.args, self.bridge)
+        except (LeaseHeldError, StoreError) as e:
+            _say(f"cannot join as node {self.args.node_id!r}: {e}")
+            return False
+        return True
+
+    def _configure_message(self, req_id: int) -> Configure:
+        args, node = self.args, self.node
+        return Configure(
+            req_id=req_id,
+            store_url=args.store,
+            synchronous=args.synchronous,
+            step_timeout=args.step_timeout,
+            crash_exits_process=args.base != "simple",
+            warm_sagas=args.warm_sagas if args.base != "simple" else 0,
+            payment_latency=args.payment_latency,
+            payment_provider=args.payment_provider,
+            node_id=node.fence.node_id if node is not None else None,
+            epoch=node.fence.epoch if node is not None else 0,
+        )
+
+    def _open_gateway(self) -> tuple[Gateway, StoreTail]:
+        """The store tail and the gateway over the configured actors (not listening yet)."""
+        args = self.args
         limits = GatewayLimits(
             idle_timeout=args.idle_timeout,
             request_timeout=max(60.0, 10 * args.step_timeout),
             max_in_flight=20_000 if args.base == "simple" else 24,
         )
         # One reader follows the store for list_orders, the metrics and the console's feed.
-        tail = StoreTail(lambda: open_store(args.store, readonly=True))
+        tail = self.tail = StoreTail(lambda: open_store(args.store, readonly=True))
         tail.start()
-        gateway = Gateway(
-            bridge,
+        self.gateway = Gateway(
+            self.bridge,
             args.store,
             limits=limits,
             admin_token=args.admin_token,
             orders=tail,
             node_id=args.node_id,
         )
-        if stop.is_set():
-            await gateway.drain(0.0)  # stopped during start-up: tell the manager, then stop
-            return 0  # the orders being recovered resume on the next start
-        host, port = await gateway.start(args.host, args.port)
-        node_text = ""
-        if node is not None:
-            node.lease.address = f"{host}:{port}"
-            node.lease.start_taking_over()
-            node_text = f" node={node.fence.node_id} epoch={node.fence.epoch}"
-            gateway.node_address = node.lease.address
-        http_address = ""
-        if args.http_port is not None:
-            http = HttpServer(gateway, tail, ready=lambda: not stop.is_set())
-            http_host, http_port = await http.start(args.host, max(args.http_port, 0))
-            http_address = f" http={http_host}:{http_port}"
-        print(
-            f"ready {host}:{port}{http_address} base={args.base} store={describe(args.store)} "
-            f"recovering={recovered}{node_text}",
-            flush=True,
-        )
-        if node is not None and await node.watch(stop):
+        return self.gateway, tail
+
+    async def _listen(self, gateway: Gateway, tail: StoreTail) -> str:
+        """Open the gateway's socket, start taking orders over (as a node) and open the HTTP
+        API; the addresses for the ready line."""
+        host, port = await gateway.start(self.args.host, self.args.port)
+        if self.node is not None:
+            self.node.lease.address = f"{host}:{port}"
+            self.node.lease.start_taking_over()
+            gateway.node_address = self.node.lease.address
+        if self.args.http_port is None:
+            return f"{host}:{port}"
+        self.http = HttpServer(gateway, tail, ready=lambda: not self.stop.is_set())
+        http_host, http_port = await self.http.start(self.args.host, max(self.args.http_port, 0))
+        return f"{host}:{port} http={http_host}:{http_port}"
+
+    async def _serve_until_stopped(self, gateway: Gateway) -> int:
+        """Serve until a signal (then drain) or, as a node, until the lease is lost."""
+        node = self.node
+        if node is not None and await node.watch(self.stop):
             _say(
                 f"{node.lease.lost()}: stopped driving orders; the other nodes take them "
                 f"over. Exiting with status {EXIT_LEASE_LOST}; start it again to rejoin."
             )
-            await node.stop_driving(bridge)
+            await node.stop_driving(self.bridge)
             return EXIT_LEASE_LOST
-        await stop.wait()
+        await self.stop.wait()
         _say(
             f"stopping: no new orders; letting the orders in flight finish (up to "
-            f"{args.drain_timeout:g} s; a second Ctrl-C stops at once)"
+            f"{self.args.drain_timeout:g} s; a second Ctrl-C stops at once)"
         )
-        left = await gateway.drain(args.drain_timeout, hurry)
+        left = await gateway.drain(self.args.drain_timeout, self.hurry)
         if left:
             _say(f"stopping with {left} orders in flight; they resume on the next start")
         return 0
-    finally:
-        if http is not None:
-            await http.close()
-        if gateway is not None:
-            await gateway.close()
-        if tail is not None:
-            tail.stop()
-        await loop.run_in_executor(None, bridge.stop)
-        if node is not None:
+
+    async def close(self) -> None:
+        """Stop what the steps started, the HTTP API first and the lease last."""
+        if self.http is not None:
+            await self.http.close()
+        if self.gateway is not None:
+            await self.gateway.close()
+        if self.tail is not None:
+            self.tail.stop()
+        await self.loop.run_in_executor(None, self.bridge.stop)
+        if self.node is not None:
             # After the actors stopped: a released lease lets another node take the orders
             # left in flight over at once.
-            await loop.run_in_executor(None, node.close)
+            await self.loop.run_in_executor(None, self.node.close)
 
 
 class Node:
