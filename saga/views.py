@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from messages.base import OrderStatus, iso_utc
@@ -41,48 +41,61 @@ def order_view(order_id: str, events: Sequence[Event]) -> dict[str, Any]:
         "last_event": type(events[-1]).__name__ if events else None,
     }
     for event in events:
-        if isinstance(event, OrderPlaced):
-            view.update(
-                customer_id=event.customer_id,
-                total_amount=str(event.total_amount),
-                payment_method=event.payment_method,
-                placed_at=iso_utc(event.placed_at),
-            )
-            if event.shipping is not None:
-                view["shipping"] = event.shipping.model_dump(mode="json")
-        elif isinstance(event, InventoryReserved):
-            view["reservation_id"] = event.reservation_id
-        elif isinstance(event, InventoryUnavailable):
-            view["unavailable_items"] = [item.model_dump() for item in event.unavailable_items]
-        elif isinstance(event, PaymentProcessed):
-            view["payment_id"] = event.payment_id
-        elif isinstance(event, PaymentFailed):
-            view["payment_failure"] = event.reason
-        elif isinstance(event, InventoryReleased):
-            view["inventory_released"] = True
-        elif isinstance(event, PaymentRefunded):
-            view["refunded_payment_id"] = event.payment_id
-        elif isinstance(event, ShipmentFailed):
-            view["shipment_failure"] = event.reason
-        elif isinstance(event, OrderShipped):
-            view.update(
-                shipment_id=event.shipment_id,
-                carrier=event.carrier,
-                tracking_number=event.tracking_number,
-                shipped_at=iso_utc(event.shipped_at),
-            )
         status = status_of_terminal(event)
         if status is not None:
             view["status"] = status
-            if isinstance(event, OrderCancelled):
-                view["reason"] = event.reason
-                view["refund_issued"] = event.refund_issued
-                view["cancelled_by"] = event.cancelled_by
-            elif isinstance(event, OrderFulfillmentFailed):
-                view["reason"] = event.error_message
-            elif isinstance(event, OrderPaid):
-                view["amount"] = str(event.amount)
+        fields = _VIEW_FIELDS.get(type(event))
+        if fields is not None:
+            view.update(fields(event))
     return view
+
+
+def _placed(event: OrderPlaced) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "customer_id": event.customer_id,
+        "total_amount": str(event.total_amount),
+        "payment_method": event.payment_method,
+        "placed_at": iso_utc(event.placed_at),
+    }
+    if event.shipping is not None:
+        fields["shipping"] = event.shipping.model_dump(mode="json")
+    return fields
+
+
+def _shipped(event: OrderShipped) -> dict[str, Any]:
+    return {
+        "shipment_id": event.shipment_id,
+        "carrier": event.carrier,
+        "tracking_number": event.tracking_number,
+        "shipped_at": iso_utc(event.shipped_at),
+    }
+
+
+def _cancelled(event: OrderCancelled) -> dict[str, Any]:
+    return {
+        "reason": event.reason,
+        "refund_issued": event.refund_issued,
+        "cancelled_by": event.cancelled_by,
+    }
+
+
+# What each event adds to the view (after a terminal event's status).
+_VIEW_FIELDS: dict[type[Event], Callable[[Any], dict[str, Any]]] = {
+    OrderPlaced: _placed,
+    InventoryReserved: lambda e: {"reservation_id": e.reservation_id},
+    InventoryUnavailable: lambda e: {
+        "unavailable_items": [item.model_dump() for item in e.unavailable_items]
+    },
+    PaymentProcessed: lambda e: {"payment_id": e.payment_id},
+    PaymentFailed: lambda e: {"payment_failure": e.reason},
+    InventoryReleased: lambda _: {"inventory_released": True},
+    PaymentRefunded: lambda e: {"refunded_payment_id": e.payment_id},
+    ShipmentFailed: lambda e: {"shipment_failure": e.reason},
+    OrderShipped: _shipped,
+    OrderCancelled: _cancelled,
+    OrderFulfillmentFailed: lambda e: {"reason": e.error_message},
+    OrderPaid: lambda e: {"amount": str(e.amount)},
+}
 
 
 def event_view(stored: StoredEvent) -> dict[str, Any]:
