@@ -229,42 +229,56 @@ class StoreTail:
         changed: dict[str, OrderSummary],
         events: list[dict[str, Any]] | None,
     ) -> None:
-        stream, kind, at = stored.stream, stored.type, stored.recorded_at
-        counting = at >= self._count_from
-        derived = self._metrics
+        stream = stored.stream
         if stream.startswith("payment-"):
-            if counting and kind in metrics.COMPENSATION_KIND:
-                derived.compensations[metrics.COMPENSATION_KIND[kind]] += 1
-            if events is not None:
-                events.append(self._event_entry(stream[len("payment-") :], stored))
+            self._apply_payment(stored, events)
             return
         if not stream.startswith("order-"):
             return
         order_id = stream[len("order-") :]
         if events is not None:
             events.append(self._event_entry(order_id, stored))
-        if kind == "OrderPlaced":
-            placed = _fields(stored)
-            order = OrderSummary(
-                order_id=order_id,
-                position=stored.position,
-                placed_at=at,
-                customer_id=placed["customer_id"],
-                total_amount=placed["total_amount"],
-                payment_method=placed["payment_method"],
-                updated_at=at,
-            )
-            self._orders[order_id] = order
-            self._all.add(order)
-            self._by_customer.setdefault(order.customer_id, _Sequence()).add(order)
-            self._pending += 1
-            self._second.placed += 1
-            changed[order_id] = order
-            return
-        found = self._orders.get(order_id)
-        if found is None:
-            return  # a stream that does not start with OrderPlaced: the audit reports it
-        order = found
+        if stored.type == "OrderPlaced":
+            order = self._place(order_id, stored)
+        else:
+            found = self._orders.get(order_id)
+            if found is None:
+                return  # a stream that does not start with OrderPlaced: the audit reports it
+            order = found
+            self._advance(order, stored)
+        changed[order_id] = order
+
+    def _apply_payment(self, stored: StoredEvent, events: list[dict[str, Any]] | None) -> None:
+        kind = stored.type
+        if stored.recorded_at >= self._count_from and kind in metrics.COMPENSATION_KIND:
+            self._metrics.compensations[metrics.COMPENSATION_KIND[kind]] += 1
+        if events is not None:
+            events.append(self._event_entry(stored.stream[len("payment-") :], stored))
+
+    def _place(self, order_id: str, stored: StoredEvent) -> OrderSummary:
+        """A new order in the index (its OrderPlaced)."""
+        placed, at = _fields(stored), stored.recorded_at
+        order = OrderSummary(
+            order_id=order_id,
+            position=stored.position,
+            placed_at=at,
+            customer_id=placed["customer_id"],
+            total_amount=placed["total_amount"],
+            payment_method=placed["payment_method"],
+            updated_at=at,
+        )
+        self._orders[order_id] = order
+        self._all.add(order)
+        self._by_customer.setdefault(order.customer_id, _Sequence()).add(order)
+        self._pending += 1
+        self._second.placed += 1
+        return order
+
+    def _advance(self, order: OrderSummary, stored: StoredEvent) -> None:
+        """A later event of a known order: the step's time, and the outcome if it ends it."""
+        kind, at = stored.type, stored.recorded_at
+        counting = at >= self._count_from
+        derived = self._metrics
         if counting:
             step = metrics.STEP_OF_EVENT.get(kind)
             if step is not None:
@@ -273,17 +287,20 @@ class StoreTail:
                 derived.compensations[metrics.COMPENSATION_KIND[kind]] += 1
         order.last_type, order.version, order.updated_at = kind, stored.version, at
         if kind in TERMINAL_TYPE_NAMES and order.status == OrderStatus.PENDING:
-            order.status = _STATUS_OF_TYPE[kind]
-            if kind != "OrderPaid":
-                fields = _fields(stored)
-                order.reason = fields.get("reason", fields.get("error_message"))
-            self._pending -= 1
-            self._second.completed += 1
-            self._second.latencies.append(at - order.placed_at)
-            if counting:
-                derived.orders[order.status] += 1
-                derived.order_seconds.observe(max(at - order.placed_at, 0.0))
-        changed[order_id] = order
+            self._finish(order, stored, counting)
+
+    def _finish(self, order: OrderSummary, stored: StoredEvent, counting: bool) -> None:
+        kind, at = stored.type, stored.recorded_at
+        order.status = _STATUS_OF_TYPE[kind]
+        if kind != "OrderPaid":
+            fields = _fields(stored)
+            order.reason = fields.get("reason", fields.get("error_message"))
+        self._pending -= 1
+        self._second.completed += 1
+        self._second.latencies.append(at - order.placed_at)
+        if counting:
+            self._metrics.orders[order.status] += 1
+            self._metrics.order_seconds.observe(max(at - order.placed_at, 0.0))
 
     @staticmethod
     def _event_entry(order_id: str, stored: StoredEvent) -> dict[str, Any]:
