@@ -41,7 +41,16 @@ from runtime.bridge import ActorBridge, configure
 from runtime.lease import DEFAULT_TTL, NodeLease, acquire, default_node_id
 from runtime.logs import FORMATS, log_config
 from runtime.proc_tree import RUN_MARKER
-from store import EventStore, Fence, LeaseHeldError, describe, open_store, sqlite_path, store_url
+from store import (
+    EventStore,
+    Fence,
+    LeaseHeldError,
+    PostgresOptions,
+    describe,
+    open_store,
+    sqlite_path,
+    store_url,
+)
 from store.records import StoreError
 
 ORDERS = order_stream("")
@@ -399,7 +408,7 @@ class Node:
     def join(cls, args: argparse.Namespace, bridge: ActorBridge) -> Node:
         """Take the node id's lease (waiting out a previous incarnation's), adopt unfinished
         orders nobody owns (placed before there were nodes), and start renewing."""
-        store = open_store(args.store, pool_size=2)
+        store = open_store(args.store, postgres=PostgresOptions(pool_size=2))
         try:
             address = f"{args.host}:{args.port}"
             epoch = acquire(store, args.node_id, address, args.lease_ttl)

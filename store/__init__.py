@@ -4,6 +4,7 @@ from store.codec import CODEC, EventCodec
 from store.factory import describe, is_store_url, open_store, sqlite_path, store_url
 from store.interface import EventStore
 from store.memory import InMemoryEventStore
+from store.postgres import PostgresOptions
 from store.records import (
     NO_STREAM,
     AppendRequest,
@@ -37,6 +38,7 @@ __all__ = [
     "MultiAppend",
     "NewEvent",
     "NodeLease",
+    "PostgresOptions",
     "SqliteEventStore",
     "StoreError",
     "StoredEvent",

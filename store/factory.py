@@ -82,7 +82,7 @@ def open_store(
 
     ``readonly`` stores refuse appends (SQLite opens the file read-only, so it must exist);
     ``synchronous`` is SQLite's durability mode; other ``options`` go to the backend's
-    constructor (e.g. ``pool_size`` for PostgreSQL).
+    constructor (e.g. ``postgres=PostgresOptions(pool_size=2)`` for PostgreSQL).
     """
     if url.startswith(MEMORY_PREFIX):
         return _open_memory(url[len(MEMORY_PREFIX) :], readonly=readonly)

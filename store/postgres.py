@@ -38,6 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -178,12 +179,23 @@ def migrate(conn: psycopg.Connection[Any], upto: int = SCHEMA_VERSION) -> int:
     return found
 
 
+@dataclass(frozen=True)
+class PostgresOptions:
+    """How a PostgreSQL store uses its server: ``pool_size`` connections at most,
+    ``connect_timeout`` seconds to get the first one on open, and a subscriber's fallback poll
+    every ``poll_interval`` seconds (module docstring, live delivery)."""
+
+    pool_size: int = 4
+    connect_timeout: float = 30.0
+    poll_interval: float = 1.0
+
+
 class PostgresEventStore(EventStore):
     """An ``EventStore`` in a PostgreSQL database (see the module docstring).
 
-    Thread-safe: every call takes a connection from a pool of ``pool_size``. A ``readonly``
-    store neither migrates nor writes (its sessions are read-only) and needs the schema its
-    writer made; a writer creates or upgrades it on open.
+    Thread-safe: every call takes a connection from a pool of ``postgres.pool_size``. A
+    ``readonly`` store neither migrates nor writes (its sessions are read-only) and needs the
+    schema its writer made; a writer creates or upgrades it on open.
     """
 
     def __init__(
@@ -191,9 +203,7 @@ class PostgresEventStore(EventStore):
         url: str,
         *,
         readonly: bool = False,
-        pool_size: int = 4,
-        connect_timeout: float = 30.0,
-        poll_interval: float = 1.0,
+        postgres: PostgresOptions = PostgresOptions(),
         clock: Callable[[], float] = time.time,
         synchronous: str | None = None,
     ) -> None:
@@ -201,7 +211,7 @@ class PostgresEventStore(EventStore):
         self._url = url
         self._readonly = readonly
         self._clock = clock
-        self._poll_interval = poll_interval
+        self._poll_interval = postgres.poll_interval
         self._closed = False
         self._listen_lock = threading.Lock()
         self._listener: psycopg.Connection[Any] | None = None
@@ -212,14 +222,14 @@ class PostgresEventStore(EventStore):
         self._pool = ConnectionPool(
             url,
             min_size=1,
-            max_size=max(pool_size, 1),
+            max_size=max(postgres.pool_size, 1),
             kwargs={"autocommit": True},
             configure=configure,
             open=False,
             name="orders-store",
         )
         try:
-            self._pool.open(wait=True, timeout=connect_timeout)
+            self._pool.open(wait=True, timeout=postgres.connect_timeout)
         except PoolTimeout as e:
             self._pool.close()
             raise StoreError(f"cannot connect to the event store {safe_url(url)}: {e}") from e

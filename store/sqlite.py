@@ -242,9 +242,8 @@ class SqliteEventStore(EventStore):
     def append(self, stream: str, events: Sequence[NewEvent], expected_version: int) -> int:
         """See ``EventStore.append``."""
         with self._write_transaction() as conn:
-            return self._append_in_transaction(
-                conn, stream, events, expected_version, self._clock()
-            )
+            request = AppendRequest(stream, tuple(events), expected_version)
+            return self._append_in_transaction(conn, request, self._clock())
 
     def append_many(self, parts: Sequence[AppendPart]) -> list[int]:
         """See ``EventStore.append_many``."""
@@ -270,17 +269,7 @@ class SqliteEventStore(EventStore):
                             self._append_many_in_transaction(conn, request.parts, now, fence)
                         )
                     else:
-                        results.append(
-                            self._append_in_transaction(
-                                conn,
-                                request.stream,
-                                request.events,
-                                request.expected_version,
-                                now,
-                                owner=request.owner,
-                                fence=fence,
-                            )
-                        )
+                        results.append(self._append_in_transaction(conn, request, now, fence))
                 except StoreError as e:
                     results.append(e)
         return results
@@ -295,18 +284,7 @@ class SqliteEventStore(EventStore):
         """Every part or none: the parts' own savepoints nest in this one."""
         conn.execute("SAVEPOINT many")
         try:
-            versions = [
-                self._append_in_transaction(
-                    conn,
-                    part.stream,
-                    part.events,
-                    part.expected_version,
-                    now,
-                    owner=part.owner,
-                    fence=fence,
-                )
-                for part in parts
-            ]
+            versions = [self._append_in_transaction(conn, part, now, fence) for part in parts]
         except BaseException:
             conn.execute("ROLLBACK TO many")
             conn.execute("RELEASE many")
@@ -317,17 +295,15 @@ class SqliteEventStore(EventStore):
     def _append_in_transaction(
         self,
         conn: sqlite3.Connection,
-        stream: str,
-        events: Sequence[NewEvent],
-        expected_version: int,
+        request: AppendRequest,
         now: float,
-        *,
-        owner: str | None = None,
         fence: Fence | None = None,
     ) -> int:
         """One append inside the open transaction, under a savepoint: a refused append is
         rolled back to it and leaves no trace, not even a used AUTOINCREMENT value (so the
         positions of a group commit are those of its appends committed one by one)."""
+        stream, events, expected_version = request.stream, request.events, request.expected_version
+        owner = request.owner
         validate_append(stream, events, expected_version)
         current = self._head_version(conn, stream)
         if expected_version != current:

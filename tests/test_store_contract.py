@@ -31,6 +31,7 @@ from store import (
     EventStore,
     MultiAppend,
     NewEvent,
+    PostgresOptions,
     SqliteEventStore,
     StoredEvent,
     StoreError,
@@ -795,4 +796,7 @@ def test_postgres_stale_second_node_gets_concurrency_error(pg_server: PgServer) 
 
 def test_postgres_unreachable_server_is_a_store_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="cannot connect"):
-        open_store(f"postgresql://nobody@/x?host={tmp_path}&port=1", connect_timeout=1.0)
+        open_store(
+            f"postgresql://nobody@/x?host={tmp_path}&port=1",
+            postgres=PostgresOptions(connect_timeout=1.0),
+        )
