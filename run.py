@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.http.server import HttpServer
+from gateway.ops import OpsConfig
 from gateway.server import Gateway, GatewayLimits
 from messages.commands import Configure, LeaseLost, TakeOver
 from messages.events import FINAL_TYPE_NAMES, order_id_of, order_stream
@@ -336,14 +337,8 @@ class _Serving:
         # One reader follows the store for list_orders, the metrics and the console's feed.
         tail = self.tail = StoreTail(lambda: open_store(args.store, readonly=True))
         tail.start()
-        self.gateway = Gateway(
-            self.bridge,
-            args.store,
-            limits=limits,
-            admin_token=args.admin_token,
-            orders=tail,
-            node_id=args.node_id,
-        )
+        ops = OpsConfig(admin_token=args.admin_token, orders=tail, node_id=args.node_id)
+        self.gateway = Gateway(self.bridge, args.store, limits=limits, ops=ops)
         return self.gateway, tail
 
     async def _listen(self, gateway: Gateway, tail: StoreTail) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from gateway.asking import ManagerClient
@@ -58,25 +59,27 @@ def expect(reply: Any, kind: type[_Reply]) -> _Reply:
     return reply
 
 
+@dataclass(frozen=True)
+class OpsConfig:
+    """What the ops know of the node they serve, beyond its actors and its store."""
+
+    admin_token: str | None = None  # required by the admin ops; None: not required
+    orders: StoreTail | None = None  # the order index behind list_orders (observability.tail)
+    node_id: str | None = None  # this node's id on a shared store
+
+
 class Ops:
     """The op handlers, over the OrderManager (`manager`) and the store's reads (`reads`)."""
 
     def __init__(
-        self,
-        manager: ManagerClient,
-        reads: StoreReads,
-        base: str,
-        admin_token: str | None,
-        orders: StoreTail | None = None,
-        *,
-        node_id: str | None = None,
+        self, manager: ManagerClient, reads: StoreReads, base: str, config: OpsConfig
     ) -> None:
         self._manager = manager
         self._reads = reads
-        self._orders = orders  # the order index behind list_orders (observability.tail)
+        self._orders = config.orders
         self._base = base
-        self._admin_token = admin_token
-        self._node_id = node_id
+        self._admin_token = config.admin_token
+        self._node_id = config.node_id
         self.address = ""  # this gateway's host:port, once it listens
         self.accepting_orders = True
 

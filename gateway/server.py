@@ -23,11 +23,10 @@ from pydantic import BaseModel
 from gateway.asking import Bridge, ManagerClient
 from gateway.clock import Clock, LoopClock
 from gateway.connection import Connection
-from gateway.ops import Ops
+from gateway.ops import Ops, OpsConfig
 from gateway.parsing import Parser
 from gateway.reads import StoreReads
 from messages.wire import MAX_FRAME
-from observability.tail import StoreTail
 from store import open_store
 
 log = logging.getLogger("orders.gateway")
@@ -93,7 +92,8 @@ class Gateway:
     """The client interface: ops of DESIGN.md section 6 over length-prefixed msgpack frames.
 
     `clock` runs the deadlines (the event loop's by default); `bridge` is an
-    ``runtime.bridge.ActorBridge`` or anything with its ``Bridge`` interface.
+    ``runtime.bridge.ActorBridge`` or anything with its ``Bridge`` interface; `ops` says what the
+    ops know of the node (admin token, order index, node id; by default none of them).
     """
 
     def __init__(
@@ -102,10 +102,8 @@ class Gateway:
         store_url: str,
         *,
         limits: GatewayLimits,
-        admin_token: str | None = None,
+        ops: OpsConfig | None = None,
         clock: Clock | None = None,
-        node_id: str | None = None,
-        orders: StoreTail | None = None,
     ) -> None:
         self._store_url = store_url
         self._limits = limits
@@ -118,7 +116,7 @@ class Gateway:
             max_in_flight=limits.max_in_flight,
             saturated_wait=limits.saturated_wait,
         )
-        self._ops = Ops(manager, self._reads, bridge.base, admin_token, orders, node_id=node_id)
+        self._ops = Ops(manager, self._reads, bridge.base, ops or OpsConfig())
         self._table = self._ops.table()
         self.connections = Connections(limits.max_connections, self._clock)
         self._server: asyncio.base_events.Server | None = None
