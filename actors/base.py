@@ -83,7 +83,7 @@ class Appender:
         self._pending: dict[str, tuple[AppendToStream | AppendToStreams, AppendCallback]] = {}
         self.store: Any = None
 
-    def append(
+    def append(  # noqa: PLR0913 - the fields of the AppendToStream it sends, and its callback
         self,
         stream: str,
         events: Sequence[Event],

@@ -532,7 +532,7 @@ def _record_compensation(state: SagaState, env: Env) -> tuple[SagaState, list[Co
     return _record(state, events, "finish", env, final=state.outcome or OrderStatus.FAILED)
 
 
-def compensation_events(
+def compensation_events(  # noqa: PLR0913 - keywords name each fact; saga/supervision.py calls it too
     order: OrderPlaced,
     *,
     outcome: OrderStatus,

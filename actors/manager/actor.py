@@ -187,7 +187,7 @@ class OrderManager(BaseActor):
         """Whether new orders are accepted now (booted, not draining)."""
         return not self._draining and self._boot is None and self._parts is not None
 
-    def append(
+    def append(  # noqa: PLR0913 - Appender.append's fields, ids and owner optional
         self,
         stream: str,
         events: Sequence[Event],
