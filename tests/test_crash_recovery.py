@@ -199,7 +199,7 @@ def test_kill_store_process_while_orders_flow(start_server: Callable[..., Server
 MIX = ["tok_visa"] * 8 + ["tok_chargeDeclined", "tok_timeout"]
 
 
-def crash_cycles(
+def crash_cycles(  # noqa: PLR0913 - the fixtures, then each soak's knobs by keyword
     start_server: Callable[..., Server],
     tmp_path: Path,
     *,

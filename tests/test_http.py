@@ -62,25 +62,7 @@ def test_orders_of_every_outcome_through_http(start_server: Callable[..., Server
             view = http.get(f"/orders/{order_id}").json()
             assert (view["order_id"], view["status"]) == (order_id, OUTCOMES[token])
 
-        # the list: newest first, filters, pages with a cursor
-        listed = http.get("/orders").json()["orders"]
-        assert [o["order_id"] for o in listed] == [quick, *reversed(list(ids.values()))]
-        assert "next_cursor" not in http.get("/orders").json()
-        cancelled = http.get("/orders", params={"status": "cancelled"}).json()["orders"]
-        assert {o["order_id"] for o in cancelled} == {
-            ids[t] for t, s in OUTCOMES.items() if s == "cancelled"
-        }
-        mine = http.get("/orders", params={"customer_id": "c-tok_error"}).json()["orders"]
-        assert [(o["order_id"], o["status"]) for o in mine] == [(ids["tok_error"], "failed")]
-        seen, cursor = [], None
-        while True:
-            params: dict[str, Any] = {"limit": 2} | ({"cursor": cursor} if cursor else {})
-            page = http.get("/orders", params=params).json()
-            seen += [o["order_id"] for o in page["orders"]]
-            cursor = page.get("next_cursor")
-            if cursor is None:
-                break
-        assert seen == [o["order_id"] for o in listed]
+        _check_order_list(http, ids, quick)
 
         events = http.get(f"/orders/{ids['tok_chargeDeclined']}/events").json()["events"]
         assert [e["type"] for e in events] == [
@@ -91,48 +73,13 @@ def test_orders_of_every_outcome_through_http(start_server: Callable[..., Server
             "OrderCancelled",
         ]
 
-        # tok_late: the charge lands after the order was cancelled and is refunded in the
-        # payment stream; the timeline shows both beside the order's events
-        late = ids["tok_late"]
-
-        def late_refund() -> dict[str, Any] | None:
-            entries = http.get(f"/orders/{late}/timeline").json()["entries"]
-            refunds = [e for e in entries if e["type"] == "ChargeRefunded"]
-            return refunds[0] if refunds else None
-
-        refund = wait_until(late_refund, timeout=10)
-        assert (refund["source"], refund["compensation"]) == ("payment", True)
-        entries = http.get(f"/orders/{late}/timeline").json()["entries"]
-        times = [e["time"] for e in entries]
-        assert times == sorted(times)
-        assert all(e["duration_ms"] >= 0 for e in entries)
-        kinds = {(e["type"], e["source"], e["compensation"]) for e in entries}
-        assert ("InventoryReleased", "order", True) in kinds
-        assert ("ChargeSucceeded", "payment", False) in kinds
-        assert ("OrderCancelled", "order", False) in kinds
+        _check_late_refund_timeline(http, ids["tok_late"])
 
         # the same list over the msgpack gateway
         page = server.client().call("list_orders", {"status": "failed"})
         assert [o["order_id"] for o in page["orders"]] == [ids["tok_error"]]
 
-        # metrics after the mixed run
-        text = http.get("/metrics").text
-        assert _metric(text, "orders_total", outcome="paid") == 2
-        assert _metric(text, "orders_total", outcome="cancelled") == 3
-        assert _metric(text, "orders_total", outcome="failed") == 1
-        assert _metric(text, "orders_in_flight") == 0
-        released = sum(1 for s in OUTCOMES.values() if s != "paid")
-        assert _metric(text, "compensations_total", kind="inventory_released") == released
-        assert _metric(text, "compensations_total", kind="charge_refunded") == 1  # tok_late
-        assert _metric(text, "compensations_total", kind="payment_voided") >= 2
-        assert _metric(text, "order_step_seconds_count", step="reserve") == 6
-        assert _metric(text, "order_step_seconds_count", step="record") == 6
-        assert _metric(text, "order_seconds_count") == 6
-        assert _metric(text, "store_commit_seconds_count") > 0
-        assert _metric(text, "store_batch_size_sum") >= _metric(text, "store_batch_size_count")
-        # nothing died in this run (tok_error's failure is a reply, not a death): exported, 0
-        assert "# TYPE supervision_restarts_total counter" in text
-        assert _metric(text, "supervision_restarts_total", actor="saga") == 0
+        _check_metrics_after_the_mix(http.get("/metrics").text)
 
         assert http.get("/audit").json()["ok"] is True
         assert http.get("/healthz").json() == {"status": "ok"}
@@ -142,6 +89,69 @@ def test_orders_of_every_outcome_through_http(start_server: Callable[..., Server
             spec["paths"]
         )
         assert "PlaceOrderBody" in spec["components"]["schemas"]
+
+
+def _check_order_list(http: httpx.Client, ids: dict[str, str], quick: str) -> None:
+    """`GET /orders` after the mix: newest first, filters, pages with a cursor."""
+    listed = http.get("/orders").json()["orders"]
+    assert [o["order_id"] for o in listed] == [quick, *reversed(list(ids.values()))]
+    assert "next_cursor" not in http.get("/orders").json()
+    cancelled = http.get("/orders", params={"status": "cancelled"}).json()["orders"]
+    assert {o["order_id"] for o in cancelled} == {
+        ids[t] for t, s in OUTCOMES.items() if s == "cancelled"
+    }
+    mine = http.get("/orders", params={"customer_id": "c-tok_error"}).json()["orders"]
+    assert [(o["order_id"], o["status"]) for o in mine] == [(ids["tok_error"], "failed")]
+    seen, cursor = [], None
+    while True:
+        params: dict[str, Any] = {"limit": 2} | ({"cursor": cursor} if cursor else {})
+        page = http.get("/orders", params=params).json()
+        seen += [o["order_id"] for o in page["orders"]]
+        cursor = page.get("next_cursor")
+        if cursor is None:
+            break
+    assert seen == [o["order_id"] for o in listed]
+
+
+def _check_late_refund_timeline(http: httpx.Client, late: str) -> None:
+    """tok_late: the charge lands after the order was cancelled and is refunded in the
+    payment stream; the timeline shows both beside the order's events."""
+
+    def late_refund() -> dict[str, Any] | None:
+        entries = http.get(f"/orders/{late}/timeline").json()["entries"]
+        refunds = [e for e in entries if e["type"] == "ChargeRefunded"]
+        return refunds[0] if refunds else None
+
+    refund = wait_until(late_refund, timeout=10)
+    assert (refund["source"], refund["compensation"]) == ("payment", True)
+    entries = http.get(f"/orders/{late}/timeline").json()["entries"]
+    times = [e["time"] for e in entries]
+    assert times == sorted(times)
+    assert all(e["duration_ms"] >= 0 for e in entries)
+    kinds = {(e["type"], e["source"], e["compensation"]) for e in entries}
+    assert ("InventoryReleased", "order", True) in kinds
+    assert ("ChargeSucceeded", "payment", False) in kinds
+    assert ("OrderCancelled", "order", False) in kinds
+
+
+def _check_metrics_after_the_mix(text: str) -> None:
+    """The metrics after one order of each outcome (and the quick one)."""
+    assert _metric(text, "orders_total", outcome="paid") == 2
+    assert _metric(text, "orders_total", outcome="cancelled") == 3
+    assert _metric(text, "orders_total", outcome="failed") == 1
+    assert _metric(text, "orders_in_flight") == 0
+    released = sum(1 for s in OUTCOMES.values() if s != "paid")
+    assert _metric(text, "compensations_total", kind="inventory_released") == released
+    assert _metric(text, "compensations_total", kind="charge_refunded") == 1  # tok_late
+    assert _metric(text, "compensations_total", kind="payment_voided") >= 2
+    assert _metric(text, "order_step_seconds_count", step="reserve") == 6
+    assert _metric(text, "order_step_seconds_count", step="record") == 6
+    assert _metric(text, "order_seconds_count") == 6
+    assert _metric(text, "store_commit_seconds_count") > 0
+    assert _metric(text, "store_batch_size_sum") >= _metric(text, "store_batch_size_count")
+    # nothing died in this run (tok_error's failure is a reply, not a death): exported, 0
+    assert "# TYPE supervision_restarts_total counter" in text
+    assert _metric(text, "supervision_restarts_total", actor="saga") == 0
 
 
 def test_errors_are_problem_documents(start_server: Callable[..., Server]) -> None:

@@ -7,7 +7,7 @@ so every event it records and every command it issues is known exactly.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -1133,65 +1133,87 @@ class World:
 
     def act(self, kind: str, n: int) -> int:
         """Deliver one thing to the saga (if it makes sense); how many commands followed."""
-        if kind in ("reserved", "refused"):
-            if not self.answer("reserve"):
-                return 0
-            if self.inventory is None and not self.fenced:
-                self.inventory = "held" if kind == "reserved" else "short"
-                self.held = kind == "reserved"
-            return self.feed(self.inventory_reply())
-        if kind in ("charged", "declined"):
-            if not self.answer("charge"):
-                return 0
-            if self.payment is None and not self.voided:
-                self.payment = "charged" if kind == "charged" else "declined"
-            return self.feed(self.payment_reply())
-        if kind == "released":
-            if not self.answer("release"):
-                return 0
-            self.held = False
-            self.fenced = True
-            given_back = RES_ID if self.inventory == "held" else None
-            return self.feed(InventoryReleasedReply(order_id=ORDER_ID, reservation_id=given_back))
-        if kind == "voided":
-            if not self.answer("void"):
-                return 0
-            self.voided = True
-            if self.payment == "charged":
-                self.refunded = True
-                return self.feed(
-                    PaymentVoidedReply(order_id=ORDER_ID, refunded_payment_id=PAY_ID, amount=TOTAL)
-                )
+        handlers: dict[str, Callable[[str, int], int]] = {
+            "reserved": self.inventory_answer,
+            "refused": self.inventory_answer,
+            "charged": self.payment_answer,
+            "declined": self.payment_answer,
+            "released": self.release_answer,
+            "voided": self.void_answer,
+            "ack": self.store_answer,
+            "commit_lost": self.reply_lost,
+            "lost": self.message_lost,
+            "cancel": self.customer_cancels,
+            "timeout": lambda _kind, _n: self.feed(TimedOut(token=self.timer)),
+            "random_timeout": lambda _kind, n: self.feed(TimedOut(token=n)),
+        }
+        return handlers.get(kind, self.service_fails)(kind, n)
+
+    def inventory_answer(self, kind: str, n: int) -> int:
+        if not self.answer("reserve"):
+            return 0
+        if self.inventory is None and not self.fenced:
+            self.inventory = "held" if kind == "reserved" else "short"
+            self.held = kind == "reserved"
+        return self.feed(self.inventory_reply())
+
+    def payment_answer(self, kind: str, n: int) -> int:
+        if not self.answer("charge"):
+            return 0
+        if self.payment is None and not self.voided:
+            self.payment = "charged" if kind == "charged" else "declined"
+        return self.feed(self.payment_reply())
+
+    def release_answer(self, kind: str, n: int) -> int:
+        if not self.answer("release"):
+            return 0
+        self.held = False
+        self.fenced = True
+        given_back = RES_ID if self.inventory == "held" else None
+        return self.feed(InventoryReleasedReply(order_id=ORDER_ID, reservation_id=given_back))
+
+    def void_answer(self, kind: str, n: int) -> int:
+        if not self.answer("void"):
+            return 0
+        self.voided = True
+        if self.payment == "charged":
+            self.refunded = True
             return self.feed(
-                PaymentVoidedReply(order_id=ORDER_ID, refunded_payment_id=None, amount=None)
+                PaymentVoidedReply(order_id=ORDER_ID, refunded_payment_id=PAY_ID, amount=TOTAL)
             )
-        if kind == "ack":
-            version = self.store_commit()
-            return 0 if version is None else self.feed(Appended(version=version))
-        if kind == "commit_lost":
-            self.store_commit(reply=False)
-            return 0
-        if kind == "lost":
-            # A request or its reply vanishes without a word (a lost message): only the step
-            # timer can bring the saga back.
-            targets = [r for r, count in self.in_flight.items() if count > 0]
-            targets += ["append"] if self.sends else []
-            if targets:
-                target = targets[n % len(targets)]
-                if target == "append":
-                    del self.sends[0]
-                else:
-                    self.in_flight[target] -= 1
-            return 0
-        if kind == "cancel":
-            paying = any(isinstance(e, OrderPaid) for a in self.issued.values() for e in a.events)
-            self.cancel_before_pay = self.cancel_before_pay or not paying
-            self.cancelled = True
-            return self.feed(CancelRequested(reason="changed my mind"))
-        if kind == "timeout":
-            return self.feed(TimedOut(token=self.timer))
-        if kind == "random_timeout":
-            return self.feed(TimedOut(token=n))
+        return self.feed(
+            PaymentVoidedReply(order_id=ORDER_ID, refunded_payment_id=None, amount=None)
+        )
+
+    def store_answer(self, kind: str, n: int) -> int:
+        version = self.store_commit()
+        return 0 if version is None else self.feed(Appended(version=version))
+
+    def reply_lost(self, kind: str, n: int) -> int:
+        self.store_commit(reply=False)
+        return 0
+
+    def message_lost(self, kind: str, n: int) -> int:
+        """A request or its reply vanishes without a word (a lost message): only the step
+        timer can bring the saga back."""
+        targets = [r for r, count in self.in_flight.items() if count > 0]
+        targets += ["append"] if self.sends else []
+        if targets:
+            target = targets[n % len(targets)]
+            if target == "append":
+                del self.sends[0]
+            else:
+                self.in_flight[target] -= 1
+        return 0
+
+    def customer_cancels(self, kind: str, n: int) -> int:
+        paying = any(isinstance(e, OrderPaid) for a in self.issued.values() for e in a.events)
+        self.cancel_before_pay = self.cancel_before_pay or not paying
+        self.cancelled = True
+        return self.feed(CancelRequested(reason="changed my mind"))
+
+    def service_fails(self, kind: str, n: int) -> int:
+        """A service failed a step or was restarted: its requests in flight are lost."""
         service = SERVICES[n % len(SERVICES)]
         self.lose_requests(service)
         if kind == "step_failed":

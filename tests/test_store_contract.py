@@ -365,6 +365,16 @@ WRITERS = 6
 APPENDS_PER_WRITER = 120
 
 
+def _whole_log(reader: EventStore) -> list[StoredEvent]:
+    """Every event in the store, read page by page."""
+    everything: list[StoredEvent] = []
+    page = reader.read_all(0, 1000)
+    while page:
+        everything.extend(page)
+        page = reader.read_all(page[-1].position, 1000)
+    return everything
+
+
 def test_read_all_never_skips_with_concurrent_writers(store_url: str) -> None:
     """Writers on separate connections (separate pools: as separate nodes would) commit
     while a reader follows read_all; every event the reader ever sees must come after
@@ -414,11 +424,7 @@ def test_read_all_never_skips_with_concurrent_writers(store_url: str) -> None:
     tail.join()
     try:
         assert not errors, errors
-        everything: list[StoredEvent] = []
-        page = reader.read_all(0, 1000)
-        while page:
-            everything.extend(page)
-            page = reader.read_all(page[-1].position, 1000)
+        everything = _whole_log(reader)
         assert len(everything) >= WRITERS * APPENDS_PER_WRITER * 2
         assert [e.position for e in seen] == [e.position for e in everything]
         assert seen == everything

@@ -6,6 +6,7 @@ A fixed clock and counter-based event ids make every event the policy records kn
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -462,47 +463,86 @@ class World:
         return any(status_of_terminal(e) is not None for e in self.stream)
 
     def act(self, kind: str) -> None:
-        if kind == "fail":
-            if self.saga_running:
-                self.saga_running = False
-                if self.sup.state.stage != Stage.GIVING_UP:
-                    self.fails_before_giving_up += 1
-                self.feed(SagaFailed(reason="boom"))
-        elif kind == "retry" and self.retry_armed:
+        """Deliver one thing to the supervisor, if it makes sense now."""
+        handlers: dict[str, Callable[[str], None]] = {
+            "fail": self.saga_fails,
+            "retry": self.retry_due,
+            "recheck": self.recheck_due,
+            "release": self.service_answers,
+            "void": self.service_answers,
+            "duplicate": self.duplicate_reply,
+            "lose": self.request_lost,
+            "commit": self.store_commits,
+            "conflict_fence": self.saga_append_lands,
+            "conflict_end": self.saga_append_lands,
+            "store_error": self.store_fails,
+            "read_fails": self.next_read_fails,
+        }
+        handler = handlers.get(kind)
+        if handler is not None:
+            handler(kind)
+
+    def saga_fails(self, kind: str) -> None:
+        if self.saga_running:
+            self.saga_running = False
+            if self.sup.state.stage != Stage.GIVING_UP:
+                self.fails_before_giving_up += 1
+            self.feed(SagaFailed(reason="boom"))
+
+    def retry_due(self, kind: str) -> None:
+        if self.retry_armed:
             self.retry_armed = False
             self.feed(RetryDue())
-        elif kind == "recheck" and self.rechecks:
+
+    def recheck_due(self, kind: str) -> None:
+        if self.rechecks:
             self.rechecks -= 1
             self.feed(RecheckDue())
-        elif kind in ("release", "void") and kind in self.requests:
-            self.requests.remove(kind)
-            reply: SupervisionInput
-            if kind == "release":
-                held = any(isinstance(e, InventoryReserved) for e in self.stream)
-                reply = released(RES_ID if held else None)
-            else:
-                reply = voided(self.charged)
-            self.replies.append(reply)
-            self.feed(reply)
-        elif kind == "duplicate" and self.replies:
+
+    def service_answers(self, kind: str) -> None:
+        """Inventory answers a release, or Payment a void, that is in flight."""
+        if kind not in self.requests:
+            return
+        self.requests.remove(kind)
+        reply: SupervisionInput
+        if kind == "release":
+            held = any(isinstance(e, InventoryReserved) for e in self.stream)
+            reply = released(RES_ID if held else None)
+        else:
+            reply = voided(self.charged)
+        self.replies.append(reply)
+        self.feed(reply)
+
+    def duplicate_reply(self, kind: str) -> None:
+        if self.replies:
             self.feed(self.replies[-1])
-        elif kind == "lose" and self.requests:
+
+    def request_lost(self, kind: str) -> None:
+        if self.requests:
             self.requests.pop(0)
-        elif kind == "commit" and self.append is not None:
+
+    def store_commits(self, kind: str) -> None:
+        if self.append is not None:
             self.commit()
-        elif kind in ("conflict_fence", "conflict_end") and not self.terminal():
-            # A dead saga's append lands first: the supervisor's then conflicts.
-            if kind == "conflict_fence":
-                self.stream.append(PaymentFailed(order_id=ORDER_ID, reason="x", failed_at=FIXED))
-            else:
-                self.stream.append(
-                    OrderFulfillmentFailed(order_id=ORDER_ID, error_message="x", failed_at=FIXED)
-                )
-        elif kind == "store_error" and self.append is not None:
+
+    def saga_append_lands(self, kind: str) -> None:
+        """A dead saga's append lands first: the supervisor's then conflicts."""
+        if self.terminal():
+            return
+        if kind == "conflict_fence":
+            self.stream.append(PaymentFailed(order_id=ORDER_ID, reason="x", failed_at=FIXED))
+        else:
+            self.stream.append(
+                OrderFulfillmentFailed(order_id=ORDER_ID, error_message="x", failed_at=FIXED)
+            )
+
+    def store_fails(self, kind: str) -> None:
+        if self.append is not None:
             self.append = None
             self.feed(AppendRejected(ref="r", error="store_error", message="locked"))
-        elif kind == "read_fails":
-            self.read_fails = True
+
+    def next_read_fails(self, kind: str) -> None:
+        self.read_fails = True
 
     def commit(self) -> None:
         append, self.append = self.append, None
