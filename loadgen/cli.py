@@ -23,7 +23,7 @@ from loadgen.options import UsageError, parse_args
 from loadgen.plan import OrderShape, PlannedOrder, arrival_offsets, format_mix, plan_orders
 from loadgen.plot import PlotUnavailableError, require_matplotlib, write_plot
 from loadgen.progress import Progress
-from loadgen.report import fulfilment, render_report, server_figures, summarize
+from loadgen.report import RunShape, fulfilment, render_report, server_figures, summarize
 from loadgen.spawn import SpawnedServer, SpawnError
 from loadgen.stock import apply_changes, check_scarce, describe_changes, stock_changes
 
@@ -193,9 +193,7 @@ def _drive(
             on_tick=server.sample_rss if server is not None else None,
             arrivals=arrival_offsets(len(plan), rate, args.seed) if rate else None,
         ).run()
-        summary = summarize(
-            orders=len(plan),
-            result=result,
+        shape = RunShape(
             base=base,
             concurrency=args.concurrency,
             connections=args.connections,
@@ -204,6 +202,7 @@ def _drive(
             lines=args.lines,
             rate=rate,
         )
+        summary = summarize(len(plan), result, shape)
         summary.update(fulfilment(plan, result))
         if server is not None:
             # Closed loop: orders in flight at the peak are at most `concurrency` (open loop has

@@ -86,7 +86,7 @@ class LoadRun:
     passes, so a lost reply can neither hang the run nor shrink the concurrency.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - keyword-only settings of one run, each optional but two
         self,
         clients: Sequence[Client],
         plan: Sequence[PlannedOrder],

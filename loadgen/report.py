@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from loadgen.drive import LATE_AFTER, RunResult
@@ -40,19 +41,24 @@ def latency_ms(seconds: Sequence[float]) -> dict[str, float | None]:
     return {**figures, "max": round(ordered[-1] * 1000, 3)}
 
 
-def summarize(
-    *,
-    orders: int,
-    result: RunResult,
-    base: str | None,
-    concurrency: int,
-    connections: int,
-    mix: Mapping[str, float],
-    seed: int,
-    lines: int,
-    rate: float | None,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RunShape:
+    """How the run was set up, as the report repeats it: the server's base (None for a target
+    not spawned here), the clients, the order mix and the seed, and the open loop's rate."""
+
+    base: str | None
+    concurrency: int
+    connections: int
+    mix: Mapping[str, float]
+    seed: int
+    lines: int
+    rate: float | None
+
+
+def summarize(orders: int, result: RunResult, shape: RunShape) -> dict[str, Any]:
     """The run's figures; the DESIGN.md keys first, then this tool's own."""
+    base, concurrency, connections = shape.base, shape.concurrency, shape.connections
+    mix, seed, lines, rate = shape.mix, shape.seed, shape.lines, shape.rate
     counts = Counter(result.statuses)
     terminal = sum(counts[s] for s in TERMINAL_STATUSES)
     summary: dict[str, Any] = {

@@ -40,7 +40,7 @@ class SpawnedServer:
     also the process bases' actors that are no children of run.py.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - keyword-only, each one of run.py's options, all defaulted
         self,
         workdir: Path | None = None,
         *,
