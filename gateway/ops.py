@@ -23,7 +23,7 @@ from messages.commands import (
     StockReport,
 )
 from messages.errors import ErrorCode, ServiceError
-from messages.events import TERMINAL_TYPE_NAMES, order_stream, payment_stream
+from messages.events import TERMINAL_TYPE_NAMES, order_stream, payment_stream, shipment_stream
 from messages.requests import (
     AddProductArgs,
     AdminArgs,
@@ -152,12 +152,13 @@ class Ops:
         )
 
     async def timeline(self, args: GetOrderArgs) -> Any:
-        """`timeline`: the order's events and its payment records merged by time."""
+        """`timeline`: the order's events, its payment and shipment records merged by time."""
         order_id = args.order_id
         found = await self._reads.read(
             lambda r: (
                 r.read_stream(order_stream(order_id)),
                 r.read_stream(payment_stream(order_id)),
+                r.read_stream(shipment_stream(order_id)),
             )
         )
         if not found[0]:
