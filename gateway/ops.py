@@ -223,10 +223,16 @@ class Ops:
         has in flight; a store of one node lists this node alone, without a lease."""
         found = await self._reads.read(lambda r: r.nodes(order_stream(""), TERMINAL_TYPE_NAMES))
         if not found:
-            return {
-                "self": self._node_id,
-                "nodes": [{"node_id": self._node_id, "address": self.address, "state": "single"}],
+            single: dict[str, Any] = {
+                "node_id": self._node_id,
+                "address": self.address,
+                "state": "single",
             }
+            if self._orders is not None:  # alone on its store, the node owns every order
+                tail = self._orders
+                owned, in_flight = await self._reads.read(lambda _: tail.counts())
+                single.update(orders_owned=owned, orders_in_flight=in_flight)
+            return {"self": self._node_id, "nodes": [single]}
         return {"self": self._node_id, "nodes": [node_view(n) for n in found]}
 
     async def system_info(self, args: AdminArgs) -> Any:

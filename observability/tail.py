@@ -427,6 +427,12 @@ class StoreTail:
                 page["next_cursor"] = str(sequence.orders[index + 1].position)
             return page
 
+    def counts(self) -> tuple[int, int]:
+        """The orders in the store and how many of them are in flight (read up to now)."""
+        self.catch_up()
+        with self._lock:
+            return len(self._orders), self._pending
+
     def recovering(self) -> int:
         """Orders that were in flight when the tail first read the store and still are (the
         ones this node's recovery drives on); -1 until that first read."""

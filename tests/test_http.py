@@ -314,6 +314,9 @@ def test_cancel_products_and_nodes_through_http(start_server: Callable[..., Serv
         nodes = http.get("/nodes")
         assert nodes.status_code == 200, nodes.text
         assert nodes.json(), "a node on a store of its own lists itself"
+        (single,) = nodes.json()["nodes"]
+        assert (single["state"], single["address"]) == ("single", f"{server.host}:{server.port}")
+        assert (single["orders_owned"], single["orders_in_flight"]) == (2, 0)
 
 
 ADDRESS = {"name": "Ada", "line1": "1 Main St", "city": "Paris", "postal_code": "75001"}
