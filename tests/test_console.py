@@ -192,14 +192,69 @@ def _page(browser: Any, url: str) -> tuple[Any, Any, list[str]]:
     return context, page, problems
 
 
+def _shipped_order(page: Any, order_id: str) -> None:
+    """Its shipment records in a column of their own, payment records beside; no Cancel."""
+    page.click(f'a[href="#/order/{order_id}"]')
+    page.locator("#order-status.shipped").wait_for()
+    created = page.locator('.tl-row[data-type="ShipmentCreated"]')
+    expect(created).to_have_attribute("data-source", "shipment")
+    expect(created.locator(".tl-cell.shipment")).to_have_count(1)
+    expect(page.locator(".tl-head.shipment")).to_have_text(
+        f"Shipment records (shipment-{order_id})"
+    )
+    types = page.locator(".tl-row[data-type]").evaluate_all("r => r.map(x => x.dataset.type)")
+    assert types[-1] == "OrderShipped", types
+    assert "ChargeSucceeded" in types
+    expect(page.locator("#cancel-order")).to_be_hidden()
+    _shot(page, "order-shipped")
+
+
+def _cancel_from_its_page(page: Any, url: str, order_id: str) -> None:
+    """The pending order cancelled with the customer's reason: its compensations shown."""
+    page.goto(f"{url}/#/order/{order_id}")
+    page.locator("#order-status.pending").wait_for()
+    page.once("dialog", lambda dialog: dialog.accept("changed my mind"))
+    page.click("#cancel-order")
+    page.locator("#order-status.cancelled").wait_for()
+    expect(page.locator("#cancel-order")).to_be_hidden()
+    expect(page.locator("#order-facts")).to_contain_text("Customer")
+    cancelled = page.locator('.tl-row[data-type="OrderCancelled"]')
+    cancelled.wait_for()
+    assert "Customer" in (cancelled.locator(".tl-name").get_attribute("title") or "")
+    released = page.locator('.tl-row[data-type="InventoryReleased"]')
+    expect(released).to_have_attribute("data-compensation", "true")
+    _shot(page, "order-cancelled")
+
+
+def _cancel_too_late(page: Any, url: str, order_id: str) -> None:
+    """A page still showing `pending` for an order since paid (no shipping) asks, and shows
+    the server's conflict instead of pretending the cancel worked."""
+
+    def stale(route: Any) -> None:
+        response = route.fetch()
+        route.fulfill(response=response, json={**response.json(), "status": "pending"})
+
+    page.route(f"**/orders/{order_id}", stale)
+    page.goto(f"{url}/#/order/{order_id}")
+    page.locator("#order-status.pending").wait_for()
+    page.unroute(f"**/orders/{order_id}")
+    page.once("dialog", lambda dialog: dialog.accept("too late"))
+    page.click("#cancel-order")
+    expect(page.locator("#cancel-note.bad")).to_contain_text("Not cancelled")
+    expect(page.locator("#cancel-note.bad")).to_contain_text("too late to cancel")
+    page.locator("#order-status.paid").wait_for()
+    _shot(page, "order-conflict")
+
+
 def test_console_shipping_cancel_and_nodes(
     start_server: Callable[..., Server], browser: Any
 ) -> None:
     # A long step timeout: the tok_timeout order stays pending until the customer cancels it.
     server = start_server(step_timeout=30.0)
-    assert server.http_url is not None
+    url = server.http_url
+    assert url is not None
     shipped, slow, paid = new_id("shipped"), new_id("slow"), new_id("paid")
-    with httpx.Client(base_url=server.http_url, timeout=30.0) as http:
+    with httpx.Client(base_url=url, timeout=30.0) as http:
         order = {"customer_id": "cust-ship", "lines": LINES}
         reply = http.post(
             "/orders", json={**order, "order_id": shipped, "shipping": SHIPPING, "wait": True}
@@ -212,9 +267,8 @@ def test_console_shipping_cancel_and_nodes(
         )
         assert reply.json()["status"] == "pending", reply.text
 
-        context, page, problems = _page(browser, server.http_url + "/")
-        row = page.locator(f'tr[data-order-id="{shipped}"]')
-        expect(row.locator(".status")).to_have_text("shipped")
+        context, page, problems = _page(browser, url + "/")
+        expect(page.locator(f'tr[data-order-id="{shipped}"] .status')).to_have_text("shipped")
         expect(page.locator(f'tr[data-order-id="{slow}"] .status')).to_have_text("pending")
         _shot(page, "orders-shipped")
         page.select_option("#filter-status", "shipped")
@@ -224,55 +278,12 @@ def test_console_shipping_cancel_and_nodes(
         expect(page.locator("#chart-rate path.rate")).to_have_attribute("d", re.compile("(L.*){3}"))
         page.locator(".charts").screenshot(path=str(ARTIFACTS / "console-charts.png"))
 
-        # the shipped order: its shipment record in a column of its own, no cancel button
-        page.click(f'a[href="#/order/{shipped}"]')
-        page.locator("#order-status.shipped").wait_for()
-        created = page.locator('.tl-row[data-type="ShipmentCreated"]')
-        expect(created).to_have_attribute("data-source", "shipment")
-        expect(created.locator(".tl-cell.shipment")).to_have_count(1)
-        expect(page.locator(".tl-head.shipment")).to_have_text(
-            f"Shipment records (shipment-{shipped})"
-        )
-        types = page.locator(".tl-row[data-type]").evaluate_all("r => r.map(x => x.dataset.type)")
-        assert types[-1] == "OrderShipped", types
-        assert "ChargeSucceeded" in types  # payment records stay beside it
-        expect(page.locator("#cancel-order")).to_be_hidden()
-        _shot(page, "order-shipped")
-
-        # the pending order: cancelled from its page, with the customer's reason
-        page.goto(f"{server.http_url}/#/order/{slow}")
-        page.locator("#order-status.pending").wait_for()
-        page.once("dialog", lambda dialog: dialog.accept("changed my mind"))
-        page.click("#cancel-order")
-        page.locator("#order-status.cancelled").wait_for()
-        expect(page.locator("#cancel-order")).to_be_hidden()
-        expect(page.locator("#order-facts")).to_contain_text("Customer")
-        cancelled = page.locator('.tl-row[data-type="OrderCancelled"]')
-        cancelled.wait_for()
-        assert "Customer" in (cancelled.locator(".tl-name").get_attribute("title") or "")
-        released = page.locator('.tl-row[data-type="InventoryReleased"]')
-        expect(released).to_have_attribute("data-compensation", "true")
-        _shot(page, "order-cancelled")
+        _shipped_order(page, shipped)
+        _cancel_from_its_page(page, url, slow)
         view = http.get(f"/orders/{slow}").json()
         assert (view["status"], view["cancelled_by"]) == ("cancelled", "Customer")
         assert view["reason"] == "changed my mind"
-
-        # too late: a page still showing `pending` for an order that has been paid (no
-        # shipping) asks, and shows the server's conflict instead of pretending it worked
-        def stale(route: Any) -> None:
-            response = route.fetch()
-            route.fulfill(response=response, json={**response.json(), "status": "pending"})
-
-        page.route(f"**/orders/{paid}", stale)
-        page.goto(f"{server.http_url}/#/order/{paid}")
-        page.locator("#order-status.pending").wait_for()
-        page.unroute(f"**/orders/{paid}")
-        page.once("dialog", lambda dialog: dialog.accept("too late"))
-        page.click("#cancel-order")
-        expect(page.locator("#cancel-note.bad")).to_contain_text("Not cancelled")
-        expect(page.locator("#cancel-note.bad")).to_contain_text("too late to cancel")
-        page.locator("#order-status.paid").wait_for()
-        _shot(page, "order-conflict")
+        _cancel_too_late(page, url, paid)
 
         # the nodes page lists this node and follows its orders
         page.click('nav a[data-page="nodes"]')
