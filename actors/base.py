@@ -16,6 +16,13 @@ from messages.events import Event
 log = logging.getLogger("orders")
 
 
+def order_extra(message: Any) -> dict[str, Any]:
+    """``extra=`` for a log call about `message`: its ``order_id`` when it names one, so the
+    JSON log line can be selected by order (runtime/logs.py)."""
+    order_id = getattr(message, "order_id", None)
+    return {} if order_id is None else {"order_id": order_id}
+
+
 class NotConfiguredError(RuntimeError):
     """An actor was asked to do something that needs its configuration message first."""
 
@@ -62,6 +69,7 @@ class BaseActor(ActorTypeDispatcher):
             type(msg.poisonMessage).__name__,
             sender,
             msg.details,
+            extra=order_extra(msg.poisonMessage),
         )
 
     def receiveUnrecognizedMessage(self, msg: Any, sender: Any) -> None:

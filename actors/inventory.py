@@ -321,7 +321,12 @@ class InventoryActor(BaseActor):
         if attempt > MAX_ATTEMPTS:
             # Compensation is retried by whoever asked (it waits for the answer); refusing it
             # would leave the stock held.
-            log.error("inventory: release of %s conflicted %d times", msg.order_id, attempt - 1)
+            log.error(
+                "inventory: release of %s conflicted %d times",
+                msg.order_id,
+                attempt - 1,
+                extra={"order_id": msg.order_id},
+            )
             return
 
         def answer() -> Reply:
@@ -363,7 +368,12 @@ class InventoryActor(BaseActor):
             self._gate.defer(msg.order_id, lambda: self.receiveMsg_ShipStock(msg, sender))
             return
         if attempt > MAX_ATTEMPTS:
-            log.error("inventory: shipment of %s conflicted %d times", msg.order_id, attempt - 1)
+            log.error(
+                "inventory: shipment of %s conflicted %d times",
+                msg.order_id,
+                attempt - 1,
+                extra={"order_id": msg.order_id},
+            )
             return  # the shipping saga re-sends on its step timeout
         held = self._book.reservations.get(msg.order_id)
         if held is None or held.released or not held.reservation_id:

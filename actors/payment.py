@@ -239,11 +239,23 @@ class PaymentActor(BaseActor):
         if isinstance(error, ProviderTimeoutError):
             # As if the provider never answered: the saga's step timer fires, and the void it
             # asks for then finds (and refunds) a charge that landed without our knowing.
-            log.warning("payment: %s for %s: %s", type(msg).__name__, msg.order_id, error)
+            log.warning(
+                "payment: %s for %s: %s",
+                type(msg).__name__,
+                msg.order_id,
+                error,
+                extra={"order_id": msg.order_id},
+            )
             return
         # What Thespian sends when a service raises on a request: the saga treats it as the
         # step failing (and voids, or asks again while compensating).
-        log.warning("payment: %s for %s failed: %s", type(msg).__name__, msg.order_id, error)
+        log.warning(
+            "payment: %s for %s failed: %s",
+            type(msg).__name__,
+            msg.order_id,
+            error,
+            extra={"order_id": msg.order_id},
+        )
         self.send(sender, PoisonMessage(msg, f"{type(error).__name__}: {error}"))
 
     def _charge_later(self, msg: ChargePayment, sender: Any, charge: Charge) -> None:
@@ -301,7 +313,12 @@ class PaymentActor(BaseActor):
             if isinstance(outcome, BaseException):
                 # Nobody waits for this answer; the refund is asked for again by the next void
                 # (the saga's or the supervisor's), which finds the charge at the provider.
-                log.error("payment: refund of late charge for %s failed: %s", msg.order_id, outcome)
+                log.error(
+                    "payment: refund of late charge for %s failed: %s",
+                    msg.order_id,
+                    outcome,
+                    extra={"order_id": msg.order_id},
+                )
                 return
             now = utcnow()
             charged = ChargeSucceeded(
@@ -318,7 +335,11 @@ class PaymentActor(BaseActor):
                 reason=request.reason,
                 refunded_at=now,
             )
-            log.info("payment: late charge for voided order %s refunded", msg.order_id)
+            log.info(
+                "payment: late charge for voided order %s refunded",
+                msg.order_id,
+                extra={"order_id": msg.order_id},
+            )
             self._record(msg.order_id, [charged, refund], lambda: None)
 
         if provider.remote:
@@ -467,7 +488,11 @@ class PaymentActor(BaseActor):
             except Exception:
                 # Raising here would poison our own wakeup and lose the rest of the queue; the
                 # requester's timer asks again.
-                log.exception("payment: handling a provider answer for %s failed", order_id)
+                log.exception(
+                    "payment: handling a provider answer for %s failed",
+                    order_id,
+                    extra={"order_id": order_id},
+                )
             finally:
                 self._gate.committed(order_id)  # the call's hold; deferred requests go on
         if self._out > 0:
@@ -486,7 +511,10 @@ class PaymentActor(BaseActor):
         def committed(reply: AppendDone | AppendRejected) -> None:
             if isinstance(reply, AppendRejected):
                 log.error(
-                    "payment: append for %s rejected (%s); reloading", order_id, reply.message
+                    "payment: append for %s rejected (%s); reloading",
+                    order_id,
+                    reply.message,
+                    extra={"order_id": order_id},
                 )
                 self._records.pop(order_id, None)  # re-read what is durable on next use
             else:

@@ -105,7 +105,12 @@ class WorkflowActor(BaseActor):
         try:
             return super().receiveMessage(message, sender)
         except Exception as e:
-            log.exception("saga %s failed handling %s", self._order_id, type(message).__name__)
+            log.exception(
+                "saga %s failed handling %s",
+                self._order_id,
+                type(message).__name__,
+                extra={"order_id": self._order_id},
+            )
             order_id = message.order_id if isinstance(message, StartSaga) else self._order_id
             manager = sender if isinstance(message, StartSaga) else self._manager
             running = self._running_order() is not None
@@ -148,12 +153,22 @@ class WorkflowActor(BaseActor):
 
     def _finish(self, order_id: str, reason: str, recorded: Sequence[Event]) -> None:
         """The workflow's part of the order is over (its last event is committed)."""
+        view = order_view(order_id, recorded)
+        # One line per order and workflow at INFO: where each order ended, for `jq` by order_id.
+        log.info(
+            "%s %s: %s (%s)",
+            self.actor_name,
+            order_id,
+            view["status"],
+            reason,
+            extra={"order_id": order_id},
+        )
         self.send(
             self._manager,
             SagaFinished(
                 order_id=order_id,
                 reason=reason,
-                order=order_view(order_id, recorded),
+                order=view,
                 saga_key=str(self.myAddress),
             ),
         )
@@ -173,7 +188,12 @@ class WorkflowActor(BaseActor):
         else:
             # The store failed to commit: nothing of ours is durable, so treat it as a failed
             # step of the store; the machine re-sends the same events when the timer fires.
-            log.error("saga %s: append failed: %s", self._order_id, reply.message)
+            log.error(
+                "saga %s: append failed: %s",
+                self._order_id,
+                reply.message,
+                extra={"order_id": self._order_id},
+            )
 
     # --- messages every workflow takes ------------------------------------------------------
 
@@ -244,7 +264,13 @@ class WorkflowActor(BaseActor):
         request = msg.poisonMessage
         service = SERVICE_OF_REQUEST.get(type(request), sm.Service.STORE)
         reason = (msg.details or "").strip().splitlines()[-1:] or ["raised"]
-        log.warning("saga %s: %s raised on %s", self._order_id, service, type(request).__name__)
+        log.warning(
+            "saga %s: %s raised on %s",
+            self._order_id,
+            service,
+            type(request).__name__,
+            extra={"order_id": self._order_id},
+        )
         self._feed(sm.StepFailed(service=service, reason=reason[0]))
 
 

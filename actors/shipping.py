@@ -154,7 +154,11 @@ class ShippingActor(BaseActor):
         elif token == "ship_refused":
             self._refuse(msg, sender, REFUSED_MESSAGE)
         elif token == "ship_timeout":
-            log.info("shipping: ship_timeout, order %s will never be answered", msg.order_id)
+            log.info(
+                "shipping: ship_timeout, order %s will never be answered",
+                msg.order_id,
+                extra={"order_id": msg.order_id},
+            )
             self._slow.add(msg.order_id)
             later = timedelta(seconds=self._config.step_timeout * 1.5)
             self.wakeupAfter(later, payload=LateShipment(request=msg))
@@ -190,7 +194,11 @@ class ShippingActor(BaseActor):
             reason="shipment created after shipping was cancelled",
             cancelled_at=created.created_at,
         )
-        log.info("shipping: late shipment for voided order %s cancelled", msg.order_id)
+        log.info(
+            "shipping: late shipment for voided order %s cancelled",
+            msg.order_id,
+            extra={"order_id": msg.order_id},
+        )
         self._record(msg.order_id, [created, cancelled], lambda: None)
 
     def _create(self, msg: CreateShipment, answer: Any) -> None:
@@ -247,7 +255,10 @@ class ShippingActor(BaseActor):
         def committed(reply: AppendDone | AppendRejected) -> None:
             if isinstance(reply, AppendRejected):
                 log.error(
-                    "shipping: append for %s rejected (%s); reloading", order_id, reply.message
+                    "shipping: append for %s rejected (%s); reloading",
+                    order_id,
+                    reply.message,
+                    extra={"order_id": order_id},
                 )
                 self._records.pop(order_id, None)  # re-read what is durable on next use
             else:

@@ -24,7 +24,7 @@ from messages.commands import (
     StockReport,
 )
 from messages.errors import ErrorCode, ServiceError
-from messages.events import TERMINAL_TYPE_NAMES, order_stream, payment_stream
+from messages.events import TERMINAL_TYPE_NAMES, order_stream, payment_stream, shipment_stream
 from messages.requests import (
     AddProductArgs,
     AdminArgs,
@@ -155,12 +155,13 @@ class Ops:
         )
 
     async def timeline(self, args: GetOrderArgs) -> Any:
-        """`timeline`: the order's events and its payment records merged by time."""
+        """`timeline`: the order's events, its payment and shipment records merged by time."""
         order_id = args.order_id
         found = await self._reads.read(
             lambda r: (
                 r.read_stream(order_stream(order_id)),
                 r.read_stream(payment_stream(order_id)),
+                r.read_stream(shipment_stream(order_id)),
             )
         )
         if not found[0]:
@@ -225,10 +226,16 @@ class Ops:
         has in flight; a store of one node lists this node alone, without a lease."""
         found = await self._reads.read(lambda r: r.nodes(order_stream(""), TERMINAL_TYPE_NAMES))
         if not found:
-            return {
-                "self": self._node_id,
-                "nodes": [{"node_id": self._node_id, "address": self.address, "state": "single"}],
+            single: dict[str, Any] = {
+                "node_id": self._node_id,
+                "address": self.address,
+                "state": "single",
             }
+            if self._orders is not None:  # alone on its store, the node owns every order
+                tail = self._orders
+                owned, in_flight = await self._reads.read(lambda _: tail.counts())
+                single.update(orders_owned=owned, orders_in_flight=in_flight)
+            return {"self": self._node_id, "nodes": [single]}
         return {"self": self._node_id, "nodes": [node_view(n) for n in found]}
 
     async def system_info(self, args: AdminArgs) -> Any:

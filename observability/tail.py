@@ -43,8 +43,12 @@ FEED_ORDERS_PER_MESSAGE = 200  # changed orders one live message carries (the ne
 SUBSCRIBER_BACKLOG = 256  # messages queued for a slow subscriber before it must resync
 STATS_KEPT = 300  # seconds of throughput/latency history a new console starts with
 
+ORDER_PREFIX = "order-"
+# Provider streams of one order (payment-{id}, shipment-{id}): the order's live feed shows them.
+RECORD_PREFIXES = ("payment-", "shipment-")
 _STATUS_OF_TYPE = {
     "OrderPaid": OrderStatus.PAID,
+    "OrderShipped": OrderStatus.SHIPPED,
     "OrderCancelled": OrderStatus.CANCELLED,
     "OrderFulfillmentFailed": OrderStatus.FAILED,
 }
@@ -62,6 +66,8 @@ class OrderSummary:
     payment_method: str = ""
     status: str = OrderStatus.PENDING
     reason: str | None = None
+    shipping: bool = False  # placed with shipping: OrderPaid does not end it
+    finished: bool = False  # its terminal event is recorded
     last_type: str = "OrderPlaced"
     version: int = 0
     updated_at: float = 0.0
@@ -217,7 +223,7 @@ class StoreTail:
                 applied += len(batch)
             if self._initial_pending is None:
                 self._initial_pending = [
-                    o.order_id for o in self._orders.values() if o.status == OrderStatus.PENDING
+                    o.order_id for o in self._orders.values() if not o.finished
                 ]
             if changed:
                 self._publish(changed, events or [])
@@ -230,42 +236,57 @@ class StoreTail:
         events: list[dict[str, Any]] | None,
     ) -> None:
         stream = stored.stream
-        if stream.startswith("payment-"):
-            self._apply_payment(stored, events)
+        if stream.startswith(ORDER_PREFIX):
+            self._apply_order(stream[len(ORDER_PREFIX) :], stored, changed, events)
             return
-        if not stream.startswith("order-"):
+        prefix = next((p for p in RECORD_PREFIXES if stream.startswith(p)), None)
+        if prefix is None:
             return
-        order_id = stream[len("order-") :]
-        if events is not None:
-            events.append(self._event_entry(order_id, stored))
-        if stored.type == "OrderPlaced":
-            order = self._place(order_id, stored)
-        else:
-            found = self._orders.get(order_id)
-            if found is None:
-                return  # a stream that does not start with OrderPlaced: the audit reports it
-            order = found
-            self._advance(order, stored)
-        changed[order_id] = order
-
-    def _apply_payment(self, stored: StoredEvent, events: list[dict[str, Any]] | None) -> None:
         kind = stored.type
         if stored.recorded_at >= self._count_from and kind in metrics.COMPENSATION_KIND:
             self._metrics.compensations[metrics.COMPENSATION_KIND[kind]] += 1
         if events is not None:
-            events.append(self._event_entry(stored.stream[len("payment-") :], stored))
+            events.append(self._event_entry(stream[len(prefix) :], stored))
+
+    def _apply_order(
+        self,
+        order_id: str,
+        stored: StoredEvent,
+        changed: dict[str, OrderSummary],
+        events: list[dict[str, Any]] | None,
+    ) -> None:
+        kind, at = stored.type, stored.recorded_at
+        if events is not None:
+            events.append(self._event_entry(order_id, stored))
+        if kind == "OrderPlaced":
+            changed[order_id] = self._place(order_id, stored)
+            return
+        order = self._orders.get(order_id)
+        if order is None:
+            return  # a stream that does not start with OrderPlaced: the audit reports it
+        if at >= self._count_from:
+            derived = self._metrics
+            step = metrics.STEP_OF_EVENT.get(kind)
+            if step is not None:
+                derived.steps[step].observe(max(at - order.updated_at, 0.0))
+            if kind in metrics.COMPENSATION_KIND:
+                derived.compensations[metrics.COMPENSATION_KIND[kind]] += 1
+        order.last_type, order.version, order.updated_at = kind, stored.version, at
+        if kind in TERMINAL_TYPE_NAMES:
+            self._settle(order, stored)
+        changed[order_id] = order
 
     def _place(self, order_id: str, stored: StoredEvent) -> OrderSummary:
-        """A new order in the index (its OrderPlaced)."""
-        placed, at = _fields(stored), stored.recorded_at
+        placed = _fields(stored)
         order = OrderSummary(
             order_id=order_id,
             position=stored.position,
-            placed_at=at,
+            placed_at=stored.recorded_at,
             customer_id=placed["customer_id"],
             total_amount=placed["total_amount"],
             payment_method=placed["payment_method"],
-            updated_at=at,
+            shipping=placed.get("shipping") is not None,
+            updated_at=stored.recorded_at,
         )
         self._orders[order_id] = order
         self._all.add(order)
@@ -274,31 +295,23 @@ class StoreTail:
         self._second.placed += 1
         return order
 
-    def _advance(self, order: OrderSummary, stored: StoredEvent) -> None:
-        """A later event of a known order: the step's time, and the outcome if it ends it."""
+    def _settle(self, order: OrderSummary, stored: StoredEvent) -> None:
+        """A terminal event's status. OrderPaid ends only an order placed without shipping;
+        one with shipping shows ``paid`` and stays in flight until its shipping outcome."""
         kind, at = stored.type, stored.recorded_at
-        counting = at >= self._count_from
-        derived = self._metrics
-        if counting:
-            step = metrics.STEP_OF_EVENT.get(kind)
-            if step is not None:
-                derived.steps[step].observe(max(at - order.updated_at, 0.0))
-            if kind in metrics.COMPENSATION_KIND:
-                derived.compensations[metrics.COMPENSATION_KIND[kind]] += 1
-        order.last_type, order.version, order.updated_at = kind, stored.version, at
-        if kind in TERMINAL_TYPE_NAMES and order.status == OrderStatus.PENDING:
-            self._finish(order, stored, counting)
-
-    def _finish(self, order: OrderSummary, stored: StoredEvent, counting: bool) -> None:
-        kind, at = stored.type, stored.recorded_at
+        if order.finished or (kind == "OrderPaid" and order.status != OrderStatus.PENDING):
+            return
         order.status = _STATUS_OF_TYPE[kind]
-        if kind != "OrderPaid":
+        if kind == "OrderPaid" and order.shipping:
+            return
+        if kind not in ("OrderPaid", "OrderShipped"):
             fields = _fields(stored)
             order.reason = fields.get("reason", fields.get("error_message"))
+        order.finished = True
         self._pending -= 1
         self._second.completed += 1
         self._second.latencies.append(at - order.placed_at)
-        if counting:
+        if at >= self._count_from:
             self._metrics.orders[order.status] += 1
             self._metrics.order_seconds.observe(max(at - order.placed_at, 0.0))
 
@@ -414,13 +427,19 @@ class StoreTail:
                 page["next_cursor"] = str(sequence.orders[index + 1].position)
             return page
 
+    def counts(self) -> tuple[int, int]:
+        """The orders in the store and how many of them are in flight (read up to now)."""
+        self.catch_up()
+        with self._lock:
+            return len(self._orders), self._pending
+
     def recovering(self) -> int:
         """Orders that were in flight when the tail first read the store and still are (the
         ones this node's recovery drives on); -1 until that first read."""
         with self._lock:
             if self._initial_pending is None:
                 return -1
-            left = [o for o in self._initial_pending if self._orders[o].status == "pending"]
+            left = [o for o in self._initial_pending if not self._orders[o].finished]
             self._initial_pending = left
             return len(left)
 

@@ -155,13 +155,18 @@ def _run_single_send(self: Any, ps: Any) -> None:
     if ps.attempts <= 2 and not isinstance(msg, _SPECIAL):
         target = self.actorRegistry.get(ps.toActor.actorAddressString)
         if target is not None and target._inst is not None:
+            # A request about one order names it in the log record (JSON: a field of its own).
+            order_id = getattr(msg, "order_id", None)
+            extra = {} if order_id is None else {"order_id": order_id}
             try:
                 target._inst.receiveMessage(msg, ps.sender)
             except ExpectedFailureError as e:
                 # Built to be survived: the saga's supervision reports it (one warning line);
                 # here it is detail, once, without a traceback per retry.
                 if ps.attempts == 0:
-                    logging.getLogger("Thespian").info("%s (%s)", e, type(msg).__name__)
+                    logging.getLogger("Thespian").info(
+                        "%s (%s)", e, type(msg).__name__, extra=extra
+                    )
                 ps.attempts += 1
                 ps.fail_details = str(e)
                 with self._private_lock:
@@ -172,6 +177,7 @@ def _run_single_send(self: Any, ps: Any) -> None:
                     target.address,
                     ps.attempts,
                     exc_info=True,
+                    extra=extra,
                 )
                 ps.attempts += 1
                 ps.fail_details = traceback.format_exc()

@@ -1,8 +1,10 @@
-"""An order's timeline: its saga events and the payment provider's records, merged by time.
+"""An order's timeline: its saga events and the outside services' records (the payment
+provider's ``payment-{id}``, the carrier's ``shipment-{id}``), merged by time.
 
 Each entry says how long the step took since the previous entry, and whether it compensates
-(stock given back, a charge voided or refunded), so a person sees where an order spent its time
-and what was undone. Times are commit times; entries committed together keep their order.
+(stock given back, a charge voided or refunded, a shipment cancelled), so a person sees where an
+order spent its time and what was undone. Times are commit times; entries committed together
+keep their order.
 """
 
 from __future__ import annotations
@@ -15,16 +17,34 @@ from saga.views import event_view
 from store import StoredEvent
 
 COMPENSATIONS = frozenset(
-    {"InventoryReleased", "PaymentRefunded", "PaymentVoided", "ChargeRefunded"}
+    {
+        "InventoryReleased",
+        "PaymentRefunded",
+        "PaymentVoided",
+        "ChargeRefunded",
+        "ShipmentCancelled",
+        "ShipmentVoided",
+    }
 )
-"""Event types (order and payment streams) that undo an earlier step."""
+"""Event types (order, payment and shipment streams) that undo an earlier step."""
+
+SOURCES = (("payment-", "payment"), ("shipment-", "shipment"))
+"""Stream prefix → the column an entry goes in; anything else is the order stream."""
+
+
+def source_of(stream: str) -> str:
+    """Which column of the timeline a stream's records go in: order, payment or shipment."""
+    return next((name for prefix, name in SOURCES if stream.startswith(prefix)), "order")
 
 
 def timeline(
-    order_id: str, order: Sequence[StoredEvent], payment: Sequence[StoredEvent]
+    order_id: str,
+    order: Sequence[StoredEvent],
+    payment: Sequence[StoredEvent],
+    shipment: Sequence[StoredEvent] = (),
 ) -> dict[str, Any]:
     """The merged timeline of an order (``order`` must not be empty)."""
-    merged = sorted([*order, *payment], key=lambda s: (s.recorded_at, s.position))
+    merged = sorted([*order, *payment, *shipment], key=lambda s: (s.recorded_at, s.position))
     start = merged[0].recorded_at
     previous = start
     entries = []
@@ -33,7 +53,7 @@ def timeline(
         entries.append(
             {
                 "type": stored.type,
-                "source": "payment" if stored.stream.startswith("payment-") else "order",
+                "source": source_of(stored.stream),
                 "stream": stored.stream,
                 "version": stored.version,
                 "time": iso_utc(stored.recorded_at),

@@ -324,3 +324,37 @@ def test_cancel_products_and_nodes_through_http(start_server: Callable[..., Serv
         nodes = http.get("/nodes")
         assert nodes.status_code == 200, nodes.text
         assert nodes.json(), "a node on a store of its own lists itself"
+        (single,) = nodes.json()["nodes"]
+        assert (single["state"], single["address"]) == ("single", f"{server.host}:{server.port}")
+        assert (single["orders_owned"], single["orders_in_flight"]) == (2, 0)
+
+
+ADDRESS = {"name": "Ada", "line1": "1 Main St", "city": "Paris", "postal_code": "75001"}
+
+
+def test_shipped_orders_in_the_list_and_their_shipment_in_the_timeline(
+    start_server: Callable[..., Server],
+) -> None:
+    server = start_server()
+    with _http(server) as http:
+        shipped, refused = new_id("ship"), new_id("refused")
+        for order_id, carrier in ((shipped, "ship_standard"), (refused, "ship_refused")):
+            shipping = {"address": {**ADDRESS, "country": "FR"}, "carrier": carrier}
+            reply = _place(http, order_id, "tok_visa", wait=True, shipping=shipping)
+            assert reply.status_code == 201, reply.text
+        # the order index follows OrderPaid to the shipping outcome
+        listed = {o["order_id"]: o["status"] for o in http.get("/orders").json()["orders"]}
+        assert listed == {shipped: "shipped", refused: "cancelled"}
+        only = http.get("/orders", params={"status": "shipped"}).json()["orders"]
+        assert [o["order_id"] for o in only] == [shipped]
+        wait_until(lambda: _metric(http.get("/metrics").text, "orders_in_flight") == 0)
+        assert _metric(http.get("/metrics").text, "orders_total", outcome="shipped") == 1
+
+        entries = http.get(f"/orders/{shipped}/timeline").json()["entries"]
+        created = [e for e in entries if e["type"] == "ShipmentCreated"]
+        assert [e["source"] for e in created] == ["shipment"]
+        assert created[0]["stream"] == f"shipment-{shipped}"
+        assert entries[-1]["type"] == "OrderShipped"
+        steps = [e["type"] for e in http.get(f"/orders/{refused}/timeline").json()["entries"]]
+        assert "ShipmentRefused" in steps
+        assert "ShipmentFailed" in steps

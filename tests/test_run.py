@@ -43,3 +43,21 @@ def test_an_expected_failure_is_one_warning_line_naming_the_order(
     assert len(logged) == 1, logged
     assert " WARNING " in logged[0]
     assert order in logged[0]
+
+
+def test_json_log_records_about_an_order_carry_its_order_id(
+    start_server: Callable[..., Server],
+) -> None:
+    server = start_server(extra=("--log-format", "json", "--log-level", "INFO"))
+    order = new_id("jsonerr")
+    with server.client() as client:
+        assert client.place_order(order, "c", LINES, "tok_error")["status"] == "failed"
+    assert server.stop() == 0
+    logged = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    mine = [record for record in logged if order in record["message"]]
+    assert mine, logged
+    # Every line about the order names it in a field of its own: `jq 'select(.order_id == …)'`.
+    assert all(record.get("order_id") == order for record in mine), mine
+    levels = {record["level"] for record in mine}
+    assert "WARNING" in levels, mine  # the failed step
+    assert "INFO" in levels, mine  # where the order ended

@@ -16,7 +16,14 @@ from typing import Any
 
 from thespian.actors import ActorExitRequest, ChildActorExited, PoisonMessage, WakeupMessage
 
-from actors.base import AppendCallback, Appender, BaseActor, NotConfiguredError, log
+from actors.base import (
+    AppendCallback,
+    Appender,
+    BaseActor,
+    NotConfiguredError,
+    log,
+    order_extra,
+)
 from actors.manager.cancels import Cancels
 from actors.manager.orders import LiveOrder, LiveOrders
 from actors.manager.placement import Placement, refuse
@@ -110,7 +117,9 @@ class OrderManager(BaseActor):
             try:
                 self.receiveMessage(message, sender)
             except Exception:
-                log.exception("manager: %s failed", type(message).__name__)
+                log.exception(
+                    "manager: %s failed", type(message).__name__, extra=order_extra(message)
+                )
                 req_id = getattr(message, "req_id", None)
                 if req_id is not None:
                     message_text = "the system failed on this request"

@@ -68,7 +68,11 @@ class Recovery:
             events = self._read_order(order_id)
             placed = events[0] if events else None
             if not isinstance(placed, OrderPlaced):
-                log.error("manager: stream of %s does not start with OrderPlaced", order_id)
+                log.error(
+                    "manager: stream of %s does not start with OrderPlaced",
+                    order_id,
+                    extra={"order_id": order_id},
+                )
                 continue
             last = type(events[-1]).__name__
             if last in FINAL_TYPE_NAMES or (

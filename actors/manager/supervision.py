@@ -98,7 +98,12 @@ class Supervisor:
 
     def aborted(self, msg: SagaAborted, sender: Any) -> None:
         """The saga gave up (it raised, or its stream moved)."""
-        log.error("manager: saga for %s aborted: %s", msg.order_id, msg.reason)
+        log.error(
+            "manager: saga for %s aborted: %s",
+            msg.order_id,
+            msg.reason,
+            extra={"order_id": msg.order_id},
+        )
         live = self._orders.get(msg.order_id)
         # A late abort of a saga already replaced (its exit overtook it) changes nothing.
         if live is not None and live.saga is not None and live.saga == sender:
@@ -115,7 +120,11 @@ class Supervisor:
         """A child actor that is no service ended: if it drove an order, that saga died."""
         live = self._orders.by_saga(child)
         if live is not None:
-            log.error("manager: saga for %s died; compensating", live.placed.order_id)
+            log.error(
+                "manager: saga for %s died; compensating",
+                live.placed.order_id,
+                extra={"order_id": live.placed.order_id},
+            )
             self.saga_failed(live, "its process died")
 
     def check_sagas(self) -> None:
@@ -126,6 +135,7 @@ class Supervisor:
                     "manager: watchdog found the saga of %s (pid %d) dead",
                     live.placed.order_id,
                     live.pid,
+                    extra={"order_id": live.placed.order_id},
                 )
                 self.saga_failed(live, "its process died")
 
@@ -165,6 +175,7 @@ class Supervisor:
                 "manager: order %s: %s; ending it without a saga",
                 live.placed.order_id,
                 state.giving_up,
+                extra={"order_id": live.placed.order_id},
             )
         for command in commands:
             self._carry_out(live, command)
@@ -179,6 +190,7 @@ class Supervisor:
                 order_id,
                 command.failures,
                 command.delay,
+                extra={"order_id": order_id},
             )
             self._host.wake_after(command.delay, RetryOrder(order_id))
         elif isinstance(command, sp.RecheckAfter):
@@ -215,13 +227,17 @@ class Supervisor:
         try:
             events = self._host.read_order(order_id)
         except Exception:
-            log.exception("manager: cannot read the stream of %s back", order_id)
+            log.exception(
+                "manager: cannot read the stream of %s back", order_id, extra={"order_id": order_id}
+            )
         else:
             return sp.StreamRead(events=tuple(events), version=len(events) - 1)
         try:
             return sp.StreamRead(events=None, version=self._host.order_version(order_id))
         except Exception:
-            log.exception("manager: cannot read the head of %s", order_id)
+            log.exception(
+                "manager: cannot read the head of %s", order_id, extra={"order_id": order_id}
+            )
             return sp.StreamRead(events=None, version=None)
 
     def _appended(self, live: LiveOrder) -> AppendCallback:

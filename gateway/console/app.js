@@ -7,12 +7,24 @@ const $ = (id) => document.getElementById(id);
 const SVG = "http://www.w3.org/2000/svg";
 const HISTORY = 120; // seconds of throughput/latency on the charts
 const MAX_ROWS = 500; // rows the live list keeps before dropping the oldest
+// Leases are not events, so the feed does not carry them: the nodes page asks /nodes this often.
+const NODES_EVERY_MS = 2000;
+// Records that mean a step failed (order, payment and shipment streams): marked in the timeline.
+const FAILURES = new Set([
+  "PaymentFailed", "ShipmentFailed", "OrderFulfillmentFailed", "InventoryUnavailable",
+  "ChargeDeclined", "ShipmentRefused",
+]);
+const COLUMNS = {
+  order: (id) => "Order stream",
+  payment: (id) => `Payment records (payment-${id})`,
+  shipment: (id) => `Shipment records (shipment-${id})`,
+};
 const CHECKS = {
   one_terminal_event: "Every placed order has at most one terminal event, and starts with OrderPlaced",
   gapless_versions: "Stream versions run 0, 1, 2, … without gaps; nothing after the terminal event",
   stock_consistent: "Per product 0 ≤ reserved ≤ on hand, and reserved equals what paid and in-flight orders hold",
-  reservations_settled: "Every reservation is kept (paid or in flight) or released exactly once",
-  money_balanced: "At most one charge per order; cancelled/failed orders refunded; charged − refunded = paid",
+  reservations_settled: "Every reservation is kept (paid or in flight), consumed by its shipment, or released exactly once",
+  money_balanced: "At most one charge per order; cancelled/failed orders refunded; charged − refunded = paid and shipped",
 };
 
 // --- small helpers ------------------------------------------------------------------------
@@ -35,11 +47,22 @@ function svg(tag, attrs = {}) {
   return node;
 }
 
-async function api(path) {
-  const reply = await fetch(path, { headers: { Accept: "application/json" } });
-  const body = await reply.json();
-  if (!reply.ok) throw new Error(`${body.title || reply.status}: ${body.detail || ""}`);
-  return body;
+class ApiError extends Error {
+  constructor(status, body) {
+    super(`${body.title || status}: ${body.detail || ""}`);
+    this.status = status;
+    this.code = body.code;
+    this.detail = body.detail;
+  }
+}
+
+async function api(path, { method = "GET", body } = {}) {
+  const headers = { Accept: "application/json" };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const reply = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  const answer = await reply.json();
+  if (!reply.ok) throw new ApiError(reply.status, answer);
+  return answer;
 }
 
 function showError(error) {
@@ -52,6 +75,7 @@ const ms = (value) =>
   value == null ? "–" : value >= 1000 ? `${(value / 1000).toFixed(2)} s` : `${value.toFixed(value < 10 ? 1 : 0)} ms`;
 const clock = (iso) => new Date(iso).toLocaleTimeString();
 const statusBadge = (status) => el("span", { class: `status ${status}`, text: status });
+const seconds = (value) => (value == null ? "–" : `${value.toFixed(1)} s`);
 
 // --- routing ------------------------------------------------------------------------------
 
@@ -62,12 +86,14 @@ function route() {
   leavePage();
   leavePage = () => {};
   showError(null);
-  const name = page === "order" && arg ? "order" : ["stock", "audit"].includes(page) ? page : "orders";
+  const name = page === "order" && arg ? "order" : ["stock", "nodes", "audit"].includes(page) ? page : "orders";
   for (const section of document.querySelectorAll(".page")) section.hidden = section.id !== `page-${name}`;
   for (const link of document.querySelectorAll("nav a[data-page]")) {
     link.classList.toggle("active", link.dataset.page === (name === "order" ? "orders" : name));
   }
-  const load = { orders: loadOrders, order: () => openOrder(decodeURIComponent(arg)), stock: loadStock, audit: loadAudit }[name];
+  const load = {
+    orders: loadOrders, order: () => openOrder(decodeURIComponent(arg)), stock: loadStock, nodes: openNodes, audit: loadAudit,
+  }[name];
   Promise.resolve(load()).catch(showError);
 }
 
@@ -205,51 +231,131 @@ async function openOrder(orderId) {
     clearTimeout(reload);
     reload = setTimeout(() => renderOrder(orderId).catch(showError), 150);
   });
-  leavePage = () => { feed.close(); clearTimeout(reload); };
+  leavePage = () => { feed.close(); clearTimeout(reload); shownOrder = null; };
+  $("cancel-order").hidden = true;
+  $("cancel-note").hidden = true;
   await renderOrder(orderId);
 }
+
+// An order can be cancelled while pending, or paid and still waiting for its shipment; the
+// server decides (a cancel that comes too late is a conflict), the button only avoids asking.
+const cancellable = (order) => order.status === "pending" || (order.status === "paid" && order.shipping != null);
+
+function orderFacts(order) {
+  const facts = [
+    ["Customer", order.customer_id], ["Total", order.total_amount],
+    ["Payment method", order.payment_method], ["Placed", order.placed_at],
+    ["Reason", order.reason || "–"], ["Last event", `${order.last_event} (v${order.version})`],
+  ];
+  if (order.shipping) {
+    const { address: a, carrier } = order.shipping;
+    facts.push(["Ship to", `${a.name}, ${a.line1}, ${a.postal_code} ${a.city}, ${a.country}`], ["Carrier", carrier]);
+  }
+  if (order.tracking_number) facts.push(["Tracking", order.tracking_number], ["Shipped", order.shipped_at]);
+  if (order.cancelled_by) facts.push(["Cancelled by", order.cancelled_by]);
+  return facts;
+}
+
+let shownOrder = null;
 
 async function renderOrder(orderId) {
   const [order, timeline] = await Promise.all([
     api(`/orders/${encodeURIComponent(orderId)}`),
     api(`/orders/${encodeURIComponent(orderId)}/timeline`),
   ]);
+  shownOrder = order;
   $("order-id").textContent = order.order_id;
   const badge = $("order-status");
   badge.textContent = order.status;
   badge.className = `status ${order.status}`;
-  const facts = [
-    ["Customer", order.customer_id], ["Total", order.total_amount],
-    ["Payment method", order.payment_method], ["Placed", order.placed_at],
-    ["Reason", order.reason || "–"], ["Last event", `${order.last_event} (v${order.version})`],
-  ];
+  $("cancel-order").hidden = !cancellable(order);
+  const facts = orderFacts(order);
   $("order-facts").replaceChildren(...facts.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: v ?? "–" })]));
   $("timeline-total").textContent = `${ms(timeline.total_ms)} from placement to the last record`;
-  renderTimeline(timeline);
+  renderTimeline(timeline, order.shipping != null);
 }
 
-function renderTimeline(timeline) {
+async function cancelOrder() {
+  const order = shownOrder;
+  if (!order) return;
+  const reason = window.prompt(`Cancel order ${order.order_id}? Reason:`, "customer request");
+  if (reason === null) return; // the person changed their mind
+  const note = $("cancel-note");
+  note.hidden = false;
+  note.className = "note";
+  note.textContent = "cancelling…";
+  $("cancel-order").disabled = true;
+  try {
+    const path = `/orders/${encodeURIComponent(order.order_id)}/cancel`;
+    const done = await api(path, { method: "POST", body: { reason: reason.trim() || "customer request" } });
+    note.textContent = `cancelled: ${done.reason || reason}`;
+  } catch (error) {
+    // A conflict is an answer, not a fault: the order ended otherwise before the cancel.
+    note.className = "note bad";
+    note.textContent = error.code === "conflict" ? `Not cancelled: ${error.detail}` : String(error.message || error);
+  } finally {
+    $("cancel-order").disabled = false;
+  }
+  await renderOrder(order.order_id);
+}
+
+function barClass(entry) {
+  if (entry.compensation) return "comp";
+  if (FAILURES.has(entry.type)) return "fail";
+  if (entry.type === "OrderShipped") return "shipped";
+  return { payment: "pay", shipment: "ship" }[entry.source] || "";
+}
+
+function timelineCell(entry, total) {
+  const bar = el("div", { class: `tl-bar ${barClass(entry)}` });
+  // The bar spans from the previous entry to this one, on the order's whole time axis.
+  bar.style.left = `${((entry.since_start_ms - entry.duration_ms) / total) * 100}%`;
+  bar.style.width = `${(entry.duration_ms / total) * 100}%`;
+  const name = el("div", { class: "tl-name", title: JSON.stringify(entry.data, null, 1), text: entry.type });
+  if (entry.compensation) name.append(el("span", { class: "tag", text: "↺ compensation" }));
+  else if (FAILURES.has(entry.type)) name.append(el("span", { class: "tag fail", text: "✕ failed" }));
+  return el("div", { class: `tl-cell ${entry.source}` },
+    name, el("div", { class: "tl-track" }, bar), el("div", { class: "tl-dur", text: `+${ms(entry.duration_ms)}` }));
+}
+
+function renderTimeline(timeline, withShipment) {
   const total = Math.max(timeline.total_ms, 0.001);
+  // A shipment column only for orders that have (or may get) shipment records.
+  const columns = ["order", "payment"];
+  if (withShipment || timeline.entries.some((e) => e.source === "shipment")) columns.push("shipment");
   const box = $("timeline");
+  box.className = `timeline cols-${columns.length}`;
   const header = el("div", { class: "tl-row" },
-    el("div", { class: "tl-cell tl-head", text: "Order stream" }),
-    el("div", { class: "tl-cell tl-head payment", text: `Payment records (payment-${timeline.order_id})` }));
-  const rows = timeline.entries.map((entry) => {
-    const bar = el("div", { class: `tl-bar ${entry.compensation ? "comp" : entry.source === "payment" ? "pay" : ""}` });
-    // The bar spans from the previous entry to this one, on the order's whole time axis.
-    bar.style.left = `${((entry.since_start_ms - entry.duration_ms) / total) * 100}%`;
-    bar.style.width = `${(entry.duration_ms / total) * 100}%`;
-    const name = el("div", { class: "tl-name", title: JSON.stringify(entry.data, null, 1), text: entry.type });
-    if (entry.compensation) name.append(el("span", { class: "tag", text: "↺ compensation" }));
-    const cell = el("div", { class: `tl-cell ${entry.source}` },
-      name, el("div", { class: "tl-track" }, bar), el("div", { class: "tl-dur", text: `+${ms(entry.duration_ms)}` }));
-    const empty = el("div", { class: "tl-cell empty" });
-    return el("div", {
-      class: `tl-row${entry.compensation ? " compensation" : ""}`,
-      data: { type: entry.type, source: entry.source, compensation: String(entry.compensation) },
-    }, ...(entry.source === "payment" ? [empty, cell] : [cell, empty]));
-  });
+    ...columns.map((c) => el("div", { class: `tl-cell tl-head ${c}`, text: COLUMNS[c](timeline.order_id) })));
+  const rows = timeline.entries.map((entry) => el("div", {
+    class: `tl-row${entry.compensation ? " compensation" : ""}${FAILURES.has(entry.type) ? " failure" : ""}`,
+    data: { type: entry.type, source: entry.source, compensation: String(entry.compensation) },
+  }, ...columns.map((c) => (c === entry.source ? timelineCell(entry, total) : el("div", { class: "tl-cell empty" })))));
   box.replaceChildren(header, ...rows);
+}
+
+// --- nodes --------------------------------------------------------------------------------
+
+async function openNodes() {
+  const timer = setInterval(() => loadNodes().then(() => showError(null), showError), NODES_EVERY_MS);
+  leavePage = () => clearInterval(timer);
+  await loadNodes();
+}
+
+async function loadNodes() {
+  const { self, nodes } = await api("/nodes");
+  const state = (node) => (node.state === "live" || node.state === "single" ? "ok" : "bad");
+  $("nodes-body").replaceChildren(...nodes.map((node) => el("tr", { data: { nodeId: node.node_id, state: node.state } },
+    el("td", {}, el("span", { class: "mono", text: node.node_id ?? "(no node id)" }),
+      ...(node.node_id === self ? [el("span", { class: "tag-self", text: "this node" })] : [])),
+    el("td", { class: "mono", text: node.address || "–" }),
+    el("td", {}, el("span", { class: `status ${state(node)}`, text: node.state })),
+    el("td", { class: "num", text: seconds(node.lease_age_s) }),
+    el("td", { class: "num", text: seconds(node.lease_expires_in_s) }),
+    el("td", { class: "num", text: node.orders_owned ?? "–" }),
+    el("td", { class: "num", text: node.orders_in_flight ?? "–" }))));
+  const live = nodes.filter((n) => state(n) === "ok").length;
+  $("nodes-summary").textContent = `${live} of ${nodes.length} live · updated ${new Date().toLocaleTimeString()}`;
 }
 
 // --- stock and audit ----------------------------------------------------------------------
@@ -295,6 +401,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("filter-status").addEventListener("change", () => $("filters").requestSubmit());
   $("more").addEventListener("click", () => loadOrders(true).catch(showError));
   $("audit-again").addEventListener("click", () => loadAudit().catch(showError));
+  $("cancel-order").addEventListener("click", () => cancelOrder().catch(showError));
   for (const id of ["chart-rate", "chart-latency"]) drawChart($(id), [], id === "chart-rate" ? "/s" : " ms");
   window.addEventListener("hashchange", route);
   connectFeed();
