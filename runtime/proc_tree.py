@@ -95,11 +95,14 @@ def status_kib(pid: int, key: str) -> int | None:
     return None
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """utime + stime of `pid` (its own threads, not its children), in seconds."""
+def cpu_seconds(pid: int, *, reaped: bool = False) -> float | None:
+    """utime + stime of `pid` (its own threads, not its children), in seconds; with `reaped`
+    also that of its children that ended and were waited for (cutime + cstime)."""
     fields = _stat_fields(pid) or []
     try:
         ticks = int(fields[11]) + int(fields[12])
+        if reaped:
+            ticks += int(fields[13]) + int(fields[14])
     except (ValueError, IndexError):
         return None
     return ticks / os.sysconf("SC_CLK_TCK")

@@ -13,7 +13,7 @@ import pytest
 
 from loadgen.spawn import ROOT, SpawnedServer
 from runtime import thespian_fixes
-from tests.pg import PgServer, find_bin_dir
+from runtime.pg import PgServer, find_bin_dir
 
 __all__ = ["ROOT", "Server", "new_id", "wait_until"]
 

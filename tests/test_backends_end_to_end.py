@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT, Server, new_id, wait_until
-from tests.pg import PgServer
+from runtime.pg import PgServer
 from tests.test_end_to_end import LINES, PATHS
 
 

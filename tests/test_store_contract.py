@@ -41,7 +41,7 @@ from store import (
     postgres,
 )
 from store import store_url as store_url_of
-from tests.pg import PgServer
+from runtime.pg import PgServer
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])

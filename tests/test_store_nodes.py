@@ -20,7 +20,7 @@ from store import (
     MultiAppend,
     open_store,
 )
-from tests.pg import PgServer
+from runtime.pg import PgServer
 from tests.test_store_contract import new_events, store, store_url
 
 __all__ = ["store", "store_url"]  # the contract suite's fixtures, used here by name

@@ -1,8 +1,11 @@
-"""A real PostgreSQL server for the tests: its own data directory and unix socket in a temp dir.
+"""A throwaway PostgreSQL server: its own data directory and unix socket in a temp dir.
 
-Started with the binaries of the machine (``initdb``, ``pg_ctl``; as root through the
-``postgres`` system user, which may not run them as root), reachable only through its socket
-(no TCP port, so parallel test runs cannot collide), and always stopped and removed at the end.
+The tests' server (tests/conftest.py) and the load generator's (``loadtest.py --spawn-nodes``,
+bench.py's node rows). Started with the binaries of the machine (``initdb``, ``pg_ctl``; as
+root through the ``postgres`` system user, which may not run them as root), reachable only
+through its socket (no TCP port, so parallel runs cannot collide), with ``fsync=off`` unless
+asked (nothing it holds outlives it), and always stopped and removed at the end: by ``stop()``,
+or at exit if its owner never called it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import psycopg
+
+from runtime.proc_tree import cpu_seconds, descendants
 
 PG_BIN_DIRS = tuple(
     sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: p.parent.name, reverse=True)
@@ -119,6 +124,23 @@ class PgServer:
         with psycopg.connect(self.url(), autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}" STRATEGY FILE_COPY')
         return self.url(name)
+
+    def pids(self) -> list[int]:
+        """The server's processes now: the postmaster and its children."""
+        try:
+            main = int((self.data / "postmaster.pid").read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return []
+        return [main, *descendants(main)]
+
+    def cpu_seconds(self) -> float:
+        """CPU time the server has used so far: every live process of it, and the backends
+        that ended (counted in the postmaster's reaped children)."""
+        pids = self.pids()
+        if not pids:
+            return 0.0
+        total = cpu_seconds(pids[0], reaped=True) or 0.0
+        return total + sum(cpu_seconds(pid) or 0.0 for pid in pids[1:])
 
     def stop(self) -> None:
         """Stop the server (fast shutdown: sessions are cut) and remove its files."""
