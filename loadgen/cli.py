@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import random
 import sys
 import uuid
@@ -19,6 +20,7 @@ from typing import Any
 
 from client import Client, ClientError, ConnectionFailed
 from loadgen.drive import LoadRun
+from loadgen.nodes import SpawnedNodes, nodes_line
 from loadgen.options import UsageError, parse_args
 from loadgen.plan import OrderShape, PlannedOrder, arrival_offsets, format_mix, plan_orders
 from loadgen.plot import PlotUnavailableError, require_matplotlib, write_plot
@@ -57,20 +59,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.seed = random.SystemRandom().randrange(2**32)
     run_id = uuid.uuid4().hex[:8]
     plan = plan_orders(args.orders, rng=random.Random(args.seed), run_id=run_id, shape=_shape(args))
-    server: SpawnedServer | None = None
-    if args.spawn:
-        try:
-            server = SpawnedServer(base=args.base, extra=_run_py_options(args))
-        except SpawnError as e:
-            _error(str(e))
-            return EXIT_UNAVAILABLE
-        args.targets = [(server.host, server.port)]
-        print(
-            f"spawned run.py (pid {server.proc.pid}, base {args.base}) "
-            f"at {server.host}:{server.port}"
-        )
     try:
-        return _drive(args, run_id, plan, server)
+        server, nodes = _spawn(args)
+    except SpawnError as e:
+        _error(str(e))
+        return EXIT_UNAVAILABLE
+    try:
+        return _drive(args, run_id, plan, server, nodes)
     except ConnectionFailed as e:
         _error(e.message)
         return EXIT_UNAVAILABLE
@@ -78,11 +73,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\nloadtest.py: interrupted", file=sys.stderr)
         return EXIT_FAILED
     finally:
-        if server is not None:
-            code = server.stop()
-            if code != 0:
-                _error(f"run.py exited with status {code}; its log:\n{server.log_tail()}")
-            server.remove()
+        _stop(server, nodes)
+
+
+def _stop(server: SpawnedServer | None, nodes: SpawnedNodes | None) -> None:
+    """Stop what `_spawn` started (PostgreSQL too), saying if anything exited badly."""
+    if server is not None:
+        code = server.stop()
+        if code != 0:
+            _error(f"run.py exited with status {code}; its log:\n{server.log_tail()}")
+        server.remove()
+    if nodes is not None:
+        tails = nodes.log_tails()
+        codes = nodes.stop()
+        if any(codes):
+            _error(f"nodes exited with statuses {codes}; their logs:\n{tails}")
+
+
+def _spawn(args: argparse.Namespace) -> tuple[SpawnedServer | None, SpawnedNodes | None]:
+    """Start the private run.py (--spawn) or the nodes on a private PostgreSQL
+    (--spawn-nodes), and aim the run at them; nothing for a named target."""
+    if args.spawn_nodes:
+        nodes = SpawnedNodes(args.spawn_nodes, base=args.base, extra=_run_py_options(args))
+        args.targets = nodes.targets
+        where = ", ".join(f"n{n} {h}:{p}" for n, (h, p) in enumerate(args.targets, 1))
+        print(
+            f"spawned PostgreSQL (fsync off), {args.spawn_nodes} nodes (base {args.base}): {where}"
+        )
+        return None, nodes
+    if not args.spawn:
+        return None, None
+    server = SpawnedServer(base=args.base, extra=_run_py_options(args))
+    args.targets = [(server.host, server.port)]
+    print(
+        f"spawned run.py (pid {server.proc.pid}, base {args.base}) at {server.host}:{server.port}"
+    )
+    return server, None
 
 
 def _shape(args: argparse.Namespace) -> OrderShape:
@@ -161,6 +187,7 @@ def _drive(
     run_id: str,
     plan: Sequence[PlannedOrder],
     server: SpawnedServer | None,
+    nodes: SpawnedNodes | None,
 ) -> int:
     # The client's own timeout only bounds connect and the setup/audit calls; orders have theirs.
     timeout = max(60.0, args.order_timeout)
@@ -168,7 +195,7 @@ def _drive(
         admins = clients[: len(args.targets)]
         base = args.base if server is not None else admins[0].ping().get("base")
         try:
-            scarce_before = _prepare(args, admins, plan, own=server is not None)
+            scarce_before = _prepare(args, admins, plan, own=server is not None or bool(nodes))
         except ClientError as e:
             if isinstance(e, ConnectionFailed):
                 raise
@@ -182,6 +209,7 @@ def _drive(
             + _fulfilment_line(args)
         )
         server_cpu0 = server.cpu_seconds() if server is not None else None
+        nodes_cpu0 = nodes.cpu_seconds() if nodes is not None else {}
         # The server's RSS before the orders arrive: the base that in-flight orders add to.
         rss_before = server.rss_kib() if server is not None else None
         result = LoadRun(
@@ -211,6 +239,9 @@ def _drive(
             summary["server"] = server_figures(
                 server, result.wall_s, server_cpu0, rss_before, in_flight
             )
+        if nodes is not None:
+            terminal = len(plan) - summary["not_terminal"]
+            summary["nodes"] = nodes.figures(result.wall_s, nodes_cpu0, terminal, os.cpu_count())
         scarce_ok = True
         if args.scarce > 0:
             summary["scarce"] = check_scarce(
@@ -220,6 +251,8 @@ def _drive(
         audit = _audit(args.targets, admins)
     summary["audit"] = audit
     print(render_report(summary, audit))
+    if "nodes" in summary:
+        print(nodes_line(summary["nodes"]))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2, default=str) + "\n")
         print(f"summary written to {args.json}")

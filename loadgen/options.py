@@ -152,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--spawn", action="store_true", help="start a private run.py (the default anyway)"
     )
     spawn.add_argument(
+        "--spawn-nodes",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="start a private PostgreSQL and N run.py nodes sharing it, spread the orders "
+        "over them, stop everything at the end (0: one run.py on SQLite)",
+    )
+    spawn.add_argument(
         "--base",
         choices=("simple", "queue", "tcp"),
         default=None,
@@ -240,10 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def spread(connections: int, targets: int) -> int:
+    """Connections for `targets` gateways: at least one each, and as many on each (the orders
+    go round the connections, so an uneven split would load one node more than the others)."""
+    return -(-connections // targets) * targets
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse and cross-check the options; raises UsageError (or SystemExit for --help).
 
-    Sets `targets` (empty: spawn a private run.py) and `concurrency` for the chosen mode.
+    Sets `targets` (empty: spawn a private run.py, or `spawn_nodes` of them on PostgreSQL) and
+    `concurrency` for the chosen mode.
     """
     args = build_parser().parse_args(argv)
     named = args.host is not None or args.port is not None
@@ -259,8 +274,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         targets = [(host, port)]
     else:
         targets = []
-    if targets and args.spawn:
-        raise UsageError("--host/--port/--targets name an existing server; --spawn starts its own")
+    if targets and (args.spawn or args.spawn_nodes):
+        raise UsageError(
+            "--host/--port/--targets name an existing server; --spawn/--spawn-nodes start their own"
+        )
     if targets:
         given = [f"--{n.replace('_', '-')}" for n in SPAWN_ONLY if getattr(args, n) is not None]
         if given:
@@ -268,10 +285,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     else:
         args.base = args.base or "simple"
     args.targets = targets
-    args.spawn = not targets
+    if args.spawn and args.spawn_nodes:
+        raise UsageError(
+            "--spawn starts one run.py on SQLite; --spawn-nodes N starts N on PostgreSQL"
+        )
+    args.spawn = not targets and not args.spawn_nodes
     if args.concurrency is None:
         args.concurrency = OPEN_LOOP_CONCURRENCY if args.rate > 0 else CLOSED_LOOP_CONCURRENCY
-    args.connections = max(args.connections, len(targets))
+    args.connections = spread(args.connections, len(targets) or args.spawn_nodes or 1)
     if args.lines > len(PRODUCTS):
         raise UsageError(f"--lines must be 1..{len(PRODUCTS)}")
     _check_shares(args)
