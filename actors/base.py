@@ -186,11 +186,22 @@ class CommitGate:
 
     def committed(self, key: str) -> None:
         """One change of the key is durable; re-handle deferred requests when none is left."""
+        self.forget(key)
+        self.resume(key)
+
+    def forget(self, key: str) -> None:
+        """One change of the key will never commit (it is handled again as a new change): no
+        longer wait for it, but leave the requests deferred behind it until `resume`."""
         left = self._uncommitted.get(key, 1) - 1
         if left > 0:
             self._uncommitted[key] = left
+        else:
+            self._uncommitted.pop(key, None)
+
+    def resume(self, key: str) -> None:
+        """Re-handle the key's deferred requests, unless a change of it is still uncommitted."""
+        if key in self._uncommitted:
             return
-        self._uncommitted.pop(key, None)
         for again in self._deferred.pop(key, []):
             try:
                 again()

@@ -10,10 +10,13 @@ Appends carry expected versions, so another writer of the same streams (an Inven
 node on a shared PostgreSQL store, or a previous incarnation of this one) makes them conflict
 rather than oversell. At most one append is in flight at a time: the changes made meanwhile go
 out together as the next one, each stream at the version the previous append left it, so an
-append is never built on one that may still be refused. On a refusal the Inventory rebuilds
-its book from the stock streams (catching up on what the other writer did), then handles again
-every request whose change was lost, at most ``MAX_ATTEMPTS`` times each; a reservation that
-keeps conflicting is then refused with that reason.
+append is never built on one that may still be refused. On a refusal the Inventory takes back
+what the lost changes did to its book (each change keeps what it touched as it was before:
+``StockBook.before``), reads the streams they were about from the versions it knew (what the
+other writer did there since), then handles again every request whose change was lost, all in
+the next append, at most ``MAX_ATTEMPTS`` times each; a reservation that keeps conflicting is
+then refused with that reason. (It used to rebuild its whole book from every stock stream's
+whole history on each refusal: with several nodes on one store, most of their time.)
 
 On a store shared by several nodes, other nodes' Inventories write the same stock streams. This
 one catches up with them (reads every stock stream past the version it knows and applies what
@@ -29,7 +32,7 @@ with ``InventoryMigrated``, all in one commit.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -71,7 +74,7 @@ from messages.events import (
     StockShipped,
     stock_stream,
 )
-from saga.stock import StockBook, split_by_stream
+from saga.stock import StockBook, Undo, split_by_stream
 from store import CODEC, NO_STREAM, EventStore, open_store
 
 SEED_PRODUCTS = tuple(f"SKU-{n:03d}" for n in range(1, 11))
@@ -94,6 +97,7 @@ class Change:
     retry: Callable[[int], None] | None  # re-handle the request as attempt n
     attempt: int
     ids: list[str] = field(default_factory=list)
+    undo: Undo | None = None  # the book before this change (None: rebuild it on a refusal)
 
 
 class InventoryActor(BaseActor):
@@ -113,6 +117,7 @@ class InventoryActor(BaseActor):
         self._gate = CommitGate()
         self._reader: EventStore | None = None  # shared store: to catch up with other nodes
         self._when_idle: list[Callable[[], None]] = []  # run after the next catch-up
+        self._retrying = False  # handling lost requests again: send them as one append after
 
     # --- life cycle -----------------------------------------------------------------------
 
@@ -163,15 +168,23 @@ class InventoryActor(BaseActor):
         """Apply every stock event past the versions we know; whether there were any."""
         if self._reader is None:
             return False
-        found = False
-        products = len(self._book.on_hand)
         heads = self._reader.stream_heads(STOCK_PREFIX)
         fences = self._reader.stream_version(FENCES_STREAM)
-        for stream, version in [(h.stream, h.version) for h in heads] + [(FENCES_STREAM, fences)]:
-            known = self._versions.get(stream, NO_STREAM)
-            if version <= known:
-                continue
-            for record in self._reader.read_stream(stream, known + 1):
+        behind = [
+            stream
+            for stream, version in [(h.stream, h.version) for h in heads]
+            + [(FENCES_STREAM, fences)]
+            if version > self._versions.get(stream, NO_STREAM)
+        ]
+        return self._read_past(self._reader, behind)
+
+    def _read_past(self, reader: EventStore, streams: Iterable[str]) -> bool:
+        """Apply what `streams` hold past the versions we know (what other writers recorded
+        there since); whether there was anything."""
+        found = False
+        products = len(self._book.on_hand)
+        for stream in streams:
+            for record in reader.read_stream(stream, self._versions.get(stream, NO_STREAM) + 1):
                 self._book.apply(CODEC.decode(record))
                 self._versions[stream] = record.version
                 found = True
@@ -475,10 +488,11 @@ class InventoryActor(BaseActor):
     ) -> None:
         """Apply now, append (to each product's stream) with the next batch, answer once
         committed."""
+        undo = self._book.before(events)
         for event in events:
             self._book.apply(event)
         parts = [share for event in events for share in split_by_stream(event)]
-        change = Change(parts, on_commit, order_id, retry, attempt)
+        change = Change(parts, on_commit, order_id, retry, attempt, undo=undo)
         change.ids = [CODEC.new_id() for _ in parts]
         if order_id is not None:
             self._gate.hold(order_id)
@@ -487,7 +501,7 @@ class InventoryActor(BaseActor):
 
     def _send_next(self) -> None:
         """Send every queued change as one multi-stream append, unless one is in flight."""
-        if self._in_flight or not self._queued:
+        if self._in_flight or not self._queued or self._retrying:
             return
         batch, self._queued = self._queued, []
         self._in_flight = batch
@@ -507,18 +521,14 @@ class InventoryActor(BaseActor):
         batch, self._in_flight = self._in_flight, []
         if isinstance(reply, AppendRejected):
             # Another writer got to some of these streams first (or the store failed): catch
-            # up from what is durable, then handle the lost requests again.
-            lost = batch + self._queued
-            log.warning(
+            # up on those streams, then handle the lost requests again.
+            log_refusal = log.info if reply.error == "conflict" else log.warning
+            log_refusal(
                 "inventory: append of %d changes refused (%s); catching up and retrying",
                 len(batch),
                 reply.message,
             )
-            self._reload()
-            for change in lost:
-                if change.retry is not None:
-                    change.retry(change.attempt + 1)
-            self._catch_up_if_idle()
+            self._retry(batch + self._queued)
             return
         streams = list(dict.fromkeys(stream for change in batch for stream, _ in change.parts))
         for stream, version in zip(streams, reply.versions, strict=True):
@@ -528,6 +538,40 @@ class InventoryActor(BaseActor):
                 self.send(*make())
             if change.order_id is not None:
                 self._gate.committed(change.order_id)
+        self._send_next()
+        self._catch_up_if_idle()
+
+    def _retry(self, lost: list[Change]) -> None:
+        """Take back what the `lost` changes (the refused append's and those queued behind
+        it) did to the book, newest first; read what their streams got meanwhile from the
+        versions we know; handle each request again, and send whatever that records as one
+        append."""
+        self._queued = []
+        if any(change.undo is None for change in lost):
+            self._reload()  # a migration: start again from the store
+        else:
+            for change in reversed(lost):
+                assert change.undo is not None
+                self._book.restore(change.undo)
+                if change.order_id is not None:
+                    self._gate.forget(change.order_id)
+            streams = dict.fromkeys(stream for change in lost for stream, _ in change.parts)
+            if self._reader is not None:
+                self._read_past(self._reader, streams)
+            else:
+                assert self._config is not None
+                with open_store(self._config.store_url, readonly=True) as reader:
+                    self._read_past(reader, streams)
+        self._retrying = True
+        try:
+            for change in lost:
+                if change.retry is not None:
+                    change.retry(change.attempt + 1)
+        finally:
+            self._retrying = False
+        for change in lost:  # requests that waited behind a lost change and still wait
+            if change.order_id is not None:
+                self._gate.resume(change.order_id)
         self._send_next()
         self._catch_up_if_idle()
 

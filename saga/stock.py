@@ -44,6 +44,16 @@ class Reservation:
         return tuple(Item(product_id=p, quantity=q) for p, q in self.units)
 
 
+@dataclass(slots=True)
+class Undo:
+    """What some events are about to change in a book, as it was: `StockBook.restore` puts it
+    back (the book before a change that was never committed)."""
+
+    on_hand: dict[str, int | None]
+    reserved: dict[str, int | None]
+    reservations: dict[str, Reservation | None]
+
+
 @dataclass
 class StockBook:
     """Stock levels and reservations; pure bookkeeping, replayable from the inventory stream."""
@@ -88,6 +98,37 @@ class StockBook:
                 self.reserved[product_id] = self.reserved.get(product_id, 0) - quantity
                 self.on_hand[product_id] = self.on_hand.get(product_id, 0) - quantity
 
+    def before(self, events: Sequence[Event]) -> Undo:
+        """Take what `events` will touch (levels of their products, their orders'
+        reservations) as it is now, before they are applied."""
+        products: set[str] = set()
+        orders: set[str] = set()
+        for event in events:
+            if isinstance(event, StockSet):
+                products.add(event.product_id)
+            elif isinstance(event, StockReserved | StockReleased | StockShipped):
+                orders.add(event.order_id)
+                products.update(item.product_id for item in event.items)
+        return Undo(
+            on_hand={p: self.on_hand.get(p) for p in products},
+            reserved={p: self.reserved.get(p) for p in products},
+            reservations={o: _copy(self.reservations.get(o)) for o in orders},
+        )
+
+    def restore(self, undo: Undo) -> None:
+        """Put back what `before` took. Undos of several changes are restored newest first."""
+        for levels, taken in ((self.on_hand, undo.on_hand), (self.reserved, undo.reserved)):
+            for product_id, level in taken.items():
+                if level is None:
+                    levels.pop(product_id, None)
+                else:
+                    levels[product_id] = level
+        for order_id, held in undo.reservations.items():
+            if held is None:
+                self.reservations.pop(order_id, None)
+            else:
+                self.reservations[order_id] = held
+
     def shortfall(self, items: tuple[Item, ...]) -> tuple[UnavailableItem, ...]:
         """The items that cannot be held now (unknown products have 0 available)."""
         return tuple(
@@ -116,6 +157,12 @@ class StockBook:
             for p in wanted
             if p in self.on_hand
         }
+
+
+def _copy(held: Reservation | None) -> Reservation | None:
+    if held is None:
+        return None
+    return Reservation(held.reservation_id, held.units, held.released, held.shipped)
 
 
 def split_by_stream(event: Event) -> list[tuple[str, Event]]:

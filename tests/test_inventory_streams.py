@@ -115,6 +115,44 @@ def test_a_conflicting_writer_is_caught_up_on_and_the_reservation_retried(
     assert stock.stock["SKU-003"] == {"on_hand": 1000, "reserved": 1000, "available": 0}
 
 
+def test_a_refused_batch_is_taken_back_and_handled_again_on_the_true_stock(
+    system: Any, tmp_path: Path
+) -> None:
+    """Several changes are lost to one conflict (the refused append and one queued behind it),
+    with a release waiting behind one of them: the Inventory takes back what they did to its
+    book, reads only what SKU-003's and SKU-001's streams got meanwhile, and decides each
+    again; the waiting release then runs on what was really held."""
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    inventory = start_inventory(system, url)
+    with open_store(url) as other_node:
+        system.ask(inventory, GetStock(req_id=0, product_ids=()), ASK)
+        taken = StockReserved(
+            order_id="elsewhere",
+            reservation_id="res-x",
+            items=items(("SKU-003", 995)),
+            reserved_at=utcnow(),
+        )
+        other_node.append("stock-SKU-003", [CODEC.encode(taken)], 0)
+    system.tell(inventory, ReserveStock(order_id="o-a", items=items(("SKU-003", 3))))
+    system.tell(
+        inventory, ReserveStock(order_id="o-b", items=items(("SKU-003", 3), ("SKU-001", 1)))
+    )
+    system.tell(inventory, ReleaseStock(order_id="o-a", reason="cancelled"))
+    replies: dict[type, list[Any]] = {}
+    while sum(len(r) for r in replies.values()) < 3:
+        reply = system.listen(ASK)
+        assert reply is not None
+        replies.setdefault(type(reply), []).append(reply)
+    assert [r.order_id for r in replies[InventoryReservedReply]] == ["o-a"]
+    (short,) = replies[InventoryUnavailableReply]
+    assert short.order_id == "o-b"
+    assert [(u.product_id, u.available) for u in short.unavailable_items] == [("SKU-003", 2)]
+    assert [r.order_id for r in replies[InventoryReleasedReply]] == ["o-a"]
+    stock = system.ask(inventory, GetStock(req_id=1, product_ids=("SKU-001", "SKU-003")), ASK)
+    assert stock.stock["SKU-003"] == {"on_hand": 1000, "reserved": 995, "available": 5}
+    assert stock.stock["SKU-001"]["reserved"] == 0
+
+
 def old_inventory_stream() -> list[Event]:
     """What today's code wrote before the stock streams: everything in ``inventory``."""
     now = utcnow()
