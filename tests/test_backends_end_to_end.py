@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, Server, new_id, wait_until
 from runtime.pg import PgServer
+from tests.conftest import ROOT, Server, new_id, wait_until
 from tests.test_end_to_end import LINES, PATHS
 
 

@@ -18,8 +18,8 @@ import psycopg
 import pytest
 
 from client import Client, place_on_any
-from tests.conftest import Server, new_id, wait_until
 from runtime.pg import PgServer
+from tests.conftest import Server, new_id, wait_until
 
 TTL = 1.5  # --lease-ttl of every node here: takeovers within about 1.5-2 s
 TOKENS = ("tok_visa",) * 6 + ("tok_chargeDeclined", "tok_error", "tok_timeout", "tok_late")

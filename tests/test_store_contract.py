@@ -21,6 +21,7 @@ import pytest
 
 from messages.base import OrderLine
 from messages.events import OrderPlaced, PaymentFailed
+from runtime.pg import PgServer
 from store import (
     CODEC,
     NO_STREAM,
@@ -41,7 +42,6 @@ from store import (
     postgres,
 )
 from store import store_url as store_url_of
-from runtime.pg import PgServer
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])
