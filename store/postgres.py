@@ -218,6 +218,12 @@ class PostgresEventStore(EventStore):
 
         def configure(conn: psycopg.Connection[Any]) -> None:
             conn.read_only = readonly
+            # Plan every statement for its parameters. psycopg prepares a statement run five
+            # times, and after five more PostgreSQL caches a generic plan: made while the
+            # events table was small, the one for `event_id = ANY(...)` (every commit's
+            # idempotency check) scanned the whole table until an autoanalyze replanned it,
+            # 186 ms a commit at 38,000 events against 0.5 ms with the index.
+            conn.execute("SET plan_cache_mode = force_custom_plan")
 
         self._pool = ConnectionPool(
             url,

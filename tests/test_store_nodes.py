@@ -10,6 +10,7 @@ import time
 import psycopg
 import pytest
 
+from runtime.pg import PgServer
 from store import (
     NO_STREAM,
     AppendRequest,
@@ -20,7 +21,6 @@ from store import (
     MultiAppend,
     open_store,
 )
-from runtime.pg import PgServer
 from tests.test_store_contract import new_events, store, store_url
 
 __all__ = ["store", "store_url"]  # the contract suite's fixtures, used here by name
@@ -185,3 +185,10 @@ def test_postgres_events_carry_their_writer(pg_server: PgServer) -> None:
         s.append("loose", new_events(1), NO_STREAM)
         rows = conn.execute("SELECT stream, writer, writer_epoch FROM events ORDER BY 1").fetchall()
         assert rows == [("loose", None, None), ("order-1", "a", a.epoch)]
+
+
+def test_postgres_plans_every_statement_for_its_parameters(pg_server: PgServer) -> None:
+    """A generic plan cached while the events table was small scanned all of it on every
+    commit's idempotency check (`event_id = ANY(...)`) until an autoanalyze replanned it."""
+    with open_store(pg_server.create_schema()) as s, s._connection() as conn:  # type: ignore[attr-defined]
+        assert conn.execute("SHOW plan_cache_mode").fetchone() == ("force_custom_plan",)
