@@ -79,7 +79,8 @@ from store import CODEC, NO_STREAM, EventStore, open_store
 
 SEED_PRODUCTS = tuple(f"SKU-{n:03d}" for n in range(1, 11))
 SEED_ON_HAND = 1000
-MAX_ATTEMPTS = 5  # conflicts one request may meet before it is refused
+MAX_ATTEMPTS = 20  # conflicts one request may meet before it is refused (each is cheap: the
+# streams it touches, read from the versions known; and each means another writer committed)
 CATCH_UP_PERIOD = 1.0  # seconds between catch-ups with other nodes (shared store only)
 CATCH_UP_TIMER = "catch-up"
 
