@@ -4,7 +4,7 @@ Thespian reference saga, several repetitions, medians. (`make bench`)
     python bench.py [--bases simple,queue,tcp] [--reps 3] [--orders 5000] [--concurrency 100]
                     [--process-orders 300] [--process-concurrency 24] [--in-flight 10000]
                     [--rate 1000] [--open-loop-orders 10000] [--mixed-orders 5000]
-                    [--out bench-results]
+                    [--nodes 1,2,3] [--node-orders 3000] [--out bench-results]
 
 Each repetition runs, for every base: `loadtest.py --spawn` (a fresh run.py on a fresh SQLite
 file, synchronous=FULL, tok_visa, orders placed with wait=true over the gateway) and the
@@ -15,8 +15,13 @@ arriving at `--rate` orders/s (Poisson), latency from each order's intended star
 shows in p99/p99.9 instead of slowing the arrivals, and a mixed row: `--mixed-orders` like the
 full row but half of them placed with shipping and 5 % cancelled by their customer shortly after
 placement (`--mixed-orders 0` skips it). Bases and kinds are interleaved so machine
-noise spreads over all of them. The medians go to stdout as a markdown table and, with every
-run's raw figures, to `OUT/bench-<timestamp>.json` and `.md`. Exit status 1 if any audit failed.
+noise spreads over all of them. With `--nodes 1,2,3` (`--nodes 0`: none) each repetition also
+runs `loadtest.py --spawn-nodes N` for each N: a private PostgreSQL and N nodes on one database,
+the same workload through the gateways whatever N (`--node-orders` orders, 120 in flight, 100
+units of SKU-SCARCE to race for), in a table of its own: orders/s in total, per node, per core
+and per CPU-second used (the nodes' and PostgreSQL's). The medians go to stdout as markdown
+tables and, with every run's raw figures, to `OUT/bench-<timestamp>.json` and `.md`. Exit status
+1 if any audit failed.
 """
 
 from __future__ import annotations
@@ -99,6 +104,73 @@ MIXED_ARGS = (
 )
 # Rows that are the full row's run with more options.
 FULL_LIKE = {"full": (), "mixed": MIXED_ARGS}
+
+
+NODE_ARGS = ("--concurrency", "120", "--scarce", "100")  # the nodes' workload, same for every N
+
+
+def node_counts(text: str) -> list[int]:
+    """`--nodes`: node counts separated by commas; 0 (or nothing) for none."""
+    try:
+        counts = [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: node counts such as 1,2,3 (0: none)") from None
+    return [n for n in counts if n > 0]
+
+
+def run_node_rows(
+    counts: list[int],
+    orders: int,
+    tmp: Path,
+    runs: dict[str, list[dict[str, Any]]],
+    shape: dict[str, tuple[int, int]],
+) -> None:
+    """One run per node count (`loadtest.py --spawn-nodes N`), added to `runs` (and its
+    orders and concurrency to `shape`) under `nodes/N`."""
+    for count in counts:
+        shape[f"nodes/{count}"] = (orders, int(NODE_ARGS[1]))
+        out = tmp / f"nodes-{count}-{time.monotonic_ns()}.json"
+        cmd = [sys.executable, str(ROOT / "loadtest.py"), "--spawn-nodes", str(count)]
+        cmd += ["--orders", str(orders), *NODE_ARGS, "--json", str(out), "--no-progress"]
+        run = _run_json(cmd, out)
+        runs.setdefault(f"nodes/{count}", []).append(run)
+        print(
+            f"nodes/{count}: {run['throughput_orders_per_s']:.0f} orders/s, "
+            f"audit {'ok' if run['audit']['ok'] else 'FAILED'}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def render_nodes(table: dict[str, dict[str, Any]]) -> str:
+    """The node rows' table of medians (empty without node rows)."""
+    rows = {key: row for key, row in table.items() if key.startswith("nodes/")}
+    if not rows:
+        return ""
+    lines = [
+        "",
+        "",
+        "Nodes on one PostgreSQL (fsync off), the same workload through the gateways "
+        "(loadtest.py --spawn-nodes N)",
+        "",
+        "| nodes | orders | concurrency | orders/s | per node | per core | cores busy "
+        "| per CPU-second | p50 ms | p99 ms | audits |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for key, row in rows.items():
+        m = row["median"]
+        figures = [r["nodes"] for r in row["runs"]]
+        per_core = _median([f["orders_per_s_per_core"] for f in figures])
+        busy = _median([f["cores_busy"] for f in figures])
+        per_cpu = _median([f["orders_per_cpu_s"] for f in figures])
+        count = int(key.split("/")[1])
+        per_node = None if m["orders_per_s"] is None else m["orders_per_s"] / count
+        lines.append(
+            f"| {count} | {row['orders']} | {row['concurrency']} | {_ms(m['orders_per_s'], 0)} | "
+            f"{_ms(per_node, 0)} | {_ms(per_core, 0)} | {_ms(busy, 2)} | {_ms(per_cpu, 0)} | "
+            f"{_ms(m['p50'])} | {_ms(m['p99'])} | {row.get('audits', '')} |"
+        )
+    return "\n".join(lines)
 
 
 def run_reference_child(base: str, orders: int, concurrency: int, tmp: Path) -> dict[str, Any]:
@@ -217,7 +289,7 @@ def render(table: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
     ]
     for key, row in table.items():
         base, kind = key.split("/")
-        if kind == "open-loop":
+        if kind == "open-loop" or base == "nodes":
             continue
         m = row["median"]
         ratio = ""
@@ -297,6 +369,13 @@ def _parser() -> argparse.ArgumentParser:
         help="simple base: also run this many orders, half with shipping and 5%% cancelled "
         "(0: skip)",
     )
+    parser.add_argument(
+        "--nodes",
+        type=node_counts,
+        default="1,2,3",
+        help="node counts for the rows of nodes on one PostgreSQL (0: skip them)",
+    )
+    parser.add_argument("--node-orders", type=int, default=3000, help="orders per node row")
     parser.add_argument("--out", default=str(ROOT / "bench-results"))
     parser.add_argument("--reference", choices=sorted(SYSTEM_BASES), help=argparse.SUPPRESS)
     parser.add_argument("--reference-out", help=argparse.SUPPRESS)
@@ -381,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
                         file=sys.stderr,
                         flush=True,
                     )
+            run_node_rows(args.nodes, args.node_orders, tmp, runs, shape)
     table: dict[str, dict[str, Any]] = {}
     audits_ok = True
     for key, key_runs in runs.items():
@@ -395,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
             row["audits"] = f"{sum(ok)}/{len(ok)} ok"
             audits_ok &= all(ok)
         table[key] = row
-    text = render(table, meta)
+    text = render(table, meta) + render_nodes(table)
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

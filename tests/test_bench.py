@@ -6,7 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from bench import MIXED_ARGS, _kinds, _parser, median_row, open_loop_row, render
+from bench import (
+    MIXED_ARGS,
+    _kinds,
+    _parser,
+    median_row,
+    node_counts,
+    open_loop_row,
+    render,
+    render_nodes,
+)
 from benchmarks.reference import run_reference
 
 
@@ -143,3 +152,34 @@ def test_the_mixed_row_runs_by_default_on_the_simple_base_and_can_be_skipped() -
     assert "| simple | mixed | 50 | 5 | 900 | 7.0 | 7.0 | 7.0 | 7.0 |  |  | 1/1 ok |" in render(
         table, meta
     )
+
+
+def test_node_rows_table() -> None:
+    def run(orders_per_s: float) -> dict[str, object]:
+        return {
+            "throughput_orders_per_s": orders_per_s,
+            "latency_ms": {"p50": 5.0, "p90": 6.0, "p99": 9.0, "max": 10.0},
+            "nodes": {
+                "orders_per_s_per_core": orders_per_s / 2,
+                "cores_busy": 1.5,
+                "orders_per_cpu_s": 600.0,
+            },
+        }
+
+    runs = [run(t) for t in (800.0, 600.0, 700.0)]
+    table = {
+        "nodes/2": {
+            "orders": 30,
+            "concurrency": 12,
+            "median": median_row(runs),
+            "runs": runs,
+            "audits": "3/3 ok",
+        },
+    }
+    text = render_nodes(table)
+    assert "| 2 | 30 | 12 | 700 | 350 | 350 | 1.50 | 600 | 5.0 | 9.0 | 3/3 ok |" in text
+    meta = {"started": "now", "reps": 3, "machine": {"cpus": 2, "cpu": "x", "python": "3.11"}}
+    assert "| nodes |" not in render(table, meta).split("\n", 1)[1]  # not among the bases
+    assert render_nodes({}) == ""
+    assert node_counts("1,2,3") == [1, 2, 3]
+    assert node_counts("0") == []
