@@ -12,6 +12,7 @@ import functools
 import os
 import random
 import signal
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -20,8 +21,10 @@ from typing import Any
 import pytest
 
 from client import Client, ClientError
+from runtime.pg import PgServer
 from runtime.proc_tree import descendants, marked, parent, with_cmdline
 from tests.conftest import Server, new_id, wait_until
+from tests.test_nodes import SCARCE, SCARCE_UNITS, Cluster, SteadyLoad, audit_clean, taken_over
 
 LINE = [{"product_id": "SKU-001", "quantity": 1, "unit_price": "4.00"}]
 
@@ -409,3 +412,74 @@ def test_kill_whole_system_between_order_paid_and_shipping_and_mid_shipping(
     assert report["units_shipped"] == report["status_counts"]["shipped"] >= shipped
     assert stock["reserved"] == 0
     assert server.stop() == 0
+
+
+# --- several nodes on one PostgreSQL (DESIGN.md section 10) ------------------------------------
+
+NODE_IDS = ("a", "b", "c")
+
+
+def kill_nodes_in_turn(cluster: Cluster, load: SteadyLoad, cycles: int, rng: random.Random) -> int:
+    """`cycles` times: let some orders through, kill -9 a random node, wait until a live node
+    took it over, start it again under its id. Returns the takeovers seen."""
+    takeovers = 0
+    for _ in range(cycles):
+        load.wait_for_more(rng.randint(20, 80))
+        victim = rng.choice(NODE_IDS)
+        cluster.nodes[victim].kill()
+        witness = next(cluster.nodes[n] for n in NODE_IDS if n != victim).client()
+        wait_until(functools.partial(taken_over, witness, victim), timeout=30, interval=0.05)
+        takeovers += 1
+        cluster.start(victim)
+    return takeovers
+
+
+def outcome_of(client: Client, order_id: str) -> str:
+    """The order's status once it ends (`pending` if it does not within 60 s; `lost` if no
+    node knows it)."""
+    try:
+        order = terminal(client, order_id, timeout=60)
+    except ClientError as e:
+        if e.code == "not_found":
+            return "lost"
+        raise
+    except AssertionError:
+        return "pending"
+    return str(order["status"])
+
+
+@pytest.mark.slow
+def test_soak_kill_random_nodes(pg_server: PgServer, tmp_path: Path) -> None:
+    """Three nodes on one database under steady load; SOAK_CYCLES times a random one is killed
+    (kill -9), taken over by another and started again under its id. Every acknowledged order
+    ends, none is lost, the audit is clean."""
+    cycles = int(os.environ.get("SOAK_CYCLES", "10"))
+    seed = int(os.environ.get("SOAK_SEED", str(random.randrange(1 << 30))))
+    rng = random.Random(seed)
+    cluster = Cluster(tmp_path, pg_server.create_database())
+    try:
+        for node_id in NODE_IDS:
+            cluster.start(node_id)
+        cluster.nodes["a"].client().add_product(SCARCE, SCARCE_UNITS)
+        load = SteadyLoad(cluster)
+        takeovers = kill_nodes_in_turn(cluster, load, cycles, rng)
+        load.wait_for_more(25)
+        load.stop()
+        client = cluster.nodes[NODE_IDS[0]].client()
+        ends = Counter(outcome_of(client, order["order_id"]) for order in load.orders)
+        report = audit_clean(client)
+    finally:
+        cluster.stop()
+    totals = {
+        "cycles": cycles,
+        "acknowledged": len(load.orders),
+        "lost": ends["lost"],
+        "stuck": ends["pending"],
+        "takeovers": takeovers,
+        "audit": "ok" if report["ok"] else "FAILED",
+    }
+    print(f"\nsoak nodes=3 seed={seed} ends={dict(ends)}")
+    print("| " + " | ".join(totals) + " |\n|" + "---:|" * len(totals))
+    print("| " + " | ".join(str(v) for v in totals.values()) + " |")
+    assert ends["lost"] == ends["pending"] == 0
+    assert report["orders"] == len(load.orders)
