@@ -19,9 +19,11 @@ import loadgen.cli
 import loadtest
 from loadgen import plan as loadplan
 from loadgen.drive import RunResult
+from loadgen.options import parse_args, spread
 from loadgen.plot import write_plot
 from loadgen.progress import Progress
 from loadgen.report import percentile
+from runtime.proc_tree import with_cmdline
 from tests.conftest import Server
 
 
@@ -130,6 +132,9 @@ def test_plan_ships_and_cancels_their_shares_without_changing_the_orders() -> No
         ["--targets", "127.0.0.1"],
         ["--rate", "-1"],
         ["--spawn", "--port", "7300"],
+        ["--spawn-nodes", "2", "--targets", "127.0.0.1:7300"],
+        ["--spawn-nodes", "2", "--spawn"],
+        ["--spawn-nodes", "-1"],
         ["--mix", "tok_visa=0"],
         ["--lines", "11"],
         ["--scarce-share", "1.5"],
@@ -427,3 +432,33 @@ def test_a_run_with_shipping_and_customers_cancels_ends_every_order_and_counts_t
     assert report["scarce"]["ok"] is True
     assert "shipping        " in out
     assert "orders cancelled by the customer" in out
+
+
+def test_connections_are_spread_evenly_over_the_nodes() -> None:
+    assert [spread(4, n) for n in (1, 2, 3, 5)] == [4, 4, 6, 5]
+    args = parse_args(["--targets", "127.0.0.1:7300,127.0.0.1:7301,127.0.0.1:7302"])
+    assert args.connections == 6
+    args = parse_args(["--spawn-nodes", "3", "--connections", "2"])
+    assert (args.connections, args.spawn, args.targets) == (3, False, [])
+
+
+@pytest.mark.usefixtures("pg_server")
+def test_spawned_nodes_share_the_orders_and_everything_stops(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--spawn-nodes 2`: a PostgreSQL of its own and two nodes, the orders over both, the
+    figures per node, nothing left running at the end (pg_server only proves the binaries)."""
+    report_path = tmp_path / "nodes.json"
+    before = set(with_cmdline("orders-pg-"))
+    argv = ["--spawn-nodes", "2", "--orders", "120", "--concurrency", "20", "--scarce", "10"]
+    code = loadtest.main([*argv, "--json", str(report_path), "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    report = json.loads(report_path.read_text())
+    assert report["status_counts"]["paid"] >= 10
+    assert report["nodes"]["nodes"] == 2
+    assert set(report["nodes"]["cpu_s"]) == {"n1", "n2", "postgres"}
+    assert report["audit"]["ok"]
+    assert len(report["audit"]["targets"]) == 2
+    assert "nodes: 2," in out
+    assert set(with_cmdline("orders-pg-")) <= before  # the private server is gone
