@@ -45,7 +45,7 @@ bench: $(STAMP)
 	$(BIN)/python bench.py $(ARGS)
 
 soak: $(STAMP)
-	$(BIN)/python -m pytest -q -s -m slow tests/test_crash_recovery.py $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -s -m slow tests/test_crash_recovery.py tests/test_nodes.py $(PYTEST_ARGS)
 
 fuzz: $(STAMP)
 	FUZZ_FRAMES=$${FUZZ_FRAMES:-100000} $(BIN)/python -m pytest -q -m slow tests/test_hostile_input.py $(PYTEST_ARGS)

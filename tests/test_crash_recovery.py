@@ -272,7 +272,7 @@ def crash_cycles(  # noqa: PLR0913 - the fixtures, then each soak's knobs by key
     ("base", "orders"),
     [
         pytest.param("simple", 300, id="simple"),
-        pytest.param("queue", 120, id="queue", marks=pytest.mark.process),
+        pytest.param("queue", 60, id="queue", marks=pytest.mark.process),
     ],
 )
 def test_kill_whole_system_repeatedly_loses_nothing(

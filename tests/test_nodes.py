@@ -291,6 +291,7 @@ class SteadyLoad:
             self._pool.shutdown()
 
 
+@pytest.mark.slow  # about 15 s: `make soak` runs it, `make test` stays quick
 def test_rolling_restart_of_every_node_under_load_loses_nothing(cluster: Cluster) -> None:
     """SIGTERM each node in turn while orders flow (it drains, releases its lease and exits
     0), start it again under its id, go on to the next: every order placed is acknowledged and
