@@ -8,6 +8,7 @@ domain events into these records and back.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 NO_STREAM = -1
 """``expected_version`` for a stream that must not exist yet (it has no event, so no version)."""
@@ -26,9 +27,9 @@ class NewEvent:
     payload: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class StoredEvent:
-    """An event as recorded.
+class StoredEvent(NamedTuple):
+    """An event as recorded (a named tuple: every read of the store makes one per row, and a
+    tuple is built four times faster than a frozen dataclass).
 
     ``version`` counts 0, 1, 2, ... within its stream without gaps; ``position`` is the global
     commit order across all streams (starting at 1, strictly increasing, possibly with gaps);
