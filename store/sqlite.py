@@ -317,9 +317,11 @@ class SqliteEventStore(EventStore):
             check_expected(stream, expected_version, current)
         if not events:
             return current
-        # Owners last, as in BatchPlanner: what is refused above writes nothing anyway.
-        row = conn.execute(_SELECT_OWNER, (stream,)).fetchone()
-        check_owner(stream, None if row is None else row[0], fence)
+        # Owners last, as in BatchPlanner: what is refused above writes nothing anyway. Only a
+        # fenced writer (a node of several) can be refused by one; a lone node skips the read.
+        if fence is not None:
+            row = conn.execute(_SELECT_OWNER, (stream,)).fetchone()
+            check_owner(stream, None if row is None else row[0], fence)
         conn.execute("SAVEPOINT append")
         try:
             conn.executemany(
@@ -331,7 +333,7 @@ class SqliteEventStore(EventStore):
             )
             last = current + len(events)
             conn.execute(_UPSERT_STREAM, (stream, last, events[-1].type))
-            if owner is not None and row is None:
+            if owner is not None:  # INSERT OR IGNORE: the first owner stays
                 conn.execute(_INSERT_OWNER, (stream, owner))
         except sqlite3.IntegrityError as e:
             conn.execute("ROLLBACK TO append")
