@@ -14,10 +14,8 @@ other request about that order waits, so a void never races the charge it voids.
 
 from __future__ import annotations
 
-import itertools
 import os
 import queue
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,11 +25,10 @@ from typing import Any
 
 from thespian.actors import PoisonMessage, WakeupMessage
 
-from actors.base import Appender, BaseActor, CommitGate, NotConfiguredError, log
+from actors.base import NotConfiguredError, log
+from actors.records import RecordKeeper
 from messages.base import utcnow
 from messages.commands import (
-    AppendDone,
-    AppendRejected,
     ChargePayment,
     LateCharge,
     PaymentFailedReply,
@@ -62,7 +59,7 @@ from providers import (
     open_provider,
 )
 from providers.simulated import DECLINE_MESSAGE
-from store import CODEC, NO_STREAM, EventStore, open_store
+from store import NO_STREAM
 
 __all__ = ["DECLINE_MESSAGE", "MAX_CACHED_RECORDS", "PaymentActor", "PaymentProviderError"]
 
@@ -106,23 +103,16 @@ class PaymentRecord:
             self.voided = True
 
 
-class PaymentActor(BaseActor):
+class PaymentActor(RecordKeeper[PaymentRecord]):
     """Records what the payment provider says and answers the sagas."""
 
     actor_name = "payment"
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(PaymentRecord, MAX_CACHED_RECORDS)
         self._config: ServiceConfig | None = None
-        self._reader: EventStore | None = None
         self._provider: PaymentProvider | None = None
-        # A cache of what the payment streams say, least recently used first; every record is
-        # durable, so one evicted is simply read again (only records with nothing uncommitted
-        # and no slow charge pending are evicted).
-        self._records: OrderedDict[str, PaymentRecord] = OrderedDict()
         self._slow: dict[str, Charge] = {}  # orders whose charge's answer arrives on a timer
-        self._appender = Appender(self, "payment")
-        self._gate = CommitGate()
         # Remote provider calls: the pool runs them, `_done` brings them back to this thread.
         self._pool: ThreadPoolExecutor | None = None
         self._done: queue.SimpleQueue[tuple[str, Future[Any], Then]] = queue.SimpleQueue()
@@ -132,9 +122,7 @@ class PaymentActor(BaseActor):
     def receiveMsg_ServiceConfig(self, msg: ServiceConfig, sender: Any) -> None:
         """Remember where the store is and open the provider; payment state loads lazily."""
         self._config = msg
-        self._appender.store = msg.store
-        if self._reader is None:
-            self._reader = open_store(msg.store_url, readonly=True)
+        self._open_records(msg)
         if self._provider is None:
             self._provider = open_provider(
                 msg.payment_provider,
@@ -144,31 +132,11 @@ class PaymentActor(BaseActor):
             )
         self.send(sender, ServiceReady(name=self.actor_name, pid=os.getpid()))
 
-    def _record_of(self, order_id: str) -> PaymentRecord:
-        record = self._records.get(order_id)
-        if record is not None:
-            self._records.move_to_end(order_id)
-            return record
-        if self._reader is None:
-            raise NotConfiguredError("payment: no ServiceConfig yet")
-        record = PaymentRecord()
-        for stored in self._reader.read_stream(payment_stream(order_id)):
-            record.apply(CODEC.decode(stored))
-        self._records[order_id] = record
-        self._evict()
-        return record
+    def _stream_of(self, order_id: str) -> str:
+        return payment_stream(order_id)
 
-    def _evict(self) -> None:
-        excess = len(self._records) - MAX_CACHED_RECORDS
-        if excess <= 0:
-            return
-        # The oldest few (busy ones are skipped, so look a little further than needed).
-        for order_id in list(itertools.islice(self._records, excess + 32)):
-            if excess <= 0:
-                return
-            if not self._gate.busy(order_id) and order_id not in self._slow:
-                del self._records[order_id]
-                excess -= 1
+    def _pinned(self, order_id: str) -> bool:
+        return order_id in self._slow
 
     def _provider_or_fail(self) -> PaymentProvider:
         if self._provider is None:
@@ -501,43 +469,9 @@ class PaymentActor(BaseActor):
 
     # --- recording --------------------------------------------------------------------------
 
-    def _record(self, order_id: str, events: list[Event], on_commit: Any) -> None:
-        record = self._record_of(order_id)
-        expected = record.version
-        for event in events:
-            record.apply(event)
-        self._gate.hold(order_id)
-
-        def committed(reply: AppendDone | AppendRejected) -> None:
-            if isinstance(reply, AppendRejected):
-                log.error(
-                    "payment: append for %s rejected (%s); reloading",
-                    order_id,
-                    reply.message,
-                    extra={"order_id": order_id},
-                )
-                self._records.pop(order_id, None)  # re-read what is durable on next use
-            else:
-                on_commit()
-            self._gate.committed(order_id)
-
-        self._appender.append(
-            payment_stream(order_id), events, [CODEC.new_id() for _ in events], expected, committed
-        )
-
-    def receiveMsg_AppendDone(self, msg: AppendDone, sender: Any) -> None:
-        """A payment fact is durable."""
-        self._appender.settle(msg)
-
-    def receiveMsg_AppendRejected(self, msg: AppendRejected, sender: Any) -> None:
-        """A payment fact was refused."""
-        self._appender.settle(msg)
-
     def receiveMsg_ActorExitRequest(self, msg: Any, sender: Any) -> None:
         """Close the read connection, the worker pool and the provider on an orderly shutdown."""
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+        self._close_records()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None

@@ -12,20 +12,17 @@ nobody); ``ship_error`` raises while handling. Any other token is refused.
 
 from __future__ import annotations
 
-import itertools
 import os
-from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from thespian.actors import WakeupMessage
 
-from actors.base import Appender, BaseActor, CommitGate, NotConfiguredError, log
+from actors.base import NotConfiguredError, log
+from actors.records import RecordKeeper
 from messages.base import new_id, utcnow
 from messages.commands import (
-    AppendDone,
-    AppendRejected,
     CancelShipment,
     CreateShipment,
     LateShipment,
@@ -44,7 +41,7 @@ from messages.events import (
     ShipmentVoided,
     shipment_stream,
 )
-from store import CODEC, NO_STREAM, EventStore, open_store
+from store import NO_STREAM
 
 REFUSED_MESSAGE = "The carrier refused the shipment."
 VOIDED_MESSAGE = "shipping was cancelled for this order"
@@ -81,48 +78,27 @@ class ShipmentRecord:
             self.voided = True
 
 
-class ShippingActor(BaseActor):
-    """The simulated carrier."""
+class ShippingActor(RecordKeeper[ShipmentRecord]):
+    """The simulated carrier: one shipment record per order, in ``shipment-{order_id}``."""
 
     actor_name = "shipping"
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(ShipmentRecord, MAX_CACHED_RECORDS)
         self._config: ServiceConfig | None = None
-        self._reader: EventStore | None = None
-        # A cache of the shipment streams, least recently used first (every record is durable).
-        self._records: OrderedDict[str, ShipmentRecord] = OrderedDict()
         self._slow: set[str] = set()  # orders whose shipment is created on a timer
-        self._appender = Appender(self, "shipping")
-        self._gate = CommitGate()
+
+    def _stream_of(self, order_id: str) -> str:
+        return shipment_stream(order_id)
+
+    def _pinned(self, order_id: str) -> bool:
+        return order_id in self._slow
 
     def receiveMsg_ServiceConfig(self, msg: ServiceConfig, sender: Any) -> None:
         """Remember where the store is; shipment state loads lazily per order."""
         self._config = msg
-        self._appender.store = msg.store
-        if self._reader is None:
-            self._reader = open_store(msg.store_url, readonly=True)
+        self._open_records(msg)
         self.send(sender, ServiceReady(name=self.actor_name, pid=os.getpid()))
-
-    def _record_of(self, order_id: str) -> ShipmentRecord:
-        record = self._records.get(order_id)
-        if record is not None:
-            self._records.move_to_end(order_id)
-            return record
-        if self._reader is None:
-            raise NotConfiguredError("shipping: no ServiceConfig yet")
-        record = ShipmentRecord()
-        for stored in self._reader.read_stream(shipment_stream(order_id)):
-            record.apply(CODEC.decode(stored))
-        self._records[order_id] = record
-        excess = len(self._records) - MAX_CACHED_RECORDS
-        for old in list(itertools.islice(self._records, max(excess, 0) + 32)):
-            if excess <= 0:
-                break
-            if not self._gate.busy(old) and old not in self._slow:
-                del self._records[old]
-                excess -= 1
-        return record
 
     # --- create ---------------------------------------------------------------------------
 
@@ -245,43 +221,9 @@ class ShippingActor(BaseActor):
 
     # --- recording --------------------------------------------------------------------------
 
-    def _record(self, order_id: str, events: list[Event], on_commit: Any) -> None:
-        record = self._record_of(order_id)
-        expected = record.version
-        for event in events:
-            record.apply(event)
-        self._gate.hold(order_id)
-
-        def committed(reply: AppendDone | AppendRejected) -> None:
-            if isinstance(reply, AppendRejected):
-                log.error(
-                    "shipping: append for %s rejected (%s); reloading",
-                    order_id,
-                    reply.message,
-                    extra={"order_id": order_id},
-                )
-                self._records.pop(order_id, None)  # re-read what is durable on next use
-            else:
-                on_commit()
-            self._gate.committed(order_id)
-
-        self._appender.append(
-            shipment_stream(order_id), events, [CODEC.new_id() for _ in events], expected, committed
-        )
-
-    def receiveMsg_AppendDone(self, msg: AppendDone, sender: Any) -> None:
-        """A shipment fact is durable."""
-        self._appender.settle(msg)
-
-    def receiveMsg_AppendRejected(self, msg: AppendRejected, sender: Any) -> None:
-        """A shipment fact was refused."""
-        self._appender.settle(msg)
-
     def receiveMsg_ActorExitRequest(self, msg: Any, sender: Any) -> None:
         """Close the read connection on an orderly shutdown."""
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+        self._close_records()
 
 
 def _new_shipment(msg: CreateShipment) -> ShipmentCreated:
