@@ -139,6 +139,24 @@ class WorkflowActor(BaseActor):
         if msg.report_pid:
             self.send(sender, IAm(name=f"saga:{msg.order_id}", pid=os.getpid()))
 
+    def _carry_out_shared(self, order_id: str, command: Any, recorded: Any) -> None:
+        """The commands both workflows' machines give: compensation requests, the step timer,
+        the end and the abort (`recorded`: the events recorded so far, for the end)."""
+        if isinstance(command, sm.RequestRelease):
+            self._request(
+                sm.Service.INVENTORY, ReleaseStock(order_id=order_id, reason=command.reason)
+            )
+        elif isinstance(command, sm.RequestVoid):
+            self._request(sm.Service.PAYMENT, VoidPayment(order_id=order_id, reason=command.reason))
+        elif isinstance(command, sm.StartTimer):
+            self._arm(command.token)
+        elif isinstance(command, sm.Finish):
+            self._finish(order_id, command.reason, recorded)
+        elif isinstance(command, sm.Abort):
+            self._abort(order_id, command.reason)
+        else:
+            raise TypeError(f"{self.actor_name}: no way to carry out {type(command).__name__}")
+
     def _append(self, order_id: str, command: sm.AppendEvents) -> None:
         self._appender.append(
             order_stream(order_id),
@@ -310,18 +328,8 @@ class OrderSaga(WorkflowActor):
                 order_id=order_id, amount=command.amount, payment_method=command.payment_method
             )
             self._request(sm.Service.PAYMENT, charge)
-        elif isinstance(command, sm.RequestRelease):
-            self._request(
-                sm.Service.INVENTORY, ReleaseStock(order_id=order_id, reason=command.reason)
-            )
-        elif isinstance(command, sm.RequestVoid):
-            self._request(sm.Service.PAYMENT, VoidPayment(order_id=order_id, reason=command.reason))
-        elif isinstance(command, sm.StartTimer):
-            self._arm(command.token)
-        elif isinstance(command, sm.Finish):
-            self._finish(order_id, command.reason, state.recorded)
-        elif isinstance(command, sm.Abort):
-            self._abort(order_id, command.reason)
+        else:
+            self._carry_out_shared(order_id, command, state.recorded)
 
     # --- messages -------------------------------------------------------------------------
 

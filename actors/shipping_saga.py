@@ -11,13 +11,11 @@ from messages.commands import (
     CancelShipment,
     CreateShipment,
     InventoryShippedReply,
-    ReleaseStock,
     ShipmentCancelledReply,
     ShipmentCreatedReply,
     ShipmentRefusedReply,
     ShipStock,
     StartSaga,
-    VoidPayment,
 )
 from messages.events import OrderPlaced
 from saga import machine as sm
@@ -71,22 +69,12 @@ class ShippingSaga(WorkflowActor):
             self._request(sm.Service.SHIPPING, request)
         elif isinstance(command, ship.RequestShipStock):
             self._request(sm.Service.INVENTORY, ShipStock(order_id=order_id))
-        elif isinstance(command, sm.RequestRelease):
-            self._request(
-                sm.Service.INVENTORY, ReleaseStock(order_id=order_id, reason=command.reason)
-            )
         elif isinstance(command, ship.RequestCancelShipment):
             self._request(
                 sm.Service.SHIPPING, CancelShipment(order_id=order_id, reason=command.reason)
             )
-        elif isinstance(command, sm.RequestVoid):
-            self._request(sm.Service.PAYMENT, VoidPayment(order_id=order_id, reason=command.reason))
-        elif isinstance(command, sm.StartTimer):
-            self._arm(command.token)
-        elif isinstance(command, sm.Finish):
-            self._finish(order_id, command.reason, state.recorded)
-        elif isinstance(command, sm.Abort):
-            self._abort(order_id, command.reason)
+        else:
+            self._carry_out_shared(order_id, command, state.recorded)
 
     # --- messages -------------------------------------------------------------------------
 
