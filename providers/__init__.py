@@ -2,7 +2,9 @@
 
 ``payment.py`` is the payment provider interface (charge / refund / void, typed results, the
 failure hierarchy); ``simulated.py`` the test tokens' provider; ``http_payment.py`` a
-Stripe-style HTTP API. ``open_provider`` picks one by name or URL.
+Stripe-style HTTP API. ``open_provider`` picks one by name or URL. ``shipping.py`` is the
+carrier interface (create / cancel shipment, typed results, the failure hierarchy);
+``simulated_carrier.py`` the carrier tokens' carrier, which ``open_carrier`` opens.
 """
 
 from __future__ import annotations
@@ -20,8 +22,25 @@ from providers.payment import (
     Voided,
     VoidRequest,
 )
+from providers.shipping import (
+    Cancelled,
+    CancelRequest,
+    Carrier,
+    CarrierError,
+    CarrierRefusedError,
+    CarrierTimeoutError,
+    Shipment,
+    ShipmentRequest,
+    ShippingError,
+)
 
 __all__ = [
+    "CancelRequest",
+    "Cancelled",
+    "Carrier",
+    "CarrierError",
+    "CarrierRefusedError",
+    "CarrierTimeoutError",
     "Charge",
     "ChargeRequest",
     "PaymentDeclinedError",
@@ -31,8 +50,12 @@ __all__ = [
     "ProviderTimeoutError",
     "Refund",
     "RefundRequest",
+    "Shipment",
+    "ShipmentRequest",
+    "ShippingError",
     "VoidRequest",
     "Voided",
+    "open_carrier",
     "open_provider",
 ]
 
@@ -59,3 +82,13 @@ def open_provider(
 
         return HttpPaymentProvider(spec, timeout=timeout_for(step_timeout))
     raise ValueError(f"unknown payment provider {spec!r}: use simulated or http://HOST:PORT")
+
+
+def open_carrier(spec: str, *, step_timeout: float) -> Carrier:
+    """The carrier `spec` names: ``simulated`` (the carrier tokens) is the only one so far.
+    `step_timeout` is the saga's: ``ship_timeout``'s late shipment comes 1.5 of them later."""
+    if spec == "simulated":
+        from providers.simulated_carrier import SimulatedCarrier  # noqa: PLC0415
+
+        return SimulatedCarrier(step_timeout=step_timeout)
+    raise ValueError(f"unknown carrier {spec!r}: use simulated")
