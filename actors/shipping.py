@@ -1,13 +1,11 @@
-"""The Shipping actor: a simulated carrier with test tokens (DESIGN.md section 9).
+"""The Shipping actor: a thin shell between the sagas and a carrier.
 
-Like the Payment actor it fakes a provider's guarantees faithfully: shipments are idempotent
-per order id, every creation, refusal, cancellation and void is durable in stream
-``shipment-{order_id}``, and once an order's shipping is voided no shipment stands for it, even
-one the carrier creates late (it is cancelled in the same commit).
-
-Carrier tokens (``carrier``): ``ship_standard`` ships; ``ship_refused`` refuses;
-``ship_timeout`` never answers (it creates the shipment after 1.5 step timeouts and tells
-nobody); ``ship_error`` raises while handling. Any other token is refused.
+The carrier (``providers/``: the simulator with its carrier tokens, ``ship_standard``,
+``ship_refused``, ``ship_timeout``, ``ship_error``) decides; this actor makes what it says
+durable and answers. Shipments are idempotent per order id, every creation, refusal,
+cancellation and void is durable in stream ``shipment-{order_id}``, and once an order's
+shipping is voided no shipment stands for it, even one the carrier creates late (it is
+cancelled in the same commit).
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ from thespian.actors import WakeupMessage
 
 from actors.base import NotConfiguredError, log
 from actors.records import RecordKeeper
-from messages.base import new_id, utcnow
+from messages.base import utcnow
 from messages.commands import (
     CancelShipment,
     CreateShipment,
@@ -32,7 +30,6 @@ from messages.commands import (
     ShipmentCreatedReply,
     ShipmentRefusedReply,
 )
-from messages.errors import ExpectedFailureError
 from messages.events import (
     Event,
     ShipmentCancelled,
@@ -41,16 +38,30 @@ from messages.events import (
     ShipmentVoided,
     shipment_stream,
 )
+from providers import (
+    CancelRequest,
+    Carrier,
+    CarrierError,
+    CarrierRefusedError,
+    CarrierTimeoutError,
+    Shipment,
+    ShipmentRequest,
+    open_carrier,
+)
+from providers.simulated_carrier import CARRIER_TOKENS, REFUSED_MESSAGE
 from store import NO_STREAM
 
-REFUSED_MESSAGE = "The carrier refused the shipment."
+__all__ = [
+    "CARRIER_TOKENS",
+    "MAX_CACHED_RECORDS",
+    "REFUSED_MESSAGE",
+    "VOIDED_MESSAGE",
+    "CarrierError",
+    "ShippingActor",
+]
+
 VOIDED_MESSAGE = "shipping was cancelled for this order"
 MAX_CACHED_RECORDS = 50_000
-CARRIER_TOKENS = ("ship_standard", "ship_refused", "ship_timeout", "ship_error")
-
-
-class CarrierError(ExpectedFailureError):
-    """What ship_error makes the carrier raise (expected: one warning line, no traceback)."""
 
 
 @dataclass
@@ -79,14 +90,16 @@ class ShipmentRecord:
 
 
 class ShippingActor(RecordKeeper[ShipmentRecord]):
-    """The simulated carrier: one shipment record per order, in ``shipment-{order_id}``."""
+    """Records what the carrier says and answers the sagas: one shipment record per order,
+    in ``shipment-{order_id}``."""
 
     actor_name = "shipping"
 
     def __init__(self) -> None:
         super().__init__(ShipmentRecord, MAX_CACHED_RECORDS)
         self._config: ServiceConfig | None = None
-        self._slow: set[str] = set()  # orders whose shipment is created on a timer
+        self._carrier: Carrier | None = None
+        self._slow: dict[str, Shipment] = {}  # orders whose shipment is created on a timer
 
     def _stream_of(self, order_id: str) -> str:
         return shipment_stream(order_id)
@@ -94,10 +107,17 @@ class ShippingActor(RecordKeeper[ShipmentRecord]):
     def _pinned(self, order_id: str) -> bool:
         return order_id in self._slow
 
+    def _carrier_or_fail(self) -> Carrier:
+        if self._carrier is None:
+            raise NotConfiguredError("shipping: no ServiceConfig yet")
+        return self._carrier
+
     def receiveMsg_ServiceConfig(self, msg: ServiceConfig, sender: Any) -> None:
-        """Remember where the store is; shipment state loads lazily per order."""
+        """Remember where the store is and open the carrier; shipment state loads lazily."""
         self._config = msg
         self._open_records(msg)
+        if self._carrier is None:
+            self._carrier = open_carrier("simulated", step_timeout=msg.step_timeout)
         self.send(sender, ServiceReady(name=self.actor_name, pid=os.getpid()))
 
     # --- create ---------------------------------------------------------------------------
@@ -119,29 +139,21 @@ class ShippingActor(RecordKeeper[ShipmentRecord]):
             return
         if msg.order_id in self._slow:
             return  # the first request's slow shipment is on its way
-        self._dispatch_token(msg, sender)
-
-    def _dispatch_token(self, msg: CreateShipment, sender: Any) -> None:
-        if self._config is None:
-            raise NotConfiguredError("shipping: no ServiceConfig yet")
-        token = msg.carrier
-        if token == "ship_standard":
-            self._create(msg, lambda created: self.send(sender, _created_reply(created)))
-        elif token == "ship_refused":
-            self._refuse(msg, sender, REFUSED_MESSAGE)
-        elif token == "ship_timeout":
-            log.info(
-                "shipping: ship_timeout, order %s will never be answered",
-                msg.order_id,
-                extra={"order_id": msg.order_id},
-            )
-            self._slow.add(msg.order_id)
-            later = timedelta(seconds=self._config.step_timeout * 1.5)
-            self.wakeupAfter(later, payload=LateShipment(request=msg))
-        elif token == "ship_error":
-            raise CarrierError(f"carrier error shipping order {msg.order_id}")
-        else:
-            self._refuse(msg, sender, f"No such carrier: {token!r}")
+        carrier = self._carrier_or_fail()
+        # A CarrierError propagates, so Thespian retries the message and then tells the saga
+        # with a PoisonMessage, as for any service that raises.
+        try:
+            shipment = carrier.create_shipment(ShipmentRequest(msg.order_id, msg.carrier))
+        except CarrierRefusedError as refused:
+            self._refuse(msg, sender, refused.reason)
+            return
+        except CarrierTimeoutError as timeout:
+            if timeout.late is not None:  # never answered: the saga's step timer decides
+                self._slow[msg.order_id] = timeout.late
+                later = timedelta(seconds=timeout.late.delay)
+                self.wakeupAfter(later, payload=LateShipment(request=msg))
+            return
+        self._create(msg, shipment, lambda created: self.send(sender, _created_reply(created)))
 
     def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender: Any) -> None:
         """A slow shipment is created now; answered to nobody, and cancelled at once if the
@@ -150,24 +162,32 @@ class ShippingActor(RecordKeeper[ShipmentRecord]):
         if not isinstance(late, LateShipment):
             return
         order_id = late.request.order_id
-        self._slow.discard(order_id)
+        shipment = self._slow.pop(order_id, None)
+        if shipment is None:
+            return
         if self._gate.busy(order_id):
-            self._gate.defer(order_id, lambda: self._complete_late(late.request))
+            self._gate.defer(order_id, lambda: self._complete_late(late.request, shipment))
         else:
-            self._complete_late(late.request)
+            self._complete_late(late.request, shipment)
 
-    def _complete_late(self, msg: CreateShipment) -> None:
+    def _complete_late(self, msg: CreateShipment, shipment: Shipment) -> None:
         record = self._record_of(msg.order_id)
         if record.created is not None or record.refused is not None:
             return
-        created = _new_shipment(msg)
+        created = _created_event(msg, shipment)
         if not record.voided:
             self._record(msg.order_id, [created], lambda: None)
             return
+        reason = "shipment created after shipping was cancelled"
+        found = (
+            self._carrier_or_fail()
+            .cancel_shipment(CancelRequest(msg.order_id, reason, shipment))
+            .shipment
+        )
         cancelled = ShipmentCancelled(
             order_id=msg.order_id,
-            shipment_id=created.shipment_id,
-            reason="shipment created after shipping was cancelled",
+            shipment_id=(found or shipment).shipment_id,
+            reason=reason,
             cancelled_at=created.created_at,
         )
         log.info(
@@ -177,8 +197,8 @@ class ShippingActor(RecordKeeper[ShipmentRecord]):
         )
         self._record(msg.order_id, [created, cancelled], lambda: None)
 
-    def _create(self, msg: CreateShipment, answer: Any) -> None:
-        created = _new_shipment(msg)
+    def _create(self, msg: CreateShipment, shipment: Shipment, answer: Any) -> None:
+        created = _created_event(msg, shipment)
         self._record(msg.order_id, [created], lambda: answer(created))
 
     def _refuse(self, msg: CreateShipment, sender: Any, reason: str) -> None:
@@ -205,13 +225,22 @@ class ShippingActor(RecordKeeper[ShipmentRecord]):
         if record.voided:
             answer()
             return
+        standing = None
+        if record.created is not None and not record.cancelled:
+            created = record.created
+            standing = Shipment(created.shipment_id, created.tracking_number)
+        found = (
+            self._carrier_or_fail()
+            .cancel_shipment(CancelRequest(msg.order_id, msg.reason, standing))
+            .shipment
+        )
         now = utcnow()
         events: list[Event] = []
-        if record.created is not None and not record.cancelled:
+        if found is not None:
             events.append(
                 ShipmentCancelled(
                     order_id=msg.order_id,
-                    shipment_id=record.created.shipment_id,
+                    shipment_id=found.shipment_id,
                     reason=msg.reason,
                     cancelled_at=now,
                 )
@@ -222,16 +251,19 @@ class ShippingActor(RecordKeeper[ShipmentRecord]):
     # --- recording --------------------------------------------------------------------------
 
     def receiveMsg_ActorExitRequest(self, msg: Any, sender: Any) -> None:
-        """Close the read connection on an orderly shutdown."""
+        """Close the read connection and the carrier on an orderly shutdown."""
         self._close_records()
+        if self._carrier is not None:
+            self._carrier.close()
+            self._carrier = None
 
 
-def _new_shipment(msg: CreateShipment) -> ShipmentCreated:
+def _created_event(msg: CreateShipment, shipment: Shipment) -> ShipmentCreated:
     return ShipmentCreated(
         order_id=msg.order_id,
-        shipment_id=f"shp-{new_id()}",
+        shipment_id=shipment.shipment_id,
         carrier=msg.carrier,
-        tracking_number=f"TRK{new_id()[-12:].upper()}",
+        tracking_number=shipment.tracking_number,
         created_at=utcnow(),
     )
 
