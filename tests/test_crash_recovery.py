@@ -12,6 +12,7 @@ import functools
 import os
 import random
 import signal
+import threading
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -200,6 +201,47 @@ def test_kill_store_process_while_orders_flow(start_server: Callable[..., Server
 # --- the whole system ---------------------------------------------------------------------------
 
 MIX = ["tok_visa"] * 8 + ["tok_chargeDeclined", "tok_timeout"]
+# The soak's mixed orders: half placed with shipping, mostly shipped; 15 % cancelled by their
+# customer within 0.1 s of the acknowledgement (pending, waiting for the carrier, or too late).
+SHIP_MIX = ["ship_standard"] * 8 + ["ship_refused", "ship_timeout"]
+SHIP_SHARE, CANCEL_SHARE, CANCEL_WITHIN = 0.5, 0.15, 0.1
+PRODUCTS = ["SKU-SCARCE", *(f"SKU-00{i}" for i in range(1, 10))]
+
+
+def cancel_later(client: Client, order_id: str, delay: float) -> Callable[[Future[Any]], None]:
+    """A placement's done-callback: once acknowledged, cancel the order `delay` s later (an
+    answer, `conflict` included, is ignored; a cancel lost in the kill is fine)."""
+
+    def send() -> None:
+        with contextlib.suppress(ClientError):
+            client.submit("cancel_order", {"order_id": order_id, "reason": "soak"})
+
+    def on_ack(future: Future[Any]) -> None:
+        if future.exception() is None:
+            threading.Timer(delay, send).start()
+
+    return on_ack
+
+
+def order_args(order_id: str, n: int, rng: random.Random, *, mixed: bool) -> dict[str, Any]:
+    """The n-th placement of a cycle: every fifth on the scarce product; `mixed` adds shipping
+    to a share."""
+    product = "SKU-SCARCE" if n % 5 == 0 else f"SKU-00{1 + n % 9}"
+    args: dict[str, Any] = {
+        "order_id": order_id,
+        "customer_id": f"c{n % 17}",
+        "lines": [{"product_id": product, "quantity": 1, "unit_price": "3.25"}],
+        "payment_method": rng.choice(MIX),
+        "wait": False,
+    }
+    if mixed and rng.random() < SHIP_SHARE:
+        args["shipping"] = {"address": ADDRESS, "carrier": rng.choice(SHIP_MIX)}
+    return args
+
+
+def ended(view: dict[str, Any]) -> bool:
+    """Whether an order stands at its end (`paid` is not the end of one placed with shipping)."""
+    return view["status"] != "pending" and not (view["status"] == "paid" and view.get("shipping"))
 
 
 def crash_cycles(  # noqa: PLR0913 - the fixtures, then each soak's knobs by keyword
@@ -210,12 +252,15 @@ def crash_cycles(  # noqa: PLR0913 - the fixtures, then each soak's knobs by key
     cycles: int,
     orders: int,
     rng: random.Random,
+    mixed: bool = False,
 ) -> dict[str, int]:
     """Place orders without waiting, kill -9 everything mid-flight, restart on the same file,
-    check every acknowledged order ends terminal and the audit is clean; `cycles` times."""
+    check every acknowledged order ends terminal and the audit is clean; `cycles` times.
+    `mixed`: a share of the orders with shipping, a share cancelled shortly after placement."""
     db = tmp_path / "crash.db"
     acked: set[str] = set()
     totals = {"acknowledged": 0, "killed_processes": 0, "cycles": 0, "recovered_on_start": 0}
+    stock_before: dict[str, Any] = {}
     for cycle in range(cycles):
         server = start_server(
             base=base, db=db, step_timeout=1.0, extra=("--payment-latency", "0.3")
@@ -224,20 +269,15 @@ def crash_cycles(  # noqa: PLR0913 - the fixtures, then each soak's knobs by key
         clients = [server.client() for _ in range(4)]
         if cycle == 0:
             clients[0].add_product("SKU-SCARCE", 15)
+            stock_before = clients[0].stock(PRODUCTS)
         futures: dict[str, Future[Any]] = {}
         for n in range(orders):
             order_id = f"crash-{cycle}-{n}-{new_id()}"
-            product = "SKU-SCARCE" if n % 5 == 0 else f"SKU-00{1 + n % 9}"
-            futures[order_id] = clients[n % 4].submit(
-                "place_order",
-                {
-                    "order_id": order_id,
-                    "customer_id": f"c{n % 17}",
-                    "lines": [{"product_id": product, "quantity": 1, "unit_price": "3.25"}],
-                    "payment_method": rng.choice(MIX),
-                    "wait": False,
-                },
-            )
+            args = order_args(order_id, n, rng, mixed=mixed)
+            futures[order_id] = clients[n % 4].submit("place_order", args)
+            if mixed and rng.random() < CANCEL_SHARE:
+                delay = rng.uniform(0, CANCEL_WITHIN)
+                futures[order_id].add_done_callback(cancel_later(clients[n % 4], order_id, delay))
         # Kill at a random point once at least a third of the orders are acknowledged.
         kill_after = rng.randint(orders // 3, orders - 1)
         wait_until(functools.partial(acknowledged_at_least, futures, kill_after), timeout=120)
@@ -245,7 +285,13 @@ def crash_cycles(  # noqa: PLR0913 - the fixtures, then each soak's knobs by key
         server.kill()
         for order_id, future in futures.items():
             try:
-                if future.result(30)["status"] in ("pending", "paid", "cancelled", "failed"):
+                if future.result(30)["status"] in (
+                    "pending",
+                    "paid",
+                    "shipped",
+                    "cancelled",
+                    "failed",
+                ):
                     acked.add(order_id)
             except ClientError:
                 pass  # not acknowledged: it may or may not exist, and either is fine
@@ -256,14 +302,23 @@ def crash_cycles(  # noqa: PLR0913 - the fixtures, then each soak's knobs by key
     client = server.client()
     report = assert_audit_clean(client)
     lost = [o for o in acked if not stream_types(client, f"order-{o}")]
-    stuck = [o for o in acked if client.get_order(o)["status"] == "pending"]
+    views = {o: client.get_order(o) for o in acked if o not in lost}
+    stuck = [o for o, view in views.items() if not ended(view)]
     assert not lost
     assert not stuck
-    scarce = client.stock(["SKU-SCARCE"])["SKU-SCARCE"]
-    assert 0 <= scarce["reserved"] <= scarce["on_hand"] == 15
+    stock = client.stock(PRODUCTS)
+    scarce = stock["SKU-SCARCE"]
+    assert 0 <= scarce["reserved"] <= scarce["on_hand"] <= 15
+    # Shipped units consumed exactly once, acknowledged or not: on_hand fell by the audit's units.
+    consumed = sum(stock_before[p]["on_hand"] - stock[p]["on_hand"] for p in PRODUCTS)
+    assert consumed == report["units_shipped"] == report["status_counts"].get("shipped", 0)
     totals["acknowledged"] = len(acked)
     totals["orders_in_store"] = report["orders"]
     totals["lost"], totals["stuck"] = len(lost), len(stuck)
+    totals["shipped"] = sum(v["status"] == "shipped" for v in views.values())
+    totals["cancelled_by_customer"] = sum(
+        v["status"] == "cancelled" and v.get("cancelled_by") == "Customer" for v in views.values()
+    )
     assert server.stop() == 0
     return totals
 
@@ -303,9 +358,12 @@ def test_soak_random_kills(
         cycles=cycles,
         orders=400 if base == "simple" else 120,
         rng=random.Random(seed),
+        mixed=True,
     )
     with capsys.disabled():
-        print(f"\nsoak base={base} seed={seed} {totals} audit=ok")
+        print(f"\nsoak base={base} seed={seed} (half with shipping, 15 % cancelled)")
+        print("| " + " | ".join(totals) + " | audit |\n|" + "---:|" * (len(totals) + 1))
+        print("| " + " | ".join(str(v) for v in totals.values()) + " | ok |")
 
 
 @pytest.mark.process
