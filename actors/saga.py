@@ -65,8 +65,9 @@ class WorkflowActor(BaseActor):
     """What a workflow actor (one per order and workflow) shares, whatever its machine:
     failures reported to the manager instead of retried, the step deadline on one pending
     Thespian timer, appends through the EventStore actor, service addresses that move, and the
-    end of the actor once its order's part is over. A subclass keeps its machine's state and
-    implements ``_feed``, ``_running_order`` and ``_drop_state``."""
+    end of the actor once its order's part is over. A subclass keeps its machine's state in
+    ``_state`` (None before the start and after the end) and implements ``_decide`` and
+    ``_carry_out``."""
 
     actor_name = "saga"
 
@@ -78,6 +79,7 @@ class WorkflowActor(BaseActor):
         self._appender = Appender(self, "saga")
         self._deadline: tuple[int, float] | None = None  # (token, monotonic time) of the step
         self._timer_pending = False
+        self._state: Any = None  # the machine's state while the workflow runs
 
     @classmethod
     def wants(cls, placed: OrderPlaced) -> bool:  # noqa: ARG003 -- overridden by some
@@ -86,17 +88,31 @@ class WorkflowActor(BaseActor):
 
     # --- what a subclass provides ---------------------------------------------------------
 
+    def _decide(self, state: Any, msg: Any) -> tuple[Any, list[Any]]:
+        """The workflow's machine: (state, input) -> (new state, commands)."""
+        raise NotImplementedError
+
+    def _carry_out(self, command: Any) -> None:
+        """Carry out one of the machine's commands."""
+        raise NotImplementedError
+
+    # --- driving the machine ----------------------------------------------------------------
+
     def _feed(self, msg: Any) -> None:
         """Feed one input to the machine and carry out its commands."""
-        raise NotImplementedError
+        if self._state is None:
+            return  # finished or aborted: late replies are dropped
+        self._state, commands = self._decide(self._state, msg)
+        for command in commands:
+            self._carry_out(command)
 
     def _running_order(self) -> str | None:
         """The order id while the workflow runs, None once it ended (or before it started)."""
-        raise NotImplementedError
+        return self._state.order.order_id if self._state is not None else None
 
     def _drop_state(self) -> None:
         """Forget the machine's state: late replies are dropped from now on."""
-        raise NotImplementedError
+        self._state = None
 
     # --- plumbing -------------------------------------------------------------------------
 
@@ -299,18 +315,10 @@ class OrderSaga(WorkflowActor):
         super().__init__()
         self._state: sm.SagaState | None = None
 
-    def _running_order(self) -> str | None:
-        return self._state.order.order_id if self._state else None
-
-    def _drop_state(self) -> None:
-        self._state = None
-
-    def _feed(self, msg: sm.SagaInput) -> None:
-        if self._state is None:
-            return  # finished or aborted: late replies are dropped
-        self._state, commands = sm.decide(self._state, msg, ENV)
-        for command in commands:
-            self._carry_out(command)
+    def _decide(
+        self, state: sm.SagaState, msg: sm.SagaInput
+    ) -> tuple[sm.SagaState, list[sm.Command]]:
+        return sm.decide(state, msg, ENV)
 
     def _carry_out(self, command: sm.Command) -> None:
         state = self._state

@@ -36,18 +36,10 @@ class ShippingSaga(WorkflowActor):
         """Only an order placed with shipping is shipped; without, OrderPaid ends it."""
         return placed.shipping is not None
 
-    def _running_order(self) -> str | None:
-        return self._state.order.order_id if self._state else None
-
-    def _drop_state(self) -> None:
-        self._state = None
-
-    def _feed(self, msg: ship.ShippingInput) -> None:
-        if self._state is None:
-            return  # finished or aborted: late replies are dropped
-        self._state, commands = ship.decide(self._state, msg, ENV)
-        for command in commands:
-            self._carry_out(command)
+    def _decide(
+        self, state: ship.ShippingState, msg: ship.ShippingInput
+    ) -> tuple[ship.ShippingState, list[ship.ShippingCommand]]:
+        return ship.decide(state, msg, ENV)
 
     def _carry_out(self, command: ship.ShippingCommand) -> None:
         state = self._state
