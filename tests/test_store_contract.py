@@ -42,6 +42,7 @@ from store import (
     postgres,
 )
 from store import store_url as store_url_of
+from tests.conftest import wait_until
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])
@@ -483,9 +484,7 @@ def test_subscription_run_hands_every_event_once_in_order(store: EventStore) -> 
     runner.start()
     for n in range(5):
         store.append(f"s{n}", new_events(2), NO_STREAM)
-    wait_for = time.monotonic() + 10
-    while len(handled) < 10 and time.monotonic() < wait_for:
-        time.sleep(0.01)
+    wait_until(lambda: len(handled) >= 10, timeout=10)
     stop.set()
     runner.join(5)
     assert handled == store.read_all()
