@@ -51,6 +51,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from messages.base import TERMINAL_STATUSES
 from messages.errors import ErrorCode, ServiceError
 from messages.wire import HEADER, MAX_FRAME, decode_body, encode_frame
 
@@ -354,7 +355,6 @@ class Client:
 # -- several nodes ------------------------------------------------------------------------------
 
 FOLLOW_INTERVAL = 0.1  # seconds between get_order polls of an order followed on another node
-TERMINAL = frozenset({"paid", "shipped", "cancelled", "failed"})
 
 
 def parse_servers(text: str) -> list[tuple[str, int]]:
@@ -394,7 +394,7 @@ def on_any(
 def is_terminal(order: Mapping[str, Any]) -> bool:
     """Whether an order's view is final: `paid` is, unless the order waits for shipment."""
     status = order.get("status")
-    return status in TERMINAL and not (status == "paid" and order.get("shipping"))
+    return status in TERMINAL_STATUSES and not (status == "paid" and order.get("shipping"))
 
 
 def follow(client: Client, order_id: str, timeout: float) -> Any:
