@@ -215,6 +215,14 @@ class _MemoryHandle(EventStore):
         """See ``EventStore.stream_heads``."""
         return self._open().stream_heads(prefix)
 
+    def open_heads(self, prefix: str, owner: str | None = None) -> list[StreamHead]:
+        """See ``EventStore.open_heads``."""
+        return self._open().open_heads(prefix, owner)
+
+    def close_streams(self, streams: Sequence[str]) -> None:
+        """See ``EventStore.close_streams``."""
+        self._open(True).close_streams(streams)
+
     def wait_for_commit(self, after_position: int, timeout: float) -> bool:
         """See ``EventStore.wait_for_commit``."""
         return self._open().wait_for_commit(after_position, timeout)
@@ -226,6 +234,14 @@ class _MemoryHandle(EventStore):
     def save_checkpoint(self, subscriber: str, position: int) -> None:
         """See ``EventStore.save_checkpoint``."""
         self._open(True).save_checkpoint(subscriber, position)
+
+    def save_snapshot(self, name: str, data: bytes) -> None:
+        """See ``EventStore.save_snapshot``."""
+        self._open(True).save_snapshot(name, data)
+
+    def load_snapshot(self, name: str) -> bytes | None:
+        """See ``EventStore.load_snapshot``."""
+        return self._open().load_snapshot(name)
 
     def close(self) -> None:
         """Close this handle; the shared store goes with its last handle."""

@@ -120,6 +120,34 @@ class EventStore(ABC):
         Used at start-up to find unfinished sagas without reading every event.
         """
 
+    @abstractmethod
+    def open_heads(self, prefix: str, owner: str | None = None) -> list[StreamHead]:
+        """The heads of the open streams whose name starts with ``prefix`` (their last append
+        did not close them: ``AppendRequest.closes``), ordered by name; with ``owner``, only
+        those that node owns (as ``owned_heads``).
+
+        Start-up recovery reads this instead of ``stream_heads``: its cost grows with the
+        number of open streams, not with every stream ever written.
+        """
+
+    @abstractmethod
+    def close_streams(self, streams: Sequence[str]) -> None:
+        """Mark ``streams`` closed without appending (unknown names are ignored).
+
+        For a store written before appends could close streams: there every stream starts
+        open, and recovery closes the finished ones it finds once, so later starts skip them.
+        """
+
+    @abstractmethod
+    def save_snapshot(self, name: str, data: bytes) -> None:
+        """Durably keep ``data`` under ``name``, replacing what was there (a checkpointed
+        projection: a state and the position it covers, encoded by its owner). Its own
+        transaction, like ``save_checkpoint``; not fenced."""
+
+    @abstractmethod
+    def load_snapshot(self, name: str) -> bytes | None:
+        """The data last saved under ``name`` (None if none was)."""
+
     # --- nodes: leases and ownership (DESIGN.md section 10) -----------------------------------
     #
     # A lease is one row per node id, renewed by its holder, compared with the store's own
@@ -229,7 +257,7 @@ def replayed_version(
 
 class BatchPlanner:
     """Decides appends against what a store holds, writing nothing: the rows to insert, each
-    request's result, the streams' new heads.
+    request's result, the streams' new heads and whether each is closed by its last append.
 
     ``head(stream)`` gives a stream's stored (version, last type) or None, ``stored(event_id)``
     an id's stored (stream, version) or None; what earlier requests of the same batch planned
@@ -254,6 +282,7 @@ class BatchPlanner:
         self.ids: dict[str, tuple[str, int]] = {}  # event id -> (stream, version) planned
         self.rows: list[tuple[str, int, NewEvent]] = []  # (stream, version, event) to insert
         self.owners: dict[str, str] = {}  # stream -> owner to record (it has none yet)
+        self.closes: dict[str, bool] = {}  # stream -> whether its last planned append closes it
 
     def plan(self, request: AppendRequest | MultiAppend) -> int | list[int]:
         """Plan one request; returns what ``append`` (or ``append_many``) would return, or
@@ -267,6 +296,7 @@ class BatchPlanner:
         ids: dict[str, tuple[str, int]] = {}
         rows: list[tuple[str, int, NewEvent]] = []
         owners: dict[str, str] = {}
+        closes: dict[str, bool] = {}
         results: list[int] = []
         for part in parts:
             stream, events = part.stream, part.events
@@ -296,11 +326,13 @@ class BatchPlanner:
                 ids[event.event_id] = (stream, current + 1 + offset)
             if events:
                 heads[stream] = (current + len(events), events[-1].type)
+                closes[stream] = part.closes
             results.append(current + len(events))
         self.heads.update(heads)
         self.ids.update(ids)
         self.rows.extend(rows)
         self.owners.update(owners)
+        self.closes.update(closes)
         return results
 
 

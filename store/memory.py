@@ -47,6 +47,8 @@ class InMemoryEventStore(EventStore):
         self._checkpoints: dict[str, int] = {}
         self._leases: dict[str, _Lease] = {}
         self._owners: dict[str, str] = {}  # stream -> node
+        self._open: set[str] = set()  # the streams whose last append did not close them
+        self._snapshots: dict[str, bytes] = {}
         self._closed = False
 
     def append(self, stream: str, events: Sequence[NewEvent], expected_version: int) -> int:
@@ -103,6 +105,11 @@ class InMemoryEventStore(EventStore):
                 self._streams.setdefault(stream, []).append(stored)
                 self._by_id[stored.event_id] = stored
             self._owners.update(planner.owners)
+            for stream, closes in planner.closes.items():
+                if closes:
+                    self._open.discard(stream)
+                else:
+                    self._open.add(stream)
             if planner.rows:
                 self._committed.notify_all()
             return results
@@ -150,6 +157,22 @@ class InMemoryEventStore(EventStore):
                 if name.startswith(prefix)
             ]
 
+    def open_heads(self, prefix: str, owner: str | None = None) -> list[StreamHead]:
+        """See ``EventStore.open_heads``: sorts the open streams, never visits the closed."""
+        with self._lock:
+            self._check_open()
+            return [
+                StreamHead(name, self._streams[name][-1].version, self._streams[name][-1].type)
+                for name in sorted(self._open)
+                if name.startswith(prefix) and (owner is None or self._owners.get(name) == owner)
+            ]
+
+    def close_streams(self, streams: Sequence[str]) -> None:
+        """See ``EventStore.close_streams``."""
+        with self._lock:
+            self._check_open()
+            self._open.difference_update(streams)
+
     def wait_for_commit(self, after_position: int, timeout: float) -> bool:
         """See ``EventStore.wait_for_commit``: woken by the commit itself."""
         with self._lock:
@@ -172,6 +195,18 @@ class InMemoryEventStore(EventStore):
         with self._lock:
             self._check_open()
             self._checkpoints[subscriber] = position
+
+    def save_snapshot(self, name: str, data: bytes) -> None:
+        """See ``EventStore.save_snapshot`` (as durable as the rest of this store)."""
+        with self._lock:
+            self._check_open()
+            self._snapshots[name] = bytes(data)
+
+    def load_snapshot(self, name: str) -> bytes | None:
+        """See ``EventStore.load_snapshot``."""
+        with self._lock:
+            self._check_open()
+            return self._snapshots.get(name)
 
     # --- nodes ------------------------------------------------------------------------------
 

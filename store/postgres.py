@@ -27,6 +27,12 @@ a node wrote precedes the takeover of its orders, and a batch of a node whose le
 was taken over is refused whole. ``events.writer``/``writer_epoch`` say who wrote each event
 (operators and the tests check a fenced node wrote nothing after losing its lease).
 
+**Open streams and snapshots.** ``streams.closed`` says whether a stream's last append closed
+it (``AppendRequest.closes``), written with the head; the partial index ``streams_open`` holds
+only the open streams, so ``open_heads`` at start-up costs what the open streams cost, not what
+history does. Migration 4 adds the column with every existing stream open. ``snapshots`` keeps
+named blobs (checkpointed projections), each saved in its own transaction.
+
 **Live delivery.** Every commit sends ``NOTIFY orders_events`` with its last position; a
 subscriber ``LISTEN``s on a connection of its own and polls only as a fallback (every
 ``poll_interval`` seconds, and while its listening connection is being re-established).
@@ -134,6 +140,25 @@ MIGRATIONS += (
             """,
             "CREATE INDEX stream_owners_node ON stream_owners (node_id, stream)",
             "ALTER TABLE events ADD COLUMN writer text, ADD COLUMN writer_epoch bigint",
+        ),
+    ),
+)
+MIGRATIONS += (
+    (
+        4,
+        "open streams (a partial index) and snapshots",
+        (
+            # Every stream of an existing database counts as open: recovery looks at each once
+            # and closes the finished ones (EventStore.close_streams).
+            "ALTER TABLE streams ADD COLUMN IF NOT EXISTS closed boolean NOT NULL DEFAULT false",
+            "CREATE INDEX IF NOT EXISTS streams_open ON streams (stream) WHERE NOT closed",
+            """
+            CREATE TABLE snapshots (
+                name text PRIMARY KEY,
+                data bytea NOT NULL,
+                saved_at timestamptz NOT NULL DEFAULT now()
+            )
+            """,
         ),
     ),
 )
@@ -356,6 +381,7 @@ class PostgresEventStore(EventStore):
         rows = planner.rows
         positions = list(range(last + 1, last + 1 + len(rows)))
         heads = sorted(planner.heads.items())
+        closes = [planner.closes[s] for s, _ in heads]
         owners = sorted(planner.owners.items())
         with conn.pipeline():
             conn.execute(
@@ -376,11 +402,16 @@ class PostgresEventStore(EventStore):
                 ),
             )
             conn.execute(
-                "INSERT INTO streams (stream, version, last_type)"
-                " SELECT * FROM unnest(%s::text[], %s::integer[], %s::text[])"
+                "INSERT INTO streams (stream, version, last_type, closed)"
+                " SELECT * FROM unnest(%s::text[], %s::integer[], %s::text[], %s::boolean[])"
                 " ON CONFLICT (stream) DO UPDATE SET version = excluded.version,"
-                " last_type = excluded.last_type",
-                ([s for s, _ in heads], [h[0] for _, h in heads], [h[1] for _, h in heads]),
+                " last_type = excluded.last_type, closed = excluded.closed",
+                (
+                    [s for s, _ in heads],
+                    [h[0] for _, h in heads],
+                    [h[1] for _, h in heads],
+                    closes,
+                ),
             )
             if owners:
                 conn.execute(
@@ -434,6 +465,53 @@ class PostgresEventStore(EventStore):
         with self._connection() as conn:
             rows = conn.execute(query + " ORDER BY stream", params).fetchall()
         return [StreamHead(s, int(v), t) for s, v, t in rows if s.startswith(prefix)]
+
+    def open_heads(self, prefix: str, owner: str | None = None) -> list[StreamHead]:
+        """See ``EventStore.open_heads``: a range scan of the partial index ``streams_open``
+        (``NOT closed`` in the query is what lets the planner use it), joined to each open
+        stream's owner when ``owner`` is given."""
+        upper = prefix_successor(prefix)
+        query = (
+            "SELECT s.stream, s.version, s.last_type FROM streams s"
+            " WHERE s.stream >= %s AND (%s::text IS NULL OR s.stream < %s) AND NOT s.closed"
+        )
+        params: tuple[str | None, ...] = (prefix, upper, upper)
+        if owner is not None:
+            query += (
+                " AND EXISTS (SELECT 1 FROM stream_owners o WHERE o.stream = s.stream"
+                " AND o.node_id = %s)"
+            )
+            params = (*params, owner)
+        with self._connection() as conn:
+            rows = conn.execute(query + " ORDER BY s.stream", params).fetchall()
+        return [StreamHead(s, int(v), t) for s, v, t in rows if s.startswith(prefix)]
+
+    def close_streams(self, streams: Sequence[str]) -> None:
+        """See ``EventStore.close_streams``: under the position lock, so it takes the rows'
+        locks in no order that could deadlock with a group commit's upsert of them."""
+        self._writable()
+        with self._connection() as conn, conn.transaction():
+            conn.execute("SELECT last FROM event_position FOR UPDATE")
+            conn.execute(
+                "UPDATE streams SET closed = true WHERE stream = ANY(%s) AND NOT closed",
+                (list(streams),),
+            )
+
+    def save_snapshot(self, name: str, data: bytes) -> None:
+        """See ``EventStore.save_snapshot``."""
+        self._writable()
+        with self._connection() as conn:
+            conn.execute(
+                "INSERT INTO snapshots (name, data) VALUES (%s, %s) ON CONFLICT (name)"
+                " DO UPDATE SET data = excluded.data, saved_at = now()",
+                (name, bytes(data)),
+            )
+
+    def load_snapshot(self, name: str) -> bytes | None:
+        """See ``EventStore.load_snapshot``."""
+        with self._connection() as conn:
+            row = conn.execute("SELECT data FROM snapshots WHERE name = %s", (name,)).fetchone()
+        return None if row is None else bytes(row[0])
 
     # --- nodes: leases and ownership ----------------------------------------------------------
 

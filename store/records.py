@@ -52,12 +52,18 @@ class AppendRequest:
     ``owner``: the node that owns the stream from this append on, if it has no owner yet
     (recorded in the same transaction as the events: an order belongs to the node that placed
     it, DESIGN.md section 10).
+
+    ``closes``: this append ends the stream's life (an order that reached its end): the stream
+    leaves ``EventStore.open_heads``, so start-up recovery never looks at it again. A later
+    append without it reopens the stream. Only an append that writes events sets or clears it
+    (an empty append or an idempotent replay changes nothing).
     """
 
     stream: str
     events: tuple[NewEvent, ...]
     expected_version: int
     owner: str | None = None
+    closes: bool = False
 
 
 @dataclass(frozen=True)

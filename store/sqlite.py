@@ -4,7 +4,11 @@ Optimistic concurrency rests on the ``UNIQUE (stream, version)`` key (STYLE.md p
 stale writer's insert collides with the row its rival wrote and becomes ``ConcurrencyError``.
 A ``streams`` table, updated in the same transaction as the events, gives each stream's head
 in one primary-key lookup: the version check of an append and ``stream_heads`` at start-up
-never scan events.
+never scan events. Its ``closed`` column says whether the stream's last append closed it
+(``AppendRequest.closes``); the partial index ``streams_open`` holds only the open streams, so
+``open_heads`` costs what the open streams cost, however many closed ones there are. A file
+made before that column existed gets it when a writer opens it, with every stream open.
+``snapshots`` keeps named blobs (checkpointed projections) apart from the events.
 """
 
 from __future__ import annotations
@@ -59,7 +63,8 @@ _SCHEMA = (
     CREATE TABLE IF NOT EXISTS streams (
         stream TEXT PRIMARY KEY,
         version INTEGER NOT NULL,
-        last_type TEXT NOT NULL
+        last_type TEXT NOT NULL,
+        closed INTEGER NOT NULL DEFAULT 0
     ) WITHOUT ROWID
     """,
     """
@@ -87,7 +92,17 @@ _SCHEMA = (
     ) WITHOUT ROWID
     """,
     "CREATE INDEX IF NOT EXISTS stream_owners_node ON stream_owners (node_id, stream)",
+    # A rowid table: WITHOUT ROWID suits small rows, and a snapshot may be megabytes.
+    """
+    CREATE TABLE IF NOT EXISTS snapshots (
+        name TEXT PRIMARY KEY,
+        data BLOB NOT NULL,
+        saved_at REAL NOT NULL
+    )
+    """,
 )
+# After _SCHEMA and the `closed` column (a file from before it gets the column first).
+_OPEN_INDEX = "CREATE INDEX IF NOT EXISTS streams_open ON streams (stream) WHERE closed = 0"
 
 _COLUMNS = "stream, version, position, event_id, type, payload, recorded_at"
 _INSERT_EVENT = (
@@ -95,9 +110,9 @@ _INSERT_EVENT = (
     " VALUES (?, ?, ?, ?, ?, ?)"
 )
 _UPSERT_STREAM = (
-    "INSERT INTO streams (stream, version, last_type) VALUES (?, ?, ?)"
+    "INSERT INTO streams (stream, version, last_type, closed) VALUES (?, ?, ?, ?)"
     " ON CONFLICT (stream) DO UPDATE SET version = excluded.version,"
-    " last_type = excluded.last_type"
+    " last_type = excluded.last_type, closed = excluded.closed"
 )
 _SELECT_OWNER = "SELECT node_id FROM stream_owners WHERE stream = ?"
 _INSERT_OWNER = "INSERT OR IGNORE INTO stream_owners (stream, node_id) VALUES (?, ?)"
@@ -162,6 +177,11 @@ class SqliteEventStore(EventStore):
             conn.execute("BEGIN IMMEDIATE")
             for statement in _SCHEMA:
                 conn.execute(statement)
+            if not _has_closed_column(conn):
+                # A file from before `closed`: every stream counts as open (the safe side:
+                # recovery looks at each once and closes the finished ones).
+                conn.execute("ALTER TABLE streams ADD COLUMN closed INTEGER NOT NULL DEFAULT 0")
+            conn.execute(_OPEN_INDEX)
             conn.execute("COMMIT")
         except BaseException as e:
             conn.close()
@@ -332,7 +352,7 @@ class SqliteEventStore(EventStore):
                 ],
             )
             last = current + len(events)
-            conn.execute(_UPSERT_STREAM, (stream, last, events[-1].type))
+            conn.execute(_UPSERT_STREAM, (stream, last, events[-1].type, int(request.closes)))
             if owner is not None:  # INSERT OR IGNORE: the first owner stays
                 conn.execute(_INSERT_OWNER, (stream, owner))
         except sqlite3.IntegrityError as e:
@@ -412,17 +432,35 @@ class SqliteEventStore(EventStore):
 
     def stream_heads(self, prefix: str) -> list[StreamHead]:
         """See ``EventStore.stream_heads``: a range scan of the streams table's primary key."""
-        # LIKE would not use the index (it is case-insensitive by default) and treats % and _
-        # as wildcards; a half-open range [prefix, successor) does and treats no character
-        # specially. TEXT compares as UTF-8 bytes, i.e. in code point order, like Python str.
-        upper = prefix_successor(prefix)
-        sql = "SELECT stream, version, last_type FROM streams WHERE stream >= ?"
-        params: tuple[str, ...] = (prefix,)
-        if upper is not None:
-            sql += " AND stream < ?"
-            params = (prefix, upper)
+        where, params = _prefix_range("stream", prefix)
         with self._connection() as conn:
-            rows = conn.execute(sql + " ORDER BY stream", params).fetchall()
+            rows = conn.execute(
+                f"SELECT stream, version, last_type FROM streams WHERE {where} ORDER BY stream",
+                params,
+            ).fetchall()
+        return [StreamHead(s, v, t) for s, v, t in rows if s.startswith(prefix)]
+
+    def open_heads(self, prefix: str, owner: str | None = None) -> list[StreamHead]:
+        """See ``EventStore.open_heads``: a range scan of the partial index ``streams_open``
+        (the literal ``closed = 0`` is what lets SQLite use it), then each open stream's owner
+        by primary key: CROSS JOIN keeps ``streams`` the outer loop, where the planner would
+        otherwise walk every stream the node ever owned. A read-only store of a file from
+        before ``closed`` existed counts every stream as open."""
+        where, params = _prefix_range("s.stream", prefix)
+        with self._connection() as conn:
+            if _has_closed_column(conn):
+                where += " AND s.closed = 0"
+            if owner is not None:
+                if not self._has_table(conn, "stream_owners"):
+                    return []
+                where += " AND o.node_id = ?"
+                params = (*params, owner)
+            rows = conn.execute(
+                "SELECT s.stream, s.version, s.last_type FROM streams s"
+                f"{'' if owner is None else ' CROSS JOIN stream_owners o ON o.stream = s.stream'}"
+                f" WHERE {where} ORDER BY s.stream",
+                params,
+            ).fetchall()
         return [StreamHead(s, v, t) for s, v, t in rows if s.startswith(prefix)]
 
     def wait_for_commit(self, after_position: int, timeout: float) -> bool:
@@ -444,7 +482,7 @@ class SqliteEventStore(EventStore):
     def load_checkpoint(self, subscriber: str) -> int:
         """See ``EventStore.load_checkpoint``."""
         with self._connection() as conn:
-            if self._readonly and not self._has_checkpoints(conn):
+            if self._readonly and not self._has_table(conn, "checkpoints"):
                 return 0  # a file from before checkpoints, opened read-only
             row = conn.execute(
                 "SELECT position FROM checkpoints WHERE subscriber = ?", (subscriber,)
@@ -459,6 +497,36 @@ class SqliteEventStore(EventStore):
                 " ON CONFLICT (subscriber) DO UPDATE SET position = excluded.position",
                 (subscriber, position),
             )
+
+    def close_streams(self, streams: Sequence[str]) -> None:
+        """See ``EventStore.close_streams``: one transaction, the names in chunks."""
+        names = list(streams)
+        with self._write_transaction() as conn:
+            for start in range(0, len(names), _MAX_IDS_PER_QUERY):
+                chunk = names[start : start + _MAX_IDS_PER_QUERY]
+                marks = ", ".join("?" * len(chunk))
+                conn.execute(
+                    f"UPDATE streams SET closed = 1 WHERE stream IN ({marks}) AND closed = 0",
+                    chunk,
+                )
+
+    def save_snapshot(self, name: str, data: bytes) -> None:
+        """See ``EventStore.save_snapshot``."""
+        with self._write_transaction() as conn:
+            conn.execute(
+                "INSERT INTO snapshots (name, data, saved_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET data = excluded.data,"
+                " saved_at = excluded.saved_at",
+                (name, bytes(data), self._clock()),
+            )
+
+    def load_snapshot(self, name: str) -> bytes | None:
+        """See ``EventStore.load_snapshot``."""
+        with self._connection() as conn:
+            if self._readonly and not self._has_table(conn, "snapshots"):
+                return None  # a file from before snapshots, opened read-only
+            row = conn.execute("SELECT data FROM snapshots WHERE name = ?", (name,)).fetchone()
+        return None if row is None else bytes(row[0])
 
     # --- nodes ------------------------------------------------------------------------------
 
@@ -607,15 +675,6 @@ class SqliteEventStore(EventStore):
             is not None
         )
 
-    @staticmethod
-    def _has_checkpoints(conn: sqlite3.Connection) -> bool:
-        return (
-            conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'checkpoints'"
-            ).fetchone()
-            is not None
-        )
-
     def close(self) -> None:
         """See ``EventStore.close``; the writer's close checkpoints the WAL into the file."""
         with self._lock:
@@ -629,6 +688,25 @@ class SqliteEventStore(EventStore):
 
 def _stored(rows: Iterable[tuple[str, int, int, str, str, bytes, float]]) -> list[StoredEvent]:
     return [StoredEvent(*row) for row in rows]
+
+
+def _has_closed_column(conn: sqlite3.Connection) -> bool:
+    """Whether ``streams`` has ``closed`` (a file from before it has not)."""
+    return any(row[1] == "closed" for row in conn.execute("PRAGMA table_info(streams)"))
+
+
+def _prefix_range(column: str, prefix: str) -> tuple[str, tuple[str, ...]]:
+    """The condition ``column`` starts with ``prefix``, as an indexable half-open range
+    [prefix, successor), and its parameters.
+
+    LIKE would not use the index (it is case-insensitive by default) and treats % and _ as
+    wildcards; the range does and treats no character specially. TEXT compares as UTF-8 bytes,
+    i.e. in code point order, like Python str.
+    """
+    upper = prefix_successor(prefix)
+    if upper is None:
+        return f"{column} >= ?", (prefix,)
+    return f"{column} >= ? AND {column} < ?", (prefix, upper)
 
 
 def prefix_successor(prefix: str) -> str | None:

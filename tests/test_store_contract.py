@@ -235,6 +235,134 @@ def test_stream_heads_with_prefix(store: EventStore) -> None:
     assert store.stream_heads("nothing") == []
 
 
+# --- open streams and snapshots --------------------------------------------------------------
+
+
+def closing_append(stream: str, expected: int, closes: bool = True) -> AppendRequest:
+    """One event appended to ``stream``, closing it (or reopening it with ``closes=False``)."""
+    return AppendRequest(stream, new_events(1, "Ended"), expected, closes=closes)
+
+
+def open_names(store: EventStore, prefix: str = "", owner: str | None = None) -> list[str]:
+    """The names of the open streams under ``prefix``, in the order ``open_heads`` gives."""
+    return [h.stream for h in store.open_heads(prefix, owner)]
+
+
+def test_open_heads_until_an_append_closes_the_stream(store: EventStore) -> None:
+    store.append("order-1", new_events(2, "OrderPlaced"), NO_STREAM)
+    store.append("order-2", new_events(1, "OrderPlaced"), NO_STREAM)
+    assert store.open_heads("order-") == [
+        StreamHead("order-1", 1, "OrderPlaced"),
+        StreamHead("order-2", 0, "OrderPlaced"),
+    ]
+    assert store.append_batch([closing_append("order-1", 1)]) == [2]
+    assert open_names(store, "order-") == ["order-2"]
+    assert [h.stream for h in store.stream_heads("order-")] == ["order-1", "order-2"]
+    # An empty append and a replay of the closing append write nothing: it stays closed.
+    closed_again = store.read_stream("order-1")[-1]
+    replay = NewEvent(closed_again.event_id, closed_again.type, closed_again.payload)
+    assert store.append_batch(
+        [AppendRequest("order-1", (), 2), AppendRequest("order-1", (replay,), 1)]
+    ) == [2, 2]
+    assert open_names(store, "order-") == ["order-2"]
+    # A later append that does not close reopens it, and its head is the new one.
+    assert store.append_batch([closing_append("order-1", 2, closes=False)]) == [3]
+    assert store.open_heads("order-")[0] == StreamHead("order-1", 3, "Ended")
+    assert store.append_many([closing_append("order-2", 0)]) == [1]
+    assert open_names(store, "order-") == ["order-1"]
+
+
+def test_open_heads_filters_by_prefix_in_name_order(store: EventStore) -> None:
+    for name in ("order-b", "order-a", "orders", "order_%", "stock-a", "order-c"):
+        store.append(name, new_events(1), NO_STREAM)
+    store.append_batch([closing_append("order-c", 0)])
+    assert open_names(store, "order-") == ["order-a", "order-b"]
+    assert open_names(store, "order_") == ["order_%"]  # neither '_' nor '%' is a wildcard
+    assert open_names(store) == ["order-a", "order-b", "order_%", "orders", "stock-a"]
+    assert open_names(store, "nothing") == []
+
+
+def test_open_heads_of_one_owner(store: EventStore) -> None:
+    store.append_batch(
+        [
+            AppendRequest("order-1", new_events(1), NO_STREAM, owner="a"),
+            AppendRequest("order-2", new_events(1), NO_STREAM, owner="b"),
+            AppendRequest("order-3", new_events(1), NO_STREAM, owner="a"),
+            AppendRequest("order-4", new_events(1), NO_STREAM),  # no owner
+            AppendRequest("order-5", new_events(1), NO_STREAM, owner="a", closes=True),
+        ]
+    )
+    assert open_names(store, "order-", owner="a") == ["order-1", "order-3"]
+    assert open_names(store, "order-", owner="b") == ["order-2"]
+    assert open_names(store, "order-", owner="c") == []
+    assert open_names(store, "order-") == ["order-1", "order-2", "order-3", "order-4"]
+    assert [h.stream for h in store.owned_heads("a", "order-")] == ["order-1", "order-3", "order-5"]
+
+
+def test_close_streams_without_appending(store: EventStore) -> None:
+    for name in ("order-1", "order-2", "order-3"):
+        store.append(name, new_events(1), NO_STREAM)
+    before = store.read_all()
+    store.close_streams(["order-1", "order-3", "unknown"])
+    store.close_streams([])
+    assert open_names(store) == ["order-2"]
+    assert store.read_all() == before
+    assert store.stream_version("order-1") == 0
+    # More names than one SQL statement takes, the known one last.
+    store.close_streams([*(f"x-{n}" for n in range(1200)), "order-2"])
+    assert open_names(store) == []
+    assert store.append_batch([closing_append("order-1", 0, closes=False)]) == [1]
+    assert open_names(store) == ["order-1"]
+
+
+def test_closes_in_a_group_commit(store: EventStore) -> None:
+    """Each part of a MultiAppend closes its own stream or not, and a refused request (or a
+    MultiAppend with a refused part) closes nothing."""
+    for name in ("order-1", "order-2", "stock-a", "order-3"):
+        store.append(name, new_events(1), NO_STREAM)
+    results = store.append_batch(
+        [
+            MultiAppend((closing_append("order-1", 0), closing_append("stock-a", 0, False))),
+            closing_append("order-2", NO_STREAM),  # stale: refused
+            MultiAppend((closing_append("order-3", 0), closing_append("stock-a", 0))),  # stale
+        ]
+    )
+    assert results[0] == [1, 1]
+    assert isinstance(results[1], ConcurrencyError)
+    assert isinstance(results[2], ConcurrencyError)
+    assert open_names(store) == ["order-2", "order-3", "stock-a"]
+    assert store.stream_version("order-3") == 0
+
+
+def test_snapshots_are_kept_by_name_and_replaced(store: EventStore) -> None:
+    assert store.load_snapshot("inventory") is None
+    store.save_snapshot("inventory", b"\x00state-1")
+    store.save_snapshot("other", b"")
+    assert store.load_snapshot("inventory") == b"\x00state-1"
+    store.save_snapshot("inventory", b"state-2" * 100_000)
+    assert store.load_snapshot("inventory") == b"state-2" * 100_000
+    assert store.load_snapshot("other") == b""
+    assert store.load_snapshot("unknown") is None
+    assert store.read_all() == []  # not events
+
+
+def test_snapshots_and_closed_streams_are_durable(store_url: str) -> None:
+    with open_store(store_url) as store:
+        store.append("order-1", new_events(1), NO_STREAM)
+        store.append_batch([AppendRequest("order-2", new_events(1), NO_STREAM, closes=True)])
+        store.save_snapshot("inventory", b"state")
+        if store_url.startswith("memory:"):
+            return
+    with open_store(store_url) as reopened, open_store(store_url, readonly=True) as reader:
+        for backend in (reopened, reader):
+            assert open_names(backend) == ["order-1"]
+            assert backend.load_snapshot("inventory") == b"state"
+        with pytest.raises(StoreError, match="read-only"):
+            reader.save_snapshot("inventory", b"other")
+        with pytest.raises(StoreError, match="read-only"):
+            reader.close_streams(["order-1"])
+
+
 # --- group commit ----------------------------------------------------------------------------
 
 
@@ -670,6 +798,92 @@ def test_sqlite_unique_key_is_the_last_word_on_versions(tmp_path: Path) -> None:
         assert versions(writer.read_stream("a")) == [0, 1]
 
 
+# The schema of a SQLite file written before streams could be closed, and before checkpoints,
+# leases, owners and snapshots (the first release's).
+_OLD_SQLITE_SCHEMA = (
+    """
+    CREATE TABLE events (
+        position INTEGER PRIMARY KEY AUTOINCREMENT,
+        stream TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        event_id TEXT NOT NULL UNIQUE,
+        type TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        recorded_at REAL NOT NULL,
+        UNIQUE (stream, version)
+    )
+    """,
+    """
+    CREATE TABLE streams (
+        stream TEXT PRIMARY KEY,
+        version INTEGER NOT NULL,
+        last_type TEXT NOT NULL
+    ) WITHOUT ROWID
+    """,
+)
+
+
+def test_sqlite_file_from_before_closed_streams(tmp_path: Path) -> None:
+    """An old file: read-only, every stream counts as open and no snapshot exists; its first
+    writer adds the column (every stream open) and the index, after which closing works."""
+    path = tmp_path / "old.db"
+    with closing(sqlite3.connect(path, isolation_level=None)) as raw:
+        raw.execute("PRAGMA journal_mode = WAL")
+        for statement in _OLD_SQLITE_SCHEMA:
+            raw.execute(statement)
+        for n, stream in enumerate(("order-1", "order-2", "stock-a")):
+            raw.execute(
+                "INSERT INTO events (stream, version, event_id, type, payload, recorded_at)"
+                " VALUES (?, 0, ?, 'OrderPlaced', x'', 0)",
+                (stream, f"e{n}"),
+            )
+            raw.execute("INSERT INTO streams VALUES (?, 0, 'OrderPlaced')", (stream,))
+    with SqliteEventStore(path, readonly=True) as reader:
+        assert open_names(reader, "order-") == ["order-1", "order-2"]
+        assert open_names(reader, "order-", owner="a") == []
+        assert reader.load_snapshot("inventory") is None
+    with SqliteEventStore(path) as writer:
+        assert writer.open_heads("order-") == [
+            StreamHead("order-1", 0, "OrderPlaced"),
+            StreamHead("order-2", 0, "OrderPlaced"),
+        ]
+        writer.close_streams(["order-1"])
+        assert writer.append_batch([closing_append("order-2", 0)]) == [1]
+        assert open_names(writer) == ["stock-a"]
+        writer.save_snapshot("inventory", b"state")
+    with SqliteEventStore(path) as again, SqliteEventStore(path, readonly=True) as reader:
+        assert open_names(again) == open_names(reader) == ["stock-a"]
+        assert reader.load_snapshot("inventory") == b"state"
+
+
+def test_sqlite_open_heads_reads_only_the_open_streams(tmp_path: Path) -> None:
+    """20,000 closed streams and 3 open: the query walks the partial index of open streams
+    (its plan names ``streams_open``), with or without an owner, on the writer and a reader."""
+    path = tmp_path / "events.db"
+    closed = [
+        AppendRequest(f"order-{n:05d}", new_events(1), NO_STREAM, owner="a", closes=True)
+        for n in range(20_000)
+    ]
+    still_open = [
+        AppendRequest(f"order-x{n}", new_events(1), NO_STREAM, owner="a") for n in range(3)
+    ]
+    with SqliteEventStore(path, synchronous="NORMAL") as writer:
+        writer.append_batch([*closed, *still_open])
+    with SqliteEventStore(path) as writer, SqliteEventStore(path, readonly=True) as reader:
+        for backend in (writer, reader):
+            assert backend._conn is not None
+            conn = backend._conn
+            for owner in (None, "a"):
+                queries: list[str] = []
+                conn.set_trace_callback(queries.append)
+                assert open_names(backend, "order-", owner) == ["order-x0", "order-x1", "order-x2"]
+                conn.set_trace_callback(None)
+                (query,) = [q for q in queries if q.startswith("SELECT s.stream")]
+                plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + query))
+                assert "USING INDEX streams_open" in plan, plan
+                assert "stream_owners_node" not in plan, plan
+
+
 def test_refused_request_in_a_group_commit_leaves_no_gap_in_positions(store: EventStore) -> None:
     """A request refused half-way through its insert (its second id is taken) is rolled back
     entirely: the positions after it are those the store gives had it never been sent."""
@@ -775,6 +989,28 @@ def test_postgres_schema_is_created_versioned_and_never_downgraded(pg_server: Pg
         conn.commit()
     with pytest.raises(StoreError, match="newer than this code"):
         open_store(url)
+
+
+def test_postgres_schema_from_before_closed_streams(pg_server: PgServer) -> None:
+    """Migration 4 adds ``closed`` with every existing stream open, the partial index that
+    ``open_heads`` walks, and the snapshots."""
+    url = pg_server.create_schema()
+    with psycopg.connect(url, autocommit=True) as conn:
+        postgres.migrate(conn, upto=3)
+        conn.execute("INSERT INTO streams VALUES ('order-1', 0, 'OrderPlaced')")
+        conn.execute("INSERT INTO stream_owners VALUES ('order-1', 'a')")
+    with open_store(url) as writer, psycopg.connect(url, autocommit=True) as conn:
+        assert writer.open_heads("order-", owner="a") == [StreamHead("order-1", 0, "OrderPlaced")]
+        writer.close_streams(["order-1"])
+        assert writer.open_heads("order-") == []
+        writer.save_snapshot("inventory", b"state")
+        assert writer.load_snapshot("inventory") == b"state"
+        conn.execute("SET enable_seqscan = off")  # a tiny table: make the planner choose
+        plan = conn.execute(
+            "EXPLAIN SELECT s.stream FROM streams s WHERE s.stream >= 'order-'"
+            " AND s.stream < 'order.' AND NOT s.closed ORDER BY s.stream"
+        ).fetchall()
+        assert "streams_open" in " ".join(row[0] for row in plan)
 
 
 def test_postgres_readonly_store_reads_and_refuses_writes(pg_server: PgServer) -> None:
