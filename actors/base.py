@@ -100,9 +100,11 @@ class Appender:
         callback: AppendCallback,
         *,
         owner: str | None = None,
+        closes: bool = False,
     ) -> str:
         """Send one append; `callback` runs with the store's reply. `owner`: the node that
-        owns the stream from now on, if it has no owner yet."""
+        owns the stream from now on, if it has no owner yet; `closes`: the append ends the
+        stream's life (an order's last event), so it leaves the store's open heads."""
         ref = f"{self._prefix}:{next(self._counter)}"
         request = AppendToStream(
             ref=ref,
@@ -111,6 +113,7 @@ class Appender:
             event_ids=tuple(event_ids),
             expected_version=expected_version,
             owner=owner,
+            closes=closes,
         )
         self._pending[ref] = (request, callback)
         self._actor.send(self.store, request)

@@ -149,4 +149,5 @@ def _request(request: AppendToStream) -> AppendRequest:
         ),
         expected_version=request.expected_version,
         owner=request.owner,
+        closes=request.closes,
     )

@@ -80,6 +80,7 @@ class WorkflowActor(BaseActor):
         self._deadline: tuple[int, float] | None = None  # (token, monotonic time) of the step
         self._timer_pending = False
         self._state: Any = None  # the machine's state while the workflow runs
+        self._ends_on: frozenset[str] = frozenset()  # event types whose append ends the order
 
     @classmethod
     def wants(cls, placed: OrderPlaced) -> bool:  # noqa: ARG003 -- overridden by some
@@ -152,6 +153,7 @@ class WorkflowActor(BaseActor):
         }
         self._appender.store = msg.store
         self._step_timeout = msg.step_timeout
+        self._ends_on = msg.ends_on
         if msg.report_pid:
             self.send(sender, IAm(name=f"saga:{msg.order_id}", pid=os.getpid()))
 
@@ -180,6 +182,7 @@ class WorkflowActor(BaseActor):
             command.event_ids,
             command.expected_version,
             self._on_appended,
+            closes=bool(command.events) and type(command.events[-1]).__name__ in self._ends_on,
         )
 
     def _request(self, service: sm.Service, msg: Any) -> None:

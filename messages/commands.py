@@ -250,6 +250,8 @@ class StartSaga(ActorMessage):
     report_pid: bool = False  # process bases: tell the manager our pid for its watchdog
     shipping: Any = None  # the Shipping actor (the ShippingSaga talks to it)
     cancel: str | None = None  # the customer asked to cancel (the reason), before this start
+    # the event type names that end the order when appended last (its append closes the stream)
+    ends_on: frozenset[str] = frozenset()
 
 
 class CancelSaga(ActorMessage):
@@ -295,6 +297,7 @@ class AppendToStream(ActorMessage):
     event_ids: tuple[str, ...]
     expected_version: int
     owner: str | None = None  # the node that owns the stream from now on (if it has no owner)
+    closes: bool = False  # the stream's last append: it leaves the store's open heads
 
 
 class AppendToStreams(ActorMessage):

@@ -28,7 +28,7 @@ from actors.manager.cancels import Cancels
 from actors.manager.orders import LiveOrder, LiveOrders
 from actors.manager.placement import Placement, refuse
 from actors.manager.recovery import Recovery
-from actors.manager.registry import WarmPool, workflow_for
+from actors.manager.registry import WarmPool, ending_types, workflow_for
 from actors.manager.services import SERVICES, STORE, Ready, Services
 from actors.manager.stock import INVENTORY, StockForwarder
 from actors.manager.supervision import Supervisor
@@ -138,7 +138,9 @@ class OrderManager(BaseActor):
             services=Services(msg, self.createActor, self.send, self.wake_after, self._started),
             supervisor=Supervisor(policy, self._orders, self),
             pool=WarmPool(self.createActor, msg.warm_sagas),
-            recovery=Recovery(self._orders, self.read_order, self._spawn_new, limit),
+            recovery=Recovery(
+                self._orders, self.read_order, self._spawn_new, self._close_streams, limit
+            ),
         )
         self._parts.services.start(STORE)
 
@@ -205,11 +207,14 @@ class OrderManager(BaseActor):
         event_ids: Sequence[str] | None = None,
         *,
         owner: str | None = None,
+        closes: bool = False,
     ) -> None:
         """Append events through the manager's appender (fresh ids unless given); `owner`
-        becomes the stream's owner in the same commit."""
+        becomes the stream's owner in the same commit; `closes`: the order ends with them."""
         ids = [CODEC.new_id() for _ in events] if event_ids is None else event_ids
-        self._appender.append(stream, events, ids, expected_version, done, owner=owner)
+        self._appender.append(
+            stream, events, ids, expected_version, done, owner=owner, closes=closes
+        )
 
     @property
     def node_id(self) -> str | None:
@@ -219,6 +224,11 @@ class OrderManager(BaseActor):
     def owner_of(self, order_id: str) -> str | None:
         """The node that owns the order (None: nobody, or no nodes)."""
         return self._store_reader.stream_owner(order_stream(order_id))
+
+    def _close_streams(self, streams: list[str]) -> None:
+        """Mark ended order streams closed (the manager's reader is read-only)."""
+        with open_store(self._p.config.store_url) as writer:
+            writer.close_streams(streams)
 
     def read_order(self, order_id: str) -> list[Event]:
         """The order's stream, decoded."""
@@ -252,6 +262,7 @@ class OrderManager(BaseActor):
                 report_pid=parts.config.crash_exits_process,
                 shipping=addresses.get("shipping"),
                 cancel=live.cancel,
+                ends_on=ending_types(live.placed),
             ),
         )
 

@@ -28,28 +28,37 @@ class Recovery:
         orders: LiveOrders,
         read_order: Callable[[str], list[Event]],
         spawn: Callable[[LiveOrder, Sequence[Event]], None],
+        close: Callable[[list[str]], None],
         limit: int,
     ) -> None:
         self._orders = orders
+        self._close = close  # marks ended streams closed in the store
         self._read_order = read_order
         self._spawn = spawn
         self._limit = limit  # sagas running at once while the backlog lasts
         self._backlog: deque[str] = deque()
 
     def find(self, reader: EventStore, owner: str | None = None) -> int:
-        """Queue every order stream without a terminal event, and every one whose last event
-        is a trigger whose workflow never began (OrderPaid of an order placed with shipping);
-        only those ``owner`` owns, for a node on a shared store; how many there are."""
-        prefix = order_stream("")
-        heads = reader.stream_heads(prefix) if owner is None else reader.owned_heads(owner, prefix)
-        for head in heads:
-            if head.last_type in FINAL_TYPE_NAMES:
-                continue
-            if head.last_type in TERMINAL_TYPE_NAMES and not starts_workflow(
-                reader, head.stream, head.last_type
+        """Queue every open order stream (only those ``owner`` owns, for a node on a shared
+        store): one without a terminal event, or whose last event is a trigger whose workflow
+        never began (OrderPaid of an order placed with shipping); how many there are.
+
+        The store lists only the streams whose last append did not close them, so this reads
+        the orders in flight, not the history. A database written before appends closed
+        streams lists every order once: the ended ones found are closed (``close``) so the
+        next start skips them."""
+        ended: list[str] = []
+        for head in reader.open_heads(order_stream(""), owner):
+            if head.last_type in FINAL_TYPE_NAMES or (
+                head.last_type in TERMINAL_TYPE_NAMES
+                and not starts_workflow(reader, head.stream, head.last_type)
             ):
+                ended.append(head.stream)
                 continue
             self._backlog.append(order_id_of(head.stream))
+        if ended:
+            log.warning("manager: closing %d ended order streams listed as open", len(ended))
+            self._close(ended)
         count = len(self._backlog)
         if count:
             log.warning("manager: recovering %d unfinished orders", count)

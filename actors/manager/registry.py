@@ -15,7 +15,14 @@ from typing import Any
 
 from actors.saga import OrderSaga, WorkflowActor
 from actors.shipping_saga import ShippingSaga
-from messages.events import EVENT_TYPES, Event, OrderPaid, OrderPlaced
+from messages.events import (
+    EVENT_TYPES,
+    FINAL_TYPE_NAMES,
+    TERMINAL_TYPE_NAMES,
+    Event,
+    OrderPaid,
+    OrderPlaced,
+)
 from store import CODEC, EventStore
 
 WORKFLOWS: dict[type[Event], type[WorkflowActor]] = {}
@@ -67,6 +74,22 @@ def workflow_due(placed: OrderPlaced, last_type: str) -> bool:
     to run for that event."""
     workflow = workflow_of(last_type)
     return workflow is not None and workflow.wants(placed)
+
+
+_ENDINGS: dict[frozenset[str], frozenset[str]] = {}  # one object per distinct set
+
+
+def ending_types(placed: OrderPlaced) -> frozenset[str]:
+    """The event type names that end this order for good when appended last: the final ones,
+    and a terminal one (OrderPaid) whose workflow does not run for it. The append of such an
+    event closes the order stream, so start-up recovery never reads the order again."""
+    types = FINAL_TYPE_NAMES | {t for t in TERMINAL_TYPE_NAMES if not workflow_due(placed, t)}
+    return _ENDINGS.setdefault(types, types)
+
+
+def ends_order(placed: OrderPlaced, events: Sequence[Event]) -> bool:
+    """Whether appending `events` to the order's stream ends the order (see ending_types)."""
+    return bool(events) and type(events[-1]).__name__ in ending_types(placed)
 
 
 class WarmPool:

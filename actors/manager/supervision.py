@@ -14,6 +14,7 @@ from thespian.actors import ActorExitRequest, PoisonMessage
 
 from actors.base import AppendCallback, log
 from actors.manager.orders import LiveOrder, LiveOrders
+from actors.manager.registry import ends_order
 from actors.manager.services import process_alive
 from messages.base import items_of, utcnow
 from messages.commands import (
@@ -69,15 +70,17 @@ class SupervisorHost(Protocol):
     def wake_after(self, seconds: float, payload: Any) -> None:
         """A WakeupMessage with `payload` after `seconds`."""
 
-    def append(
+    def append(  # noqa: PLR0913 - the manager's append, as the protocol of its host
         self,
         stream: str,
         events: Sequence[Event],
         expected_version: int,
         done: AppendCallback,
         event_ids: Sequence[str] | None = None,
+        *,
+        closes: bool = False,
     ) -> None:
-        """Append to the store through the manager's appender."""
+        """Append to the store through the manager's appender (`closes`: it ends the order)."""
 
     def stopping(self) -> bool:
         """Whether the system is shutting down (nothing is recovered any more)."""
@@ -218,6 +221,7 @@ class Supervisor:
                 command.expected_version,
                 self._appended(live),
                 command.event_ids,
+                closes=ends_order(live.placed, command.events),
             )
         elif isinstance(command, sp.End):
             self._host.end(live, command.view)
