@@ -24,6 +24,14 @@ it finds) when it is idle: before refusing a reservation for want of stock (the 
 been set or released elsewhere), on ``CatchUp`` (the manager takes over orders whose stock
 another node reserved), and every ``CATCH_UP_PERIOD`` seconds.
 
+The book is checkpointed: after every ``SNAPSHOT_EVERY`` stock events committed it saves a
+snapshot of what is durable (levels, the reservations, the version of each stream it reflects)
+under ``SNAPSHOT``, and a start loads the snapshot and reads only the events after it, so a start
+does not read the whole history. At the same moments the book forgets the reservations of orders
+that have ended (their streams are closed in the store): they are never asked about again, and
+the units of a paid order stay counted in ``reserved``. So the book holds the orders in flight,
+not every order ever placed.
+
 A database made before the stock streams has the Inventory's whole history in one stream,
 ``inventory``: the first start copies it, split by product, into the stock streams and ends it
 with ``InventoryMigrated``, all in one commit.
@@ -65,6 +73,7 @@ from messages.errors import ErrorCode
 from messages.events import (
     FENCES_STREAM,
     INVENTORY_STREAM,
+    ORDER_STREAM_PREFIX,
     STOCK_PREFIX,
     Event,
     InventoryMigrated,
@@ -72,10 +81,12 @@ from messages.events import (
     StockReserved,
     StockSet,
     StockShipped,
+    order_id_of,
+    order_stream,
     stock_stream,
 )
 from saga.stock import StockBook, Undo, split_by_stream
-from store import CODEC, NO_STREAM, EventStore, open_store
+from store import CODEC, NO_STREAM, EventStore, StoreError, open_store
 
 SEED_PRODUCTS = tuple(f"SKU-{n:03d}" for n in range(1, 11))
 SEED_ON_HAND = 1000
@@ -83,6 +94,8 @@ MAX_ATTEMPTS = 20  # conflicts one request may meet before it is refused (each i
 # streams it touches, read from the versions known; and each means another writer committed)
 CATCH_UP_PERIOD = 1.0  # seconds between catch-ups with other nodes (shared store only)
 CATCH_UP_TIMER = "catch-up"
+SNAPSHOT = "inventory"  # the store's name of the book's snapshot
+SNAPSHOT_EVERY = 10_000  # stock events committed between two snapshots
 
 
 Reply = tuple[Any, Any]  # (recipient, message)
@@ -119,6 +132,8 @@ class InventoryActor(BaseActor):
         self._reader: EventStore | None = None  # shared store: to catch up with other nodes
         self._when_idle: list[Callable[[], None]] = []  # run after the next catch-up
         self._retrying = False  # handling lost requests again: send them as one append after
+        self._snapshots: EventStore | None = None  # writes the snapshots, finds ended orders
+        self._since_snapshot = 0  # stock events committed since the last snapshot
 
     # --- life cycle -----------------------------------------------------------------------
 
@@ -198,15 +213,13 @@ class InventoryActor(BaseActor):
         if self._config is None:
             raise NotConfiguredError("inventory: no ServiceConfig yet")
         with open_store(self._config.store_url, readonly=True) as reader:
-            self._book = StockBook()
-            self._versions = {}
+            self._book, self._versions = _load_snapshot(reader)
             streams = [h.stream for h in reader.stream_heads(STOCK_PREFIX)]
             for stream in (*streams, FENCES_STREAM):
-                stored = reader.read_stream(stream)
-                for record in stored:
+                for record in reader.read_stream(stream, self._versions.get(stream, NO_STREAM) + 1):
                     self._book.apply(CODEC.decode(record))
-                if stored:
-                    self._versions[stream] = stored[-1].version
+                    self._versions[stream] = record.version
+            self._forget_ended(reader)
             legacy = reader.read_stream(INVENTORY_STREAM) if migrate and not streams else []
         self._in_flight, self._queued = [], []
         self._appender.forget_all()
@@ -539,6 +552,9 @@ class InventoryActor(BaseActor):
                 self.send(*make())
             if change.order_id is not None:
                 self._gate.committed(change.order_id)
+        self._since_snapshot += sum(len(change.parts) for change in batch)
+        if self._since_snapshot >= SNAPSHOT_EVERY:
+            self._checkpoint()
         self._send_next()
         self._catch_up_if_idle()
 
@@ -576,6 +592,41 @@ class InventoryActor(BaseActor):
         self._send_next()
         self._catch_up_if_idle()
 
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def _checkpoint(self) -> None:
+        """Forget the reservations of ended orders, then save what is durable (the book less
+        the changes queued behind the append just committed) with the versions it reflects."""
+        if any(change.undo is None for change in self._queued):
+            return  # a migration is queued: try again after the next commit
+        if self._config is None:
+            raise NotConfiguredError("inventory: no ServiceConfig yet")
+        if self._snapshots is None:
+            self._snapshots = open_store(self._config.store_url)
+        self._since_snapshot = 0
+        try:
+            self._forget_ended(self._snapshots)
+            durable = self._book.durable([c.undo for c in self._queued if c.undo is not None])
+            self._snapshots.save_snapshot(SNAPSHOT, durable.snapshot(self._versions))
+        except StoreError:
+            # A snapshot only shortens the next start; the events stay the truth.
+            log.warning("inventory: could not save a snapshot", exc_info=True)
+
+    def _forget_ended(self, reader: EventStore) -> None:
+        """Drop the reservations of the orders whose streams the store has closed (a stream
+        that is not open exists and ended; a reservation without an order stream is kept)."""
+        open_orders = {order_id_of(h.stream) for h in reader.open_heads(ORDER_STREAM_PREFIX)}
+
+        def needed(order_id: str) -> bool:
+            return (
+                order_id in open_orders
+                or self._gate.busy(order_id)
+                or reader.stream_version(order_stream(order_id)) == NO_STREAM
+            )
+
+        dropped = self._book.forget_ended(needed)
+        log.debug("inventory: forgot the reservations of %d ended orders", dropped)
+
     def receiveMsg_AppendDone(self, msg: AppendDone, sender: Any) -> None:
         """A recorded change is durable."""
         self._appender.settle(msg)
@@ -583,3 +634,15 @@ class InventoryActor(BaseActor):
     def receiveMsg_AppendRejected(self, msg: AppendRejected, sender: Any) -> None:
         """A recorded change was refused."""
         self._appender.settle(msg)
+
+
+def _load_snapshot(reader: EventStore) -> tuple[StockBook, dict[str, int]]:
+    """The book and versions of the last snapshot, or an empty book if there is none (or it
+    cannot be read: then the whole history is replayed, which is slower but as right)."""
+    data = reader.load_snapshot(SNAPSHOT)
+    if data is not None:
+        try:
+            return StockBook.from_snapshot(data)
+        except ValueError:
+            log.warning("inventory: ignoring an unreadable snapshot", exc_info=True)
+    return StockBook(), {}

@@ -7,8 +7,11 @@ check invariant 3 (DESIGN.md section 7). No actors and no I/O here.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
 
 from messages.base import Item, UnavailableItem
 from messages.events import (
@@ -22,6 +25,7 @@ from messages.events import (
 )
 
 Units = tuple[tuple[str, int], ...]  # (product id, quantity) per product
+SNAPSHOT_FORMAT = 1
 
 
 def units_of(items: Sequence[Item]) -> Units:
@@ -157,6 +161,62 @@ class StockBook:
             for p in wanted
             if p in self.on_hand
         }
+
+    def forget_ended(self, is_open: Callable[[str], bool]) -> int:
+        """Drop the reservations of orders that have ended (`is_open` is False for them): no
+        request about such an order comes any more, and the units a paid order keeps stay
+        counted in `reserved`. Without this the book would hold every order ever placed.
+        Returns how many were dropped."""
+        ended = [order_id for order_id in self.reservations if not is_open(order_id)]
+        for order_id in ended:
+            del self.reservations[order_id]
+        return len(ended)
+
+    def durable(self, pending: Sequence[Undo]) -> StockBook:
+        """The book without the changes not yet committed (their undos, oldest first): a copy
+        that shares the unchanged reservations (it is encoded at once, not kept)."""
+        book = StockBook(dict(self.on_hand), dict(self.reserved), dict(self.reservations))
+        for undo in reversed(pending):
+            book.restore(undo)
+        return book
+
+    def snapshot(self, versions: Mapping[str, int]) -> bytes:
+        """The book and the stream versions it reflects, as msgpack (no pickle: a snapshot is
+        read back by every node of a shared store)."""
+        return msgpack.packb(
+            {
+                "format": SNAPSHOT_FORMAT,
+                "versions": dict(versions),
+                "on_hand": self.on_hand,
+                "reserved": self.reserved,
+                "reservations": [
+                    [o, r.reservation_id, [list(u) for u in r.units], r.released, r.shipped]
+                    for o, r in self.reservations.items()
+                ],
+            },
+            use_bin_type=True,
+        )
+
+    @classmethod
+    def from_snapshot(cls, data: bytes) -> tuple[StockBook, dict[str, int]]:
+        """The book and versions `snapshot` wrote; ValueError if it is not one."""
+        try:
+            raw: Any = msgpack.unpackb(data, raw=False)
+            if raw.get("format") != SNAPSHOT_FORMAT:
+                raise ValueError(f"snapshot format {raw.get('format')!r}")
+            book = cls(
+                on_hand={sys.intern(p): int(n) for p, n in raw["on_hand"].items()},
+                reserved={sys.intern(p): int(n) for p, n in raw["reserved"].items()},
+            )
+            for order_id, reservation_id, units, released, shipped in raw["reservations"]:
+                held = tuple((sys.intern(p), int(q)) for p, q in units)
+                book.reservations[order_id] = Reservation(
+                    reservation_id, held, bool(released), bool(shipped)
+                )
+            versions = {str(s): int(v) for s, v in raw["versions"].items()}
+        except (KeyError, TypeError, AttributeError, msgpack.UnpackException) as e:
+            raise ValueError(f"not a stock snapshot: {e}") from e
+        return book, versions
 
 
 def _copy(held: Reservation | None) -> Reservation | None:

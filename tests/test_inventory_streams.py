@@ -7,15 +7,17 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 from thespian.actors import ActorSystem
 
+from actors import inventory as inventory_module
 from actors.event_store import EventStoreActor
 from actors.inventory import InventoryActor
-from messages.base import Item, utcnow
+from messages.base import Item, OrderLine, order_total, utcnow
 from messages.commands import (
     GetStock,
     InventoryReleasedReply,
@@ -27,10 +29,19 @@ from messages.commands import (
     ServiceReady,
     StockReport,
 )
-from messages.events import INVENTORY_STREAM, Event, StockReleased, StockReserved, StockSet
+from messages.events import (
+    INVENTORY_STREAM,
+    Event,
+    OrderCancelled,
+    OrderPlaced,
+    StockReleased,
+    StockReserved,
+    StockSet,
+    order_stream,
+)
 from saga.audit import audit
 from saga.stock import StockBook
-from store import CODEC, NO_STREAM, open_store
+from store import CODEC, NO_STREAM, AppendRequest, open_store
 
 ASK = timedelta(seconds=20)
 
@@ -258,3 +269,83 @@ def test_memory_store_keeps_stock_per_product(system: Any) -> None:
     inventory = start_inventory(system, f"memory:{uuid.uuid4().hex}")
     held = system.ask(inventory, ReserveStock(order_id="m-1", items=items(("SKU-004", 5))), ASK)
     assert isinstance(held, InventoryReservedReply)
+
+
+def placed(order_id: str) -> OrderPlaced:
+    lines = (OrderLine(product_id="SKU-001", quantity=1, unit_price=Decimal("1.00")),)
+    return OrderPlaced(
+        order_id=order_id,
+        customer_id="c",
+        lines=lines,
+        total_amount=order_total(lines),
+        payment_method="tok_visa",
+        placed_at=utcnow(),
+    )
+
+
+def test_a_start_reads_the_snapshot_and_only_the_events_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every SNAPSHOT_EVERY stock events the book is saved; a start loads it and reads what
+    came after. The reservations of orders whose streams are closed are forgotten (their units
+    stay counted), those of open orders are kept and still answer their orders."""
+    monkeypatch.setattr(inventory_module, "SNAPSHOT_EVERY", 3)
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    orders = [f"o-{n}" for n in range(5)]
+    with open_store(url) as store:
+        for order_id in orders:
+            store.append(order_stream(order_id), [CODEC.encode(placed(order_id))], NO_STREAM)
+    asys = ActorSystem("simpleSystemBase", transientUnique=True)
+    try:
+        inventory = start_inventory(asys, url)
+        for order_id in orders:
+            held = asys.ask(
+                inventory, ReserveStock(order_id=order_id, items=items(("SKU-001", 2))), ASK
+            )
+            assert isinstance(held, InventoryReservedReply)
+        # o-0 and o-1 end (their last append closes the stream); o-2 is released by its saga.
+        with open_store(url) as store:
+            for order_id in orders[:2]:
+                ended = OrderCancelled(
+                    order_id=order_id,
+                    cancelled_by="test",
+                    reason="x",
+                    refund_issued=False,
+                    cancelled_at=utcnow(),
+                )
+                store.append_batch(
+                    [AppendRequest(order_stream(order_id), (CODEC.encode(ended),), 0, closes=True)]
+                )
+        released = asys.ask(inventory, ReleaseStock(order_id="o-2", reason="test"), ASK)
+        assert isinstance(released, InventoryReleasedReply)
+        before = asys.ask(inventory, GetStock(req_id=1, product_ids=("SKU-001",)), ASK)
+    finally:
+        asys.shutdown()
+    with open_store(url, readonly=True) as reader:
+        saved = reader.load_snapshot(inventory_module.SNAPSHOT)
+        assert saved is not None
+        book, versions = StockBook.from_snapshot(saved)
+        # 6 stock events: the snapshot after the 6th covers them all and forgot o-0 and o-1.
+        assert versions["stock-SKU-001"] == reader.stream_version("stock-SKU-001")
+        assert sorted(book.reservations) == ["o-2", "o-3", "o-4"]
+        assert book.report(("SKU-001",)) == before.stock
+
+    # A second start: the same stock, and the open orders' reservations still answer.
+    monkeypatch.setattr(
+        StockBook, "apply", lambda *_: pytest.fail("a start replayed an event the snapshot holds")
+    )
+    asys = ActorSystem("simpleSystemBase", transientUnique=True)
+    try:
+        inventory = start_inventory(asys, url)
+        after = asys.ask(inventory, GetStock(req_id=2, product_ids=("SKU-001",)), ASK)
+        assert after.stock == before.stock
+        assert after.stock["SKU-001"]["reserved"] == 8  # o-0, o-1 (ended, kept), o-3, o-4
+        monkeypatch.undo()
+        again = asys.ask(inventory, ReserveStock(order_id="o-3", items=items(("SKU-001", 2))), ASK)
+        assert isinstance(again, InventoryReservedReply)
+        gave_back = asys.ask(inventory, ReleaseStock(order_id="o-4", reason="test"), ASK)
+        assert isinstance(gave_back, InventoryReleasedReply)
+        stock = asys.ask(inventory, GetStock(req_id=3, product_ids=("SKU-001",)), ASK)
+        assert stock.stock["SKU-001"]["reserved"] == 6
+    finally:
+        asys.shutdown()
