@@ -12,6 +12,7 @@ import functools
 import os
 import random
 import signal
+import sqlite3
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -24,6 +25,7 @@ import pytest
 from client import Client, ClientError
 from runtime.pg import PgServer
 from runtime.proc_tree import descendants, marked, parent, with_cmdline
+from store import open_store
 from tests.conftest import Server, new_id, wait_until
 from tests.test_nodes import SCARCE, SCARCE_UNITS, Cluster, SteadyLoad, audit_clean, taken_over
 
@@ -541,3 +543,62 @@ def test_soak_kill_random_nodes(pg_server: PgServer, tmp_path: Path) -> None:
     print("| " + " | ".join(str(v) for v in totals.values()) + " |")
     assert ends["lost"] == ends["pending"] == 0
     assert report["orders"] == len(load.orders)
+
+
+# --- start-up reads the open orders only -----------------------------------------------------
+
+
+def open_order_streams(db: Path) -> list[str]:
+    with open_store(f"sqlite:///{db}", readonly=True) as reader:
+        return [head.stream for head in reader.open_heads("order-")]
+
+
+def test_ended_orders_close_their_streams_and_a_restart_reads_only_the_open_ones(
+    start_server: Callable[..., Server],
+) -> None:
+    """Every way an order ends closes its stream with its last append (the store's open heads
+    are what start-up reads); a database from before that lists every order as open, and its
+    first start closes the ended ones once; an order cut off by a kill -9 stays open and is
+    recovered."""
+    server = start_server()
+    client = server.client()
+    address = {"name": "A", "line1": "1 Street", "city": "C", "postal_code": "1", "country": "DE"}
+    ended: dict[str, str] = {}
+    for method in ("tok_visa", "tok_chargeDeclined", "tok_error"):
+        order_id = new_id(method)
+        ended[order_id] = client.place_order(order_id, "c", LINE, method)["status"]
+    shipped = new_id("ship")
+    ended[shipped] = client.place_order(
+        shipped, "c", LINE, shipping={"address": address, "carrier": "ship_standard"}
+    )["status"]
+    ended[shipped] = terminal(client, shipped)["status"]
+    cancelled = new_id("cancel")
+    client.place_order(cancelled, "c", LINE, "tok_timeout", wait=False)
+    client.cancel_order(cancelled, "changed my mind")
+    ended[cancelled] = terminal(client, cancelled)["status"]
+    assert set(ended.values()) >= {"paid", "cancelled", "failed", "shipped"}
+    assert_audit_clean(client)
+    assert open_order_streams(server.db) == []
+    server.stop()
+
+    # A database from before streams were closed: every order stream is open. Its first start
+    # closes the ended ones and recovers none; the next start finds nothing to close.
+    with sqlite3.connect(server.db) as raw:
+        raw.execute("UPDATE streams SET closed = 0")
+    first = start_server(db=server.db, step_timeout=30)
+    assert wait_until(lambda: "closing 5 ended order streams" in first.log(), timeout=10)
+    assert "recovering" not in first.log()
+    assert open_order_streams(server.db) == []
+    statuses = {order_id: first.client().get_order(order_id)["status"] for order_id in ended}
+    assert statuses == ended
+    # An order cut off by a kill -9 of the whole system stays open and is driven on.
+    cut = new_id("cut")
+    first.client().place_order(cut, "c", LINE, "tok_timeout", wait=False)
+    wait_until(lambda: open_order_streams(server.db) == [f"order-{cut}"], timeout=10)
+    kill_everything(server.db)
+    second = start_server(db=server.db)
+    assert terminal(second.client(), cut)["status"] == "cancelled"
+    assert "closing" not in second.log()
+    assert "recovering 1 unfinished orders" in second.log()
+    assert open_order_streams(server.db) == []
+    assert_audit_clean(second.client())
