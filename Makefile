@@ -8,7 +8,7 @@ RUN_STAMP := $(VENV)/.installed-run
 # tools too. (An editable install of this flat layout only added a setuptools warning.)
 DEPS = $(BIN)/python -c 'import sys, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + [d for x in sys.argv[1:] for d in p["optional-dependencies"][x]]))'
 
-.PHONY: install run test lint typecheck check bench soak fuzz clean
+.PHONY: install run test lint typecheck check bench soak soak-memory fuzz clean
 
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
@@ -46,6 +46,11 @@ bench: $(STAMP)
 
 soak: $(STAMP)
 	$(BIN)/python -m pytest -q -s -m slow tests/test_crash_recovery.py tests/test_nodes.py $(PYTEST_ARGS)
+
+# One node, 1,000,000 orders at 100 in flight: RSS every second, then a restart on that database
+# (docs/performance.md "Memory"). About 10 minutes; ARGS="--orders 100000" for a shorter one.
+soak-memory: $(STAMP)
+	$(BIN)/python -m benchmarks.soak_memory $(ARGS)
 
 fuzz: $(STAMP)
 	FUZZ_FRAMES=$${FUZZ_FRAMES:-100000} $(BIN)/python -m pytest -q -m slow tests/test_hostile_input.py $(PYTEST_ARGS)

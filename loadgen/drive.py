@@ -113,6 +113,11 @@ class LoadRun:
         self._rescuers = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="follow")
         self._cancels = Cancels(clients)
 
+    @property
+    def finished(self) -> int:
+        """How many orders have finished so far (a terminal status, an error or given up)."""
+        return len(self._state.finished)
+
     def run(self) -> RunResult:
         """Submit every planned order and wait for all of them to finish or time out."""
         st = self._state

@@ -146,9 +146,16 @@ class SpawnedServer:
         """The last lines of run.py's stderr, for error messages."""
         return "\n".join(self.log().splitlines()[-lines:]) or "(empty log)"
 
+    def _tree(self) -> list[int]:
+        return sorted({self.proc.pid, *descendants(self.proc.pid), *marked(self.run_id)})
+
+    def tree_rss_kib(self) -> int:
+        """The process tree's total resident memory now (every process of the run)."""
+        return sum(status_kib(pid, "VmRSS") or 0 for pid in self._tree())
+
     def sample_rss(self) -> None:
         """Record the process tree's current total RSS if it is a new peak."""
-        pids = sorted({self.proc.pid, *descendants(self.proc.pid), *marked(self.run_id)})
+        pids = self._tree()
         total = sum(status_kib(pid, "VmRSS") or 0 for pid in pids)
         if total > self.peak_tree_kib:
             self.peak_tree_kib = total
