@@ -215,6 +215,14 @@ class _MemoryHandle(EventStore):
         """See ``EventStore.stream_heads``."""
         return self._open().stream_heads(prefix)
 
+    def last_position(self) -> int:
+        """See ``EventStore.last_position``."""
+        return self._open().last_position()
+
+    def count_streams(self, prefix: str) -> int:
+        """See ``EventStore.count_streams``."""
+        return self._open().count_streams(prefix)
+
     def open_heads(self, prefix: str, owner: str | None = None) -> list[StreamHead]:
         """See ``EventStore.open_heads``."""
         return self._open().open_heads(prefix, owner)

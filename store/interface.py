@@ -121,6 +121,15 @@ class EventStore(ABC):
         """
 
     @abstractmethod
+    def last_position(self) -> int:
+        """The position of the last event committed (0 if none): where a reader that wants
+        only the recent history starts ``read_all`` from, less what it wants."""
+
+    @abstractmethod
+    def count_streams(self, prefix: str) -> int:
+        """How many streams' names start with ``prefix`` (one index range count, nothing read)."""
+
+    @abstractmethod
     def open_heads(self, prefix: str, owner: str | None = None) -> list[StreamHead]:
         """The heads of the open streams whose name starts with ``prefix`` (their last append
         did not close them: ``AppendRequest.closes``), ordered by name; with ``owner``, only

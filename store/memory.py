@@ -157,6 +157,18 @@ class InMemoryEventStore(EventStore):
                 if name.startswith(prefix)
             ]
 
+    def last_position(self) -> int:
+        """See ``EventStore.last_position``."""
+        with self._lock:
+            self._check_open()
+            return len(self._all)
+
+    def count_streams(self, prefix: str) -> int:
+        """See ``EventStore.count_streams``."""
+        with self._lock:
+            self._check_open()
+            return sum(name.startswith(prefix) for name in self._streams)
+
     def open_heads(self, prefix: str, owner: str | None = None) -> list[StreamHead]:
         """See ``EventStore.open_heads``: sorts the open streams, never visits the closed."""
         with self._lock:

@@ -466,6 +466,24 @@ class PostgresEventStore(EventStore):
             rows = conn.execute(query + " ORDER BY stream", params).fetchall()
         return [StreamHead(s, int(v), t) for s, v, t in rows if s.startswith(prefix)]
 
+    def last_position(self) -> int:
+        """See ``EventStore.last_position``: the primary key's last entry (``event_position``
+        also counts positions of batches that were rolled back)."""
+        with self._connection() as conn:
+            row = conn.execute("SELECT MAX(position) FROM events").fetchone()
+        return int(row[0] or 0) if row is not None else 0
+
+    def count_streams(self, prefix: str) -> int:
+        """See ``EventStore.count_streams``."""
+        upper = prefix_successor(prefix)
+        with self._connection() as conn:
+            row = conn.execute(
+                "SELECT COUNT(*) FROM streams WHERE stream >= %s AND (%s::text IS NULL"
+                " OR stream < %s)",
+                (prefix, upper, upper),
+            ).fetchone()
+        return int(row[0]) if row is not None else 0
+
     def open_heads(self, prefix: str, owner: str | None = None) -> list[StreamHead]:
         """See ``EventStore.open_heads``: a range scan of the partial index ``streams_open``
         (``NOT closed`` in the query is what lets the planner use it), joined to each open

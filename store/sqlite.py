@@ -440,6 +440,19 @@ class SqliteEventStore(EventStore):
             ).fetchall()
         return [StreamHead(s, v, t) for s, v, t in rows if s.startswith(prefix)]
 
+    def last_position(self) -> int:
+        """See ``EventStore.last_position``: the rowid key's last entry."""
+        with self._connection() as conn:
+            row = conn.execute("SELECT MAX(position) FROM events").fetchone()
+        return int(row[0] or 0)
+
+    def count_streams(self, prefix: str) -> int:
+        """See ``EventStore.count_streams``: a range count of the streams table's key."""
+        where, params = _prefix_range("stream", prefix)
+        with self._connection() as conn:
+            row = conn.execute(f"SELECT COUNT(*) FROM streams WHERE {where}", params).fetchone()
+        return int(row[0])
+
     def open_heads(self, prefix: str, owner: str | None = None) -> list[StreamHead]:
         """See ``EventStore.open_heads``: a range scan of the partial index ``streams_open``
         (the literal ``closed = 0`` is what lets SQLite use it), then each open stream's owner

@@ -299,6 +299,21 @@ def test_open_heads_of_one_owner(store: EventStore) -> None:
     assert [h.stream for h in store.owned_heads("a", "order-")] == ["order-1", "order-3", "order-5"]
 
 
+def test_last_position_and_count_streams(store: EventStore) -> None:
+    assert store.last_position() == 0
+    assert store.count_streams("order-") == 0
+    for name in ("order-b", "order-a", "orders", "order_%", "stock-a"):
+        store.append(name, new_events(2), NO_STREAM)
+    assert store.last_position() == 10 == store.read_all(0, 100)[-1].position
+    assert store.count_streams("order-") == 2
+    assert store.count_streams("order_") == 1  # no wildcard
+    assert store.count_streams("") == 5
+    assert store.count_streams("nothing") == 0
+    # A refused append uses no position.
+    assert isinstance(store.append_batch([closing_append("order-a", 0)])[0], ConcurrencyError)
+    assert store.last_position() == 10
+
+
 def test_close_streams_without_appending(store: EventStore) -> None:
     for name in ("order-1", "order-2", "order-3"):
         store.append(name, new_events(1), NO_STREAM)
