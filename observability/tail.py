@@ -9,8 +9,15 @@ position) and feeds three things from that single read:
 Reading the store instead of hooking the actors keeps the saga's hot path untouched and works on
 every base: the process bases' actors write to the same store.
 
-The index holds a small record per order in memory (about 400 bytes): fine for the orders of a
-node's lifetime here, a store-side query (an index on the placement) is the step past millions.
+The index holds a small record (about 400 bytes) for each of the newest ``INDEX_WINDOW`` orders
+and for every order in flight, however old: ``list_orders`` pages through those, newest first,
+and ``get_order`` / ``read_stream`` reach any order in the store. So a node that has taken
+millions of orders holds what the window holds, not its history; an index of every order would
+be a store-side query (an index on the placement), not memory.
+
+The first pass after a start does not read the whole store either: it reads the last
+``START_EVENTS`` events (enough for the window) and the streams of the orders still open (the
+store's open heads), so a node's start costs the same on a day-old and on a year-old database.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from typing import Any
 import msgpack
 
 from messages.base import OrderStatus, iso_utc
-from messages.events import TERMINAL_TYPE_NAMES
+from messages.events import FINAL_TYPE_NAMES, TERMINAL_TYPE_NAMES
 from observability import metrics
 from store import EventStore, StoredEvent
 
@@ -42,6 +49,9 @@ SCAN_LIMIT = 100_000  # index entries one list request looks at before it return
 FEED_ORDERS_PER_MESSAGE = 200  # changed orders one live message carries (the newest)
 SUBSCRIBER_BACKLOG = 256  # messages queued for a slow subscriber before it must resync
 STATS_KEPT = 300  # seconds of throughput/latency history a new console starts with
+INDEX_WINDOW = 10_000  # newest orders the index keeps besides those in flight
+TRIM_EVERY = 1_000  # orders past the window before the oldest finished ones are dropped
+START_EVENTS = INDEX_WINDOW * 10  # events the first pass reads back (an order writes ~5-10)
 
 ORDER_PREFIX = "order-"
 # Provider streams of one order (payment-{id}, shipment-{id}): the order's live feed shows them.
@@ -94,6 +104,11 @@ class _Sequence:
 
     positions: list[int] = field(default_factory=list)
     orders: list[OrderSummary] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, orders: list[OrderSummary]) -> _Sequence:
+        """A sequence of `orders`, already in position order."""
+        return cls([o.position for o in orders], orders)
 
     def add(self, order: OrderSummary) -> None:
         # Placements arrive in position order, so appending keeps both lists sorted.
@@ -213,6 +228,8 @@ class StoreTail:
             if store is None:
                 return 0
             applied = 0
+            if self._initial_pending is None:
+                applied += self._start_from_recent(store)
             changed: dict[str, OrderSummary] = {}
             # Per-event entries only when someone follows an order's events.
             events: list[dict[str, Any]] | None = [] if self._order_feeds else None
@@ -226,6 +243,7 @@ class StoreTail:
                     self._metrics.in_flight = self._pending
                 self._position = batch[-1].position
                 applied += len(batch)
+                self._trim()
             if self._initial_pending is None:
                 self._initial_pending = [
                     o.order_id for o in self._orders.values() if not o.finished
@@ -233,6 +251,46 @@ class StoreTail:
             if changed:
                 self._publish(changed, events or [])
             return applied
+
+    def _start_from_recent(self, store: EventStore) -> int:
+        """The first pass begins START_EVENTS before the end of the store; the orders still
+        open whose placement is older are read from their own streams first (up to that
+        point: the pass reads the rest). Returns the events applied."""
+        start = max(0, store.last_position() - START_EVENTS)
+        if start == 0:
+            return 0
+        older: list[StoredEvent] = []
+        for head in store.open_heads(ORDER_PREFIX):
+            if head.last_type in FINAL_TYPE_NAMES:
+                continue  # a database from before streams were closed lists ended orders
+            stream = store.read_stream(head.stream)
+            if stream and stream[0].position <= start:
+                older.extend(e for e in stream if e.position <= start)
+        older.sort(key=lambda stored: stored.position)
+        unused: dict[str, OrderSummary] = {}  # nobody follows the feed before the first pass
+        for stored in older:
+            self._apply(stored, unused, None)
+        self._position = start
+        return len(older)
+
+    def _trim(self) -> None:
+        """Drop the oldest finished orders past INDEX_WINDOW (in flight ones stay)."""
+        orders = self._all.orders
+        excess = len(orders) - INDEX_WINDOW
+        if excess < TRIM_EVERY:
+            return
+        kept = [o for o in orders[:excess] if not o.finished]
+        gone = {o.customer_id for o in orders[:excess] if o.finished}
+        for order in orders[:excess]:
+            if order.finished:
+                del self._orders[order.order_id]
+        self._all = _Sequence.of([*kept, *orders[excess:]])
+        for customer_id in gone:
+            left = [o for o in self._by_customer[customer_id].orders if o.order_id in self._orders]
+            if left:
+                self._by_customer[customer_id] = _Sequence.of(left)
+            else:
+                del self._by_customer[customer_id]
 
     def _apply(
         self,
@@ -433,10 +491,13 @@ class StoreTail:
             return page
 
     def counts(self) -> tuple[int, int]:
-        """The orders in the store and how many of them are in flight (read up to now)."""
+        """The orders in the store (counted there: the index holds a window of them) and how
+        many of them are in flight (read up to now)."""
         self.catch_up()
         with self._lock:
-            return len(self._orders), self._pending
+            store = self._store
+            total = 0 if store is None else store.count_streams(ORDER_PREFIX)
+            return total, self._pending
 
     def recovering(self) -> int:
         """Orders that were in flight when the tail first read the store and still are (the
@@ -444,7 +505,11 @@ class StoreTail:
         with self._lock:
             if self._initial_pending is None:
                 return -1
-            left = [o for o in self._initial_pending if not self._orders[o].finished]
+            left = [
+                o
+                for o in self._initial_pending
+                if o in self._orders and not self._orders[o].finished
+            ]
             self._initial_pending = left
             return len(left)
 
