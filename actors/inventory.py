@@ -95,7 +95,9 @@ MAX_ATTEMPTS = 20  # conflicts one request may meet before it is refused (each i
 CATCH_UP_PERIOD = 1.0  # seconds between catch-ups with other nodes (shared store only)
 CATCH_UP_TIMER = "catch-up"
 SNAPSHOT = "inventory"  # the store's name of the book's snapshot
-SNAPSHOT_EVERY = 10_000  # stock events committed between two snapshots
+# Stock events committed between two snapshots: the book then holds the reservations of at most
+# this many ended orders besides those in flight, and a start reads at most this many events.
+SNAPSHOT_EVERY = 2_000
 
 
 Reply = tuple[Any, Any]  # (recipient, message)

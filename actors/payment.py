@@ -63,7 +63,9 @@ from store import NO_STREAM
 
 __all__ = ["DECLINE_MESSAGE", "MAX_CACHED_RECORDS", "PaymentActor", "PaymentProviderError"]
 
-MAX_CACHED_RECORDS = 50_000
+# Records cached (least recently used go first; an evicted one is read again from its stream):
+# the orders in flight and the recently ended, whose repeated requests are answered from here.
+MAX_CACHED_RECORDS = 10_000
 PaymentProviderError = ProviderError  # the name this module raised before providers/
 # A remote provider's calls: enough workers for the orders a saga step keeps in flight at a
 # provider's latency, few enough to be a small, fixed cost per Payment process.

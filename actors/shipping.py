@@ -61,7 +61,9 @@ __all__ = [
 ]
 
 VOIDED_MESSAGE = "shipping was cancelled for this order"
-MAX_CACHED_RECORDS = 50_000
+# Records cached (least recently used go first; an evicted one is read again from its stream):
+# the orders in flight and the recently ended, whose repeated requests are answered from here.
+MAX_CACHED_RECORDS = 10_000
 
 
 @dataclass
