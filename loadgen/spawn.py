@@ -50,6 +50,7 @@ class SpawnedServer:
         step_timeout: float | None = None,
         extra: Sequence[str] = (),
         ready_timeout: float = READY_TIMEOUT,
+        entry: Sequence[str] | None = None,
     ) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="run-") if workdir is None else None
         self.dir = Path(self._tmp.name) if self._tmp is not None else workdir
@@ -61,7 +62,9 @@ class SpawnedServer:
         self.run_id = uuid.uuid4().hex
         # `store` (a URL: memory:, postgresql://...) instead of the SQLite file `db`.
         where = ["--store", store] if store is not None else ["--db", str(self.db)]
-        cmd = [sys.executable, str(ROOT / "run.py"), "--base", base, *where]
+        # `entry`: what runs run.py, if not the interpreter itself (a wrapper that measures it).
+        program = [sys.executable, str(ROOT / "run.py")] if entry is None else list(entry)
+        cmd = [*program, "--base", base, *where]
         cmd += ["--port", "0"]
         if step_timeout is not None:
             cmd += ["--step-timeout", str(step_timeout)]
