@@ -30,8 +30,8 @@ class Clock(Protocol):
         """The current time, in seconds."""
         ...
 
-    def call_at(self, when: float, callback: Callable[[], object]) -> Timer:
-        """Run `callback` on the event loop once the clock reaches `when`."""
+    def call_at(self, when: float, callback: Callable[..., object], *args: object) -> Timer:
+        """Run `callback(*args)` on the event loop once the clock reaches `when`."""
         ...
 
 
@@ -42,6 +42,6 @@ class LoopClock:
         """The loop's time."""
         return asyncio.get_running_loop().time()
 
-    def call_at(self, when: float, callback: Callable[[], object]) -> Timer:
+    def call_at(self, when: float, callback: Callable[..., object], *args: object) -> Timer:
         """A loop timer."""
-        return asyncio.get_running_loop().call_at(when, callback)
+        return asyncio.get_running_loop().call_at(when, callback, *args)

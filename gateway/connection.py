@@ -87,7 +87,7 @@ class Connection(asyncio.Protocol):
         self.last_activity = clock.now()
         self.bytes_received = 0
         self._timer: Timer | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[dict[str, Any]]] = set()
         self._writing_paused = False
         self._reads = asyncio.Semaphore(READS_PER_CONNECTION)
         self._writable = asyncio.Event()
@@ -224,7 +224,7 @@ class Connection(asyncio.Protocol):
                 writer.send(request)  # refused at once
                 continue
             _current.set(self)  # the task's context: its reads find their connection
-            task = self._loop.create_task(self._answer(request))
+            task = self._loop.create_task(request.run())
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
         self._update_reading()
@@ -240,11 +240,10 @@ class Connection(asyncio.Protocol):
             self._frame_started = self._clock.now()
             self._wake_by(self._frame_started + self._limits.frame_timeout)
 
-    async def _answer(self, request: Request) -> None:
-        self._writer.send(await request.run())
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
+    def _task_done(self, task: asyncio.Task[dict[str, Any]]) -> None:
         self._tasks.discard(task)
+        if not task.cancelled():  # the run catches every error: its result is the reply
+            self._writer.send(task.result())
         if not self._writer.closing and self._frames.pending:
             self._cut_frames()  # frames held back by the pending limit
         if self._eof and not self._tasks:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -109,18 +110,11 @@ class Ops:
         """`place_order`: the order's view once it is terminal (or placed, without wait)."""
         if not self.accepting_orders:
             raise ServiceError(ErrorCode.UNAVAILABLE, "the system is shutting down")
-        reply = await self._manager.ask(
-            lambda req_id: PlaceOrder(
-                req_id=req_id,
-                order_id=args.order_id,
-                customer_id=args.customer_id,
-                lines=args.lines,
-                payment_method=args.payment_method,
-                wait=args.wait,
-                shipping=args.shipping,
-            )
-        )
-        reply = expect(reply, OrderReply)
+        # Once the message is sent (ask lets `make` go) the arguments are not held while the
+        # order runs: with 10,000 orders in flight that is 10,000 of them.
+        pending = self._manager.ask(functools.partial(_place_order_message, args))
+        del args
+        reply = expect(await pending, OrderReply)
         return reply.order
 
     async def cancel_order(self, args: CancelOrderArgs) -> Any:
@@ -304,3 +298,15 @@ def node_view(node: NodeLease) -> dict[str, Any]:
         "orders_owned": node.owned,
         "orders_in_flight": node.in_flight,
     }
+
+
+def _place_order_message(args: PlaceOrderArgs, req_id: int) -> PlaceOrder:
+    return PlaceOrder(
+        req_id=req_id,
+        order_id=args.order_id,
+        customer_id=args.customer_id,
+        lines=args.lines,
+        payment_method=args.payment_method,
+        wait=args.wait,
+        shipping=args.shipping,
+    )

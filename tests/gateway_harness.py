@@ -9,6 +9,7 @@ gateway's deadlines only when the test advances it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import itertools
 import socket
@@ -71,9 +72,9 @@ class FakeClock:
         """The fake time."""
         return self._now
 
-    def call_at(self, when: float, callback: Callable[[], object]) -> FakeTimer:
-        """Fire `callback` once `advance` reaches `when`."""
-        timer = FakeTimer(when, callback)
+    def call_at(self, when: float, callback: Callable[..., object], *args: object) -> FakeTimer:
+        """Fire `callback(*args)` once `advance` reaches `when`."""
+        timer = FakeTimer(when, functools.partial(callback, *args))
         heapq.heappush(self._timers, timer)
         return timer
 
