@@ -73,7 +73,6 @@ from messages.errors import ErrorCode
 from messages.events import (
     FENCES_STREAM,
     INVENTORY_STREAM,
-    ORDER_STREAM_PREFIX,
     STOCK_PREFIX,
     Event,
     InventoryMigrated,
@@ -81,7 +80,6 @@ from messages.events import (
     StockReserved,
     StockSet,
     StockShipped,
-    order_id_of,
     order_stream,
     stock_stream,
 )
@@ -615,16 +613,14 @@ class InventoryActor(BaseActor):
             log.warning("inventory: could not save a snapshot", exc_info=True)
 
     def _forget_ended(self, reader: EventStore) -> None:
-        """Drop the reservations of the orders whose streams the store has closed (a stream
-        that is not open exists and ended; a reservation without an order stream is kept)."""
-        open_orders = {order_id_of(h.stream) for h in reader.open_heads(ORDER_STREAM_PREFIX)}
+        """Drop the reservations of the orders whose streams the store has closed (one query
+        for all of them; a reservation without an order stream, or whose order is still
+        asked about here, is kept)."""
+        held = {order_id: order_stream(order_id) for order_id in self._book.reservations}
+        closed = reader.closed_among(list(held.values()))
 
         def needed(order_id: str) -> bool:
-            return (
-                order_id in open_orders
-                or self._gate.busy(order_id)
-                or reader.stream_version(order_stream(order_id)) == NO_STREAM
-            )
+            return held[order_id] not in closed or self._gate.busy(order_id)
 
         dropped = self._book.forget_ended(needed)
         log.debug("inventory: forgot the reservations of %d ended orders", dropped)

@@ -227,6 +227,10 @@ class _MemoryHandle(EventStore):
         """See ``EventStore.open_heads``."""
         return self._open().open_heads(prefix, owner)
 
+    def closed_among(self, streams: Sequence[str]) -> set[str]:
+        """See ``EventStore.closed_among``."""
+        return self._open().closed_among(streams)
+
     def close_streams(self, streams: Sequence[str]) -> None:
         """See ``EventStore.close_streams``."""
         self._open(True).close_streams(streams)

@@ -140,6 +140,11 @@ class EventStore(ABC):
         """
 
     @abstractmethod
+    def closed_among(self, streams: Sequence[str]) -> set[str]:
+        """Those of ``streams`` that exist and are closed (one query, whatever their number:
+        the Inventory asks it for every reservation it holds at a checkpoint)."""
+
+    @abstractmethod
     def close_streams(self, streams: Sequence[str]) -> None:
         """Mark ``streams`` closed without appending (unknown names are ignored).
 

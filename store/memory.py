@@ -179,6 +179,12 @@ class InMemoryEventStore(EventStore):
                 if name.startswith(prefix) and (owner is None or self._owners.get(name) == owner)
             ]
 
+    def closed_among(self, streams: Sequence[str]) -> set[str]:
+        """See ``EventStore.closed_among``."""
+        with self._lock:
+            self._check_open()
+            return {s for s in streams if s in self._streams and s not in self._open}
+
     def close_streams(self, streams: Sequence[str]) -> None:
         """See ``EventStore.close_streams``."""
         with self._lock:

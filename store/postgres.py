@@ -504,6 +504,14 @@ class PostgresEventStore(EventStore):
             rows = conn.execute(query + " ORDER BY s.stream", params).fetchall()
         return [StreamHead(s, int(v), t) for s, v, t in rows if s.startswith(prefix)]
 
+    def closed_among(self, streams: Sequence[str]) -> set[str]:
+        """See ``EventStore.closed_among``."""
+        with self._connection() as conn:
+            rows = conn.execute(
+                "SELECT stream FROM streams WHERE stream = ANY(%s) AND closed", (list(streams),)
+            ).fetchall()
+        return {stream for (stream,) in rows}
+
     def close_streams(self, streams: Sequence[str]) -> None:
         """See ``EventStore.close_streams``: under the position lock, so it takes the rows'
         locks in no order that could deadlock with a group commit's upsert of them."""

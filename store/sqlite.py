@@ -511,6 +511,20 @@ class SqliteEventStore(EventStore):
                 (subscriber, position),
             )
 
+    def closed_among(self, streams: Sequence[str]) -> set[str]:
+        """See ``EventStore.closed_among``: the streams table's key, the names in chunks."""
+        names = list(streams)
+        closed: set[str] = set()
+        with self._connection() as conn:
+            for start in range(0, len(names), _MAX_IDS_PER_QUERY):
+                chunk = names[start : start + _MAX_IDS_PER_QUERY]
+                marks = ", ".join("?" * len(chunk))
+                rows = conn.execute(
+                    f"SELECT stream FROM streams WHERE stream IN ({marks}) AND closed = 1", chunk
+                )
+                closed.update(stream for (stream,) in rows)
+        return closed
+
     def close_streams(self, streams: Sequence[str]) -> None:
         """See ``EventStore.close_streams``: one transaction, the names in chunks."""
         names = list(streams)

@@ -330,6 +330,21 @@ def test_close_streams_without_appending(store: EventStore) -> None:
     assert open_names(store) == ["order-1"]
 
 
+def test_closed_among_names_the_existing_closed_streams(store: EventStore) -> None:
+    store.append("order-1", new_events(1), NO_STREAM)
+    store.append_batch([closing_append("order-2", NO_STREAM)])
+    store.append("order-3", new_events(1), NO_STREAM)
+    store.close_streams(["order-3"])
+    assert store.closed_among(["order-1", "order-2", "order-3", "unknown"]) == {
+        "order-2",
+        "order-3",
+    }
+    assert store.closed_among([]) == set()
+    # More names than one SQL statement takes, the closed ones last.
+    names = [*(f"x-{n}" for n in range(1200)), "order-3", "order-2"]
+    assert store.closed_among(names) == {"order-2", "order-3"}
+
+
 def test_closes_in_a_group_commit(store: EventStore) -> None:
     """Each part of a MultiAppend closes its own stream or not, and a refused request (or a
     MultiAppend with a refused part) closes nothing."""
