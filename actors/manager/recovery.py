@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 from actors.base import log
 from actors.manager.orders import LiveOrder, LiveOrders
-from actors.manager.registry import starts_workflow, workflow_due
+from actors.manager.registry import ends_order, starts_workflow
 from messages.events import (
     FINAL_TYPE_NAMES,
     TERMINAL_TYPE_NAMES,
@@ -83,10 +83,7 @@ class Recovery:
                     extra={"order_id": order_id},
                 )
                 continue
-            last = type(events[-1]).__name__
-            if last in FINAL_TYPE_NAMES or (
-                last in TERMINAL_TYPE_NAMES and not workflow_due(placed, last)
-            ):
+            if ends_order(placed, events):
                 continue  # ended meanwhile, or taken over ended: nothing to drive
             live = self._orders.add(LiveOrder(placed=placed, committed=True))
             if live.saga is None:
