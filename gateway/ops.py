@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from gateway.asking import ManagerClient
+from gateway.audit_process import audit_store
 from gateway.parsing import OpTable
 from gateway.reads import StoreReads
 from messages.commands import (
@@ -39,7 +40,6 @@ from messages.requests import (
     StockArgs,
 )
 from observability.tail import StoreTail
-from saga.audit import audit
 from saga.timeline import timeline
 from saga.views import decode_stream, event_view, order_view
 from store import NodeLease
@@ -212,8 +212,9 @@ class Ops:
 
     async def audit(self, args: NoArgs) -> Any:
         """`audit`: a full scan of the store, one at a time so audits cannot crowd out the
-        other reads."""
-        return await self._reads.read(audit, exclusive=True)
+        other reads, in a child process (gateway/audit_process.py)."""
+        url = self._reads.url
+        return await self._reads.read(lambda store: audit_store(store, url), exclusive=True)
 
     async def nodes(self, args: NoArgs) -> Any:
         """`nodes`: every node of the shared store with its lease and the orders it owns and

@@ -22,12 +22,14 @@ class StoreReads:
     def __init__(self, timeout: float) -> None:
         self._timeout = timeout
         self._store: EventStore | None = None
+        self.url: str | None = None  # the store's URL, for a child process to open it
         self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="reads")
         self._exclusive = asyncio.Lock()  # audits: one full scan at a time
 
-    def open(self, store: EventStore) -> None:
-        """Read from `store` (opened read-only by the caller) from now on."""
+    def open(self, store: EventStore, url: str | None = None) -> None:
+        """Read from `store` (opened read-only by the caller from `url`) from now on."""
         self._store = store
+        self.url = url
 
     async def close(self) -> None:
         """Stop the pool and close the store; a read still running finishes in its thread,

@@ -123,7 +123,7 @@ class Gateway:
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         """Listen; returns the bound address (port 0 picks a free one)."""
-        self._reads.open(open_store(self._store_url, readonly=True))
+        self._reads.open(open_store(self._store_url, readonly=True), self._store_url)
         parser = Parser(self._table)
         limits, clock, connections = self._limits, self._clock, self.connections
         self._server = await asyncio.get_running_loop().create_server(

@@ -19,6 +19,8 @@ import msgpack
 import pytest
 
 from client import Client, ClientError
+from saga.audit import audit
+from store import open_store
 from tests.conftest import ROOT, Server, new_id, wait_until
 
 LINES = [
@@ -418,7 +420,7 @@ def test_garbage_frames_get_an_error_and_the_connection_survives(server: Server)
         assert sock.recv(1) == b""
 
 
-def test_audit_is_clean_after_everything(client: Client) -> None:
+def test_audit_is_clean_after_everything(server: Server, client: Client) -> None:
     # Runs last in this module (pytest keeps file order): everything above is in the store.
     def settled() -> dict[str, Any] | None:
         report: dict[str, Any] = client.audit()
@@ -429,6 +431,10 @@ def test_audit_is_clean_after_everything(client: Client) -> None:
     assert report["status_counts"]["paid"] > 0
     assert report["status_counts"]["cancelled"] > 0
     assert report["status_counts"]["failed"] > 0
+    # The node ran it in a child process (gateway/audit_process.py): the same report as an
+    # audit of the same file in this one.
+    with open_store(f"sqlite:///{server.db}", readonly=True) as reader:
+        assert report == json.loads(json.dumps(audit(reader)))
 
 
 # --- through client.py, the command line --------------------------------------------------------
