@@ -32,6 +32,12 @@ def audit_store(store: EventStore, url: str | None) -> dict[str, Any]:
     run in a child process unless only this process can read the store."""
     if url is None or url.startswith(MEMORY_PREFIX):
         return audit(store)
+    return audit_in_child(url)
+
+
+def audit_in_child(url: str) -> dict[str, Any]:
+    """The audit of the store at `url`, by `python -m gateway.audit_process` (not a
+    ``memory:`` URL: the child has its own memory)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     done = subprocess.run(
