@@ -97,6 +97,7 @@ class Soak:
     audit_s: float = 0.0
     restart: Start | None = None
     fresh: Start | None = None
+    settle_s: float = SETTLE_S
 
 
 def tree_rss_mib(server: SpawnedServer) -> float:
@@ -216,7 +217,7 @@ def start_node(args: argparse.Namespace, workdir: Path, db: Path, shape: OrderSh
     try:
         ready_s = time.monotonic() - launched
         at_ready = tree_rss_mib(server)
-        time.sleep(SETTLE_S)
+        time.sleep(args.settle)
         start = Start(
             str(db), round(ready_s, 3), round(at_ready, 1), round(tree_rss_mib(server), 1)
         )
@@ -232,7 +233,7 @@ def start_node(args: argparse.Namespace, workdir: Path, db: Path, shape: OrderSh
         try:
             drive(server, orders=args.warm, concurrency=args.concurrency, shape=shape, seed=7)
             list_orders(server)
-            time.sleep(SETTLE_S)  # a sample or more with the index full
+            time.sleep(args.settle)  # a sample or more with the index full
         finally:
             peak.set()
             watcher.join()
@@ -252,7 +253,7 @@ def soak(args: argparse.Namespace) -> Soak:
     db = work / "soak.db"
     for stale in work.glob("*.db*"):
         stale.unlink()
-    result = Soak(args.base, args.orders, args.concurrency, args.mix)
+    result = Soak(args.base, args.orders, args.concurrency, args.mix, settle_s=args.settle)
     server = SpawnedServer(work, base=args.base, db=db)
     try:
         sampler = Sampler(server)
@@ -342,7 +343,7 @@ def markdown(result: Soak, label: str) -> str:
             )
     lines += [
         "",
-        f"| start | ready (s) | RSS at ready (MiB) | after {SETTLE_S:.0f} s (MiB) | "
+        f"| start | ready (s) | RSS at ready (MiB) | after {result.settle_s:g} s (MiB) | "
         f"peak under {result.fresh.warm_orders if result.fresh else 0:,} orders at "
         f"{result.concurrency} in flight, then its orders listed (MiB) |",
         "|---|---:|---:|---:|---:|",
@@ -411,6 +412,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--warm", type=int, default=WARM_ORDERS, help="orders after each start")
     parser.add_argument(
+        "--settle",
+        type=float,
+        default=SETTLE_S,
+        help="seconds after a start's `ready`, and after its listing, before RSS is read again",
+    )
+    parser.add_argument(
         "--audit",
         action="store_true",
         help="audit the store after the load (reads every event: minutes and GBs at 1M orders)",
@@ -418,6 +425,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--label", default="", help="a word for the titles (before, after)")
     parser.add_argument("--out", type=Path, default=Path("test-artifacts/soak-memory"))
     args = parser.parse_args(argv)
+    if args.settle < 0:
+        parser.error("--settle must not be negative")
     if args.orders < 10 or args.concurrency < 1 or args.warm < 0:
         parser.error("--orders must be at least 10, --concurrency and --warm positive")
     parse_mix(args.mix)

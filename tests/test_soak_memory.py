@@ -14,7 +14,8 @@ from runtime.proc_tree import with_cmdline
 
 def test_a_small_soak_writes_its_table_samples_and_restart_figures(tmp_path: Path) -> None:
     out = tmp_path / "soak"
-    args = ["--orders", "400", "--concurrency", "20", "--warm", "50", "--audit", "--out", str(out)]
+    args = ["--orders", "400", "--concurrency", "20", "--warm", "50", "--settle", "0.5"]
+    args += ["--audit", "--out", str(out)]
     assert soak_memory.main(args) == 0
 
     summary = json.loads((out / "soak-memory.json").read_text())
