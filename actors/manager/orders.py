@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from messages.base import kept
 from messages.events import OrderPlaced
 from saga.supervision import Supervision
 
@@ -28,6 +29,9 @@ class LiveOrder:
     trigger: int = -1  # version of the trigger event whose workflow was started (exactly once)
     cancel: str | None = None  # the customer's cancel (its reason), passed to every saga
     cancels: list[Waiter] = field(default_factory=list)  # want the cancel's outcome
+
+    def __post_init__(self) -> None:
+        kept(self.placed)  # held while the order lives: its field-name set is shared
 
 
 def same_order(a: OrderPlaced, b: OrderPlaced) -> bool:
