@@ -243,7 +243,10 @@ class Connection(asyncio.Protocol):
     def _task_done(self, task: asyncio.Task[dict[str, Any]]) -> None:
         self._tasks.discard(task)
         if not task.cancelled():  # the run catches every error: its result is the reply
-            self._writer.send(task.result())
+            try:
+                self._writer.send(task.result())
+            except Exception:  # a reply that cannot be encoded must not stop the cleanup below
+                log.exception("gateway: a reply could not be sent")
         if not self._writer.closing and self._frames.pending:
             self._cut_frames()  # frames held back by the pending limit
         if self._eof and not self._tasks:
