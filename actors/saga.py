@@ -48,7 +48,6 @@ from saga.views import order_view
 
 ENV = sm.Env(now=utcnow)
 STEP_TIMER = "step"  # the payload of the saga's one pending wakeup
-_ENDINGS: dict[frozenset[str], frozenset[str]] = {}  # StartSaga.ends_on values, one of each
 
 # Which service a request went to: a PoisonMessage for it is that service's failed step.
 SERVICE_OF_REQUEST: dict[type, sm.Service] = {
@@ -154,8 +153,7 @@ class WorkflowActor(BaseActor):
         }
         self._appender.store = msg.store
         self._step_timeout = msg.step_timeout
-        # The same few sets for every saga: one copy, not one per order in flight.
-        self._ends_on = _ENDINGS.setdefault(msg.ends_on, msg.ends_on)
+        self._ends_on = msg.ends_on
         if msg.report_pid:
             self.send(sender, IAm(name=f"saga:{msg.order_id}", pid=os.getpid()))
 

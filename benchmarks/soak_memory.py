@@ -202,11 +202,8 @@ def list_orders(server: SpawnedServer) -> None:
     """One `list_orders`: the order index catches up with the store. A start fills the index
     at once (its first pass); a node nobody lists never reads it, so without this the fresh
     node's peak would leave out the index window that the restarted one holds."""
-    client = Client(server.host, server.port)
-    try:
+    with clients_of(server, 1) as (client,):
         client.call("list_orders", {"limit": 1})
-    finally:
-        client.close()
 
 
 def start_node(args: argparse.Namespace, workdir: Path, db: Path, shape: OrderShape) -> Start:

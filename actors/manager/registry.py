@@ -76,15 +76,11 @@ def workflow_due(placed: OrderPlaced, last_type: str) -> bool:
     return workflow is not None and workflow.wants(placed)
 
 
-_ENDINGS: dict[frozenset[str], frozenset[str]] = {}  # one object per distinct set
-
-
 def ending_types(placed: OrderPlaced) -> frozenset[str]:
     """The event type names that end this order for good when appended last: the final ones,
     and a terminal one (OrderPaid) whose workflow does not run for it. The append of such an
     event closes the order stream, so start-up recovery never reads the order again."""
-    types = FINAL_TYPE_NAMES | {t for t in TERMINAL_TYPE_NAMES if not workflow_due(placed, t)}
-    return _ENDINGS.setdefault(types, types)
+    return FINAL_TYPE_NAMES | {t for t in TERMINAL_TYPE_NAMES if not workflow_due(placed, t)}
 
 
 def ends_order(placed: OrderPlaced, events: Sequence[Event]) -> bool:
